@@ -1,0 +1,5 @@
+import sys
+
+from divdr.cli import main
+
+sys.exit(main())

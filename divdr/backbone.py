@@ -1,0 +1,81 @@
+"""The DR backbone: stem, then the routing space of gated cells over four scales."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from divdr.cells import Cell, CellOutput
+from divdr.config import NUM_SCALES, ModelConfig
+from divdr.ops import Stem
+from divdr.routing import INIT_LAYER, a_space_slice, routing_space
+
+SIZE_DIVISIBILITY = 32  # coarsest scale is 1/32: inputs are padded to a multiple of it
+
+
+def feature_name(scale: int) -> str:
+    return f"scale{scale}"
+
+
+@dataclass
+class BackboneOutput:
+    """The one output type of the backbone, in training and evaluation.
+
+    ``features``: the last layer's outputs per scale ("scale0" at 1/4 ... "scale3" at 1/32).
+    ``gates``: every cell's weights, [B, cells incl. the initial one, 3] in [up, keep, down]
+    order; together with a cost table this is all the FLOPs module needs.
+    ``activations``: A(x), the DivDR gate activation vector, [B, a_dim].
+    """
+
+    features: dict[str, torch.Tensor]
+    gates: torch.Tensor
+    activations: torch.Tensor
+
+
+class DynamicBackbone(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.specs = routing_space(config)
+        self.stem = Stem(config.channels)
+        self.cells = nn.ModuleList(Cell(spec, config.gate) for spec in self.specs)
+        self._a_slice = a_space_slice(config)
+        # indices of self.cells grouped by layer, in scale order
+        self._layers: list[list[int]] = [[] for _ in range(config.layers + 1)]
+        for i, spec in enumerate(self.specs):
+            self._layers[spec.layer + 1].append(i)
+
+    @property
+    def out_channels(self) -> dict[str, int]:
+        return {feature_name(s): self.config.channels * 2**s for s in range(NUM_SCALES)}
+
+    def forward(self, images: torch.Tensor) -> BackboneOutput:
+        if images.shape[-2] % SIZE_DIVISIBILITY or images.shape[-1] % SIZE_DIVISIBILITY:
+            raise ValueError(
+                f"input size {tuple(images.shape[-2:])} is not a multiple of {SIZE_DIVISIBILITY}; "
+                "pad it first (DynamicRoutingSegmenter does)"
+            )
+        init_index = self._layers[INIT_LAYER + 1][0]
+        previous = [self.cells[init_index](self.stem(images))]
+        all_weights = [previous[0].weights]
+        for layer in range(self.config.layers):
+            inputs = [_aggregate(previous, scale) for scale in range(len(self._layers[layer + 1]))]
+            previous = [self.cells[i](x) for i, x in zip(self._layers[layer + 1], inputs, strict=True)]
+            all_weights.extend(out.weights for out in previous)
+        gates = torch.stack(all_weights, dim=1)
+        features = {feature_name(s): out.keep for s, out in enumerate(previous)}
+        return BackboneOutput(features, gates, gates[:, self._a_slice].flatten(1))
+
+
+def _aggregate(previous: list[CellOutput], scale: int) -> torch.Tensor:
+    """X_s = down(Y_{s-1}) + keep(Y_s) + up(Y_{s+1}), over the cells the previous layer has."""
+    parts = []
+    if scale > 0 and previous[scale - 1].down is not None:
+        parts.append(previous[scale - 1].down)
+    if scale < len(previous):
+        parts.append(previous[scale].keep)
+    if scale + 1 < len(previous) and previous[scale + 1].up is not None:
+        parts.append(previous[scale + 1].up)
+    return torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]

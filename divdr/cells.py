@@ -1,0 +1,112 @@
+"""A routing cell: the cell operation, its gate, and its scale transforms [up, keep, down]."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from divdr.config import GateConfig
+from divdr.gates import build_gate
+from divdr.ops import DownTransform, SepConv3x3x2, UpTransform
+from divdr.routing import DOWN, KEEP, UP, CellSpec
+
+# Official threshold (dynamic_cell.py): a path whose weight is at most this is not computed at
+# inference, and a cell whose weights sum to less than it is dropped (its input passes through).
+ACTIVE_THRESHOLD = 1e-4
+
+
+def path_active(weights: torch.Tensor) -> torch.Tensor:
+    """Which paths are computed at inference (weight above the threshold)."""
+    return weights > ACTIVE_THRESHOLD
+
+
+def cell_active(weights: torch.Tensor) -> torch.Tensor:
+    """Which cells are computed at inference: [B, ..., 3] weights -> [B, ...] booleans."""
+    return weights.sum(dim=-1) > ACTIVE_THRESHOLD
+
+
+@dataclass
+class CellOutput:
+    """What a cell sends on: per slot a tensor (zeros where the path is closed), and its weights."""
+
+    up: torch.Tensor | None  # at scale - 1 with C/2 channels; None if the cell has no up path
+    keep: torch.Tensor
+    down: torch.Tensor | None  # at scale + 1 with 2C channels; None if the cell has no down path
+    weights: torch.Tensor  # [B, 3] in the [up, keep, down] layout, 0 for slots the cell lacks
+
+
+class Cell(nn.Module):
+    """Cell operation = SepConv3x3x2(x) + x (DR Table 2's best cell), then gated scale transforms.
+
+    Training computes every path and weights it (gradients reach every gate). Evaluation skips,
+    per image, paths whose weight is <= ACTIVE_THRESHOLD and whole cells whose paths all are.
+    """
+
+    def __init__(self, spec: CellSpec, gate: GateConfig) -> None:
+        super().__init__()
+        self.spec = spec
+        self.slots = [slot for slot, allowed in enumerate(spec.paths) if allowed]
+        self.op = SepConv3x3x2(spec.channels)
+        self.gate = build_gate(gate, spec.channels, len(self.slots))
+        self.keep = nn.ReLU()
+        self.up = UpTransform(spec.channels) if spec.allow_up else None
+        self.down = DownTransform(spec.channels) if spec.allow_down else None
+
+    def transforms(self) -> dict[int, nn.Module]:
+        return {slot: t for slot, t in ((UP, self.up), (KEEP, self.keep), (DOWN, self.down)) if t is not None}
+
+    def slot_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate's weights scattered into the fixed [B, 3] layout."""
+        path_weights = self.gate(x)
+        weights = path_weights.new_zeros(x.shape[0], 3)
+        weights[:, self.slots] = path_weights
+        return weights
+
+    def forward(self, x: torch.Tensor) -> CellOutput:
+        weights = self.slot_weights(x)
+        if self.training:
+            return self._forward_all_paths(x, weights)
+        return self._forward_skipping(x, weights)
+
+    def _forward_all_paths(self, x: torch.Tensor, weights: torch.Tensor) -> CellOutput:
+        h = self.op(x) + x
+        # A cell whose gates are all closed passes its input through (official drop-cell residual).
+        dropped = (~cell_active(weights)).to(x.dtype).view(-1, 1, 1, 1)
+        out: dict[int, torch.Tensor] = {}
+        for slot, transform in self.transforms().items():
+            out[slot] = weights[:, slot].view(-1, 1, 1, 1) * transform(h)
+        out[KEEP] = out[KEEP] + dropped * x
+        return CellOutput(out.get(UP), out[KEEP], out.get(DOWN), weights)
+
+    def _forward_skipping(self, x: torch.Tensor, weights: torch.Tensor) -> CellOutput:
+        active_cell = cell_active(weights)
+        out: dict[int, torch.Tensor | None] = {slot: None for slot in self.transforms()}
+        # Images whose cell is dropped keep their input unchanged; the others start from zero.
+        out[KEEP] = torch.where(active_cell.view(-1, 1, 1, 1), torch.zeros_like(x), x)
+        cell_idx = active_cell.nonzero().flatten()
+        if cell_idx.numel() > 0:
+            h = self.op(x[cell_idx]) + x[cell_idx]
+            for slot, transform in self.transforms().items():
+                on = path_active(weights[cell_idx, slot])
+                if not bool(on.any()):
+                    continue
+                y = weights[cell_idx[on], slot].view(-1, 1, 1, 1) * transform(h[on])
+                if out[slot] is None:
+                    out[slot] = y.new_zeros((x.shape[0],) + y.shape[1:])
+                out[slot] = out[slot].index_copy(0, cell_idx[on], y)
+        for slot, shape in self._closed_shapes(x).items():
+            if out[slot] is None:
+                out[slot] = x.new_zeros(shape)
+        return CellOutput(out.get(UP), out[KEEP], out.get(DOWN), weights)
+
+    def _closed_shapes(self, x: torch.Tensor) -> dict[int, tuple[int, ...]]:
+        """Shapes of the up/down outputs, for paths closed in every image of the batch."""
+        b, c, h, w = x.shape
+        shapes = {}
+        if self.up is not None:
+            shapes[UP] = (b, c // 2, 2 * h, 2 * w)
+        if self.down is not None:
+            shapes[DOWN] = (b, 2 * c, (h + 1) // 2, (w + 1) // 2)
+        return shapes

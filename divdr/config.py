@@ -1,0 +1,190 @@
+"""Frozen dataclass configs: model sizes, gates, budget and clustering losses, and the paper presets.
+
+YAML lives only at the edges (experiment files, tune spaces); here everything is typed and
+validated on construction, so a bad value fails where it is made, with its name in the message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal
+
+GateKind = Literal["soft", "gumbel"]
+ClusterDistance = Literal["l2", "squared_l2"]
+
+NUM_SCALES = 4  # 1/4, 1/8, 1/16, 1/32 (DR paper, Fig. 2)
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the value."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """The soft conditional gate of DR (Sec. 3.2), or a second family later (DRNets' router).
+
+    ``enabled=False`` keeps every path open with weight 1 and no gate modules: the paper's
+    "Network-Fix" (DR Table 3).
+    """
+
+    kind: GateKind = "soft"
+    enabled: bool = True
+    small_gate: bool = True  # official Layer16 configs: bilinear-downsample the gate input by 4
+    bias_init: float = 1.5  # official GATE_INIT_BIAS: tanh(1.5) = 0.905, every path starts open
+
+    def __post_init__(self) -> None:
+        _require(self.kind in ("soft", "gumbel"), f"gate.kind must be 'soft' or 'gumbel', got {self.kind!r}")
+        _require(self.kind == "soft", "gate.kind 'gumbel' (DRNets) is not implemented yet; use 'soft'")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A DR network: stem, routing space of ``layers`` layers and base width ``channels``, decoder."""
+
+    layers: int = 16
+    channels: int = 64
+    num_classes: int = 19
+    gate: GateConfig = field(default_factory=GateConfig)
+    # The official code puts one gated cell at 1/4 right after the stem (the "initial layer").
+    # DR's Layer16 A-space (DivDR Fig. 4) has 61 x 3 = 183 dims, i.e. without it; the COCO
+    # Layer17 A-space has 198 = 66 x 3, i.e. with it. The cell exists either way.
+    init_cell_in_a_space: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.layers >= 3, f"model.layers must be >= 3 (all four scales appear at layer 2), got {self.layers}")
+        _require(self.channels >= 2 and self.channels % 2 == 0,
+                 f"model.channels must be an even integer >= 2, got {self.channels}")
+        _require(self.num_classes >= 1, f"model.num_classes must be >= 1, got {self.num_classes}")
+
+    @property
+    def cells_per_layer(self) -> tuple[int, ...]:
+        """``[2, 3, 4] + [4] * (L - 3)``: layer l has the scales 0 .. min(l + 1, 3)."""
+        return tuple(min(layer + 2, NUM_SCALES) for layer in range(self.layers))
+
+    @property
+    def routing_cells(self) -> int:
+        return sum(self.cells_per_layer)
+
+    @property
+    def a_dim(self) -> int:
+        """Dimension of the gate activation vector A(x): 3 slots [up, keep, down] per cell."""
+        return 3 * (self.routing_cells + int(self.init_cell_in_a_space))
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """DR eq. 9: ``weight * (C_expected / C_max - mu)^2``, switched on late in training.
+
+    The official code (dynamic4seg.py) turns it on at 40% of training (UNUPDATE_RATE) and
+    ramps its weight linearly over the next 2% of training.
+    """
+
+    weight: float = 0.0  # lambda (DR) / lambda1 (DivDR)
+    mu: float = 0.1
+    start_fraction: float = 0.4
+    warmup_fraction: float = 0.02
+
+    def __post_init__(self) -> None:
+        _require(self.weight >= 0, f"budget.weight (lambda1) must be >= 0, got {self.weight}")
+        _require(0 <= self.mu <= 1, f"budget.mu must be in [0, 1], got {self.mu}")
+        _require(0 <= self.start_fraction <= 1, f"budget.start_fraction must be in [0, 1], got {self.start_fraction}")
+        _require(self.warmup_fraction >= 0, f"budget.warmup_fraction must be >= 0, got {self.warmup_fraction}")
+
+
+@dataclass(frozen=True)
+class ClusteringConfig:
+    """DivDR eq. 2 and the K-means alternation (Sec. 4, supplementary 7.1)."""
+
+    weight: float = 0.0  # lambda2; 0 = DR (the clusters are still computed, for measurement)
+    k: int = 3
+    alpha: float = 0.0
+    # DivDR eq. 2 as printed uses the plain L2 distance in the exponent while sigma^2 is a mean
+    # squared distance; the magnet loss it adapts uses squared distances in both places.
+    distance: ClusterDistance = "l2"
+    update_every: int = 50  # K-means every N iterations (paper: 50; <= 100 works)
+
+    def __post_init__(self) -> None:
+        _require(self.weight >= 0, f"clustering.weight (lambda2) must be >= 0, got {self.weight}")
+        _require(self.k >= 1, f"clustering.k must be >= 1, got {self.k}")
+        _require(self.alpha >= 0, f"clustering.alpha must be >= 0, got {self.alpha}")
+        _require(self.distance in ("l2", "squared_l2"),
+                 f"clustering.distance must be 'l2' or 'squared_l2', got {self.distance!r}")
+        _require(self.update_every >= 1, f"clustering.update_every must be >= 1, got {self.update_every}")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A row of DR Table 4 / DivDR Tables 1-5: the loss weights that define a method."""
+
+    name: str
+    budget: BudgetConfig
+    clustering: ClusteringConfig
+
+
+# DivDR sweeps lambda2; 0.5 is a starting point for the DivDR presets, not a paper figure.
+DEFAULT_DIVDR_LAMBDA2 = 0.5
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("DR-A", BudgetConfig(weight=0.8, mu=0.1), ClusteringConfig(weight=0.0)),
+        Preset("DR-B", BudgetConfig(weight=0.5, mu=0.1), ClusteringConfig(weight=0.0)),
+        Preset("DR-C", BudgetConfig(weight=0.5, mu=0.2), ClusteringConfig(weight=0.0)),
+        Preset("DR-Raw", BudgetConfig(weight=0.0), ClusteringConfig(weight=0.0)),
+        Preset("DivDR-A", BudgetConfig(weight=0.8, mu=0.1), ClusteringConfig(weight=DEFAULT_DIVDR_LAMBDA2)),
+        Preset("DivDR-Raw", BudgetConfig(weight=0.0), ClusteringConfig(weight=DEFAULT_DIVDR_LAMBDA2)),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+# Model sizes. layer16/layer33 are the paper's (C=64); the small ones train in minutes on 2 CPU cores.
+MODEL_SIZES: dict[str, ModelConfig] = {
+    "layer16": ModelConfig(layers=16, channels=64),
+    "layer33": ModelConfig(layers=33, channels=64),
+    "small": ModelConfig(layers=8, channels=32),
+    "tiny": ModelConfig(layers=6, channels=16),
+    "micro": ModelConfig(layers=3, channels=8),
+}
+
+
+def get_model_config(name: str, **overrides: Any) -> ModelConfig:
+    if name not in MODEL_SIZES:
+        raise ConfigError(f"unknown model size {name!r}; choose one of {sorted(MODEL_SIZES)}")
+    return replace(MODEL_SIZES[name], **overrides) if overrides else MODEL_SIZES[name]
+
+
+def config_from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build a (nested) frozen dataclass from a plain dict, rejecting unknown keys by name.
+
+    Every config class here has defaults for all fields, so missing keys take the default.
+    """
+    where = where or cls.__name__
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}: {data!r}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {where}; known keys: {sorted(known)}")
+    defaults = cls()
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        default = getattr(defaults, name)
+        if hasattr(default, "__dataclass_fields__"):
+            kwargs[name] = config_from_dict(type(default), value, f"{where}.{name}")
+        else:
+            kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # e.g. a wrong type that dataclasses cannot take
+        raise ConfigError(f"invalid value in {where}: {err}") from err

@@ -1,0 +1,165 @@
+"""FLOPs of a DR network for any input size, per image, from its gate weights.
+
+Counting convention of the official ``cal_op_flops.py``: one multiply-add = 1 FLOP, BN counted
+as 2 ops per element (affine), ReLU and average pooling as 1 per element; bilinear
+interpolation and element-wise sums are not counted. The cost table is computed for the size
+asked (padded to a multiple of 32, as the network pads), never fixed at construction.
+
+Per image:
+- expected cost (differentiable, DR Sec. 3.3): cell cost x max(cell weights) + sum over paths of
+  weight x path cost, plus the fixed stem, gate and decoder costs;
+- real cost (what inference executes): cells whose weights sum above the threshold, paths whose
+  weight is above it, plus stem, gates and decoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from divdr.backbone import SIZE_DIVISIBILITY
+from divdr.cells import cell_active, path_active
+from divdr.config import NUM_SCALES, ModelConfig
+from divdr.gates import SMALL_GATE_FACTOR
+from divdr.heads import padded_size
+from divdr.routing import DOWN, KEEP, UP, CellSpec, routing_space
+
+STEM_STRIDE = 4
+
+
+def conv(h: int, w: int, c_in: int, c_out: int, k: int, stride: int = 1, groups: int = 1,
+         bias: bool = False) -> int:
+    return (k * k * (c_in // groups) + int(bias)) * c_out * (h // stride) * (w // stride)
+
+
+def bn(h: int, w: int, c: int) -> int:
+    return 2 * h * w * c
+
+
+def relu(h: int, w: int, c: int) -> int:
+    return h * w * c
+
+
+def global_avg_pool(h: int, w: int, c: int) -> int:
+    return h * w * c
+
+
+def conv_bn_relu(h: int, w: int, c_in: int, c_out: int, k: int, stride: int = 1) -> int:
+    ho, wo = h // stride, w // stride
+    return conv(h, w, c_in, c_out, k, stride) + bn(ho, wo, c_out) + relu(ho, wo, c_out)
+
+
+def stem_cost(h: int, w: int, c: int) -> int:
+    h2, w2, h4, w4 = h // 2, w // 2, h // 4, w // 4
+    return (conv_bn_relu(h, w, 3, c, 3, stride=2) + conv(h2, w2, c, c, 3, groups=c)
+            + conv_bn_relu(h2, w2, c, c, 1) + conv(h2, w2, c, c, 3, stride=2, groups=c)
+            + conv_bn_relu(h4, w4, c, c, 1))
+
+
+def sepconv3x3x2_cost(h: int, w: int, c: int) -> int:
+    return (conv(h, w, c, c, 3, groups=c) + conv_bn_relu(h, w, c, c, 1)
+            + conv(h, w, c, c, 3, groups=c) + conv(h, w, c, c, 1) + bn(h, w, c))
+
+
+def path_costs(h: int, w: int, spec: CellSpec) -> list[int]:
+    c = spec.channels
+    costs = [0, relu(h, w, c), 0]
+    if spec.allow_up:
+        costs[UP] = relu(h, w, c) + conv_bn_relu(h, w, c, c // 2, 1)
+    if spec.allow_down:
+        costs[DOWN] = relu(h, w, c) + conv_bn_relu(h, w, c, 2 * c, 1, stride=2)
+    return costs
+
+
+def soft_gate_cost(h: int, w: int, c: int, n_paths: int, small_gate: bool) -> int:
+    if small_gate:
+        h, w = max(1, h // SMALL_GATE_FACTOR), max(1, w // SMALL_GATE_FACTOR)
+    return conv_bn_relu(h, w, c, c // 2, 1) + global_avg_pool(h, w, c // 2) + conv(1, 1, c // 2, n_paths, 1)
+
+
+def decoder_cost(h4: int, w4: int, c: int, num_classes: int) -> int:
+    total = 0
+    for s in range(NUM_SCALES):
+        cs = c * 2**s
+        total += conv_bn_relu(h4 >> s, w4 >> s, cs, cs if s == 0 else cs // 2, 1)
+    return total + conv(h4, w4, c, num_classes, 3)
+
+
+@dataclass(frozen=True)
+class CostTable:
+    """FLOPs of every part of the network at one input size (height x width after padding)."""
+
+    height: int
+    width: int
+    stem: float
+    decoder: float
+    cell: torch.Tensor  # [n_cells] cost of each cell operation
+    paths: torch.Tensor  # [n_cells, 3] cost of each transform, 0 for slots a cell lacks
+    gate: torch.Tensor  # [n_cells] cost of each gate (0 without gates)
+
+    @property
+    def routing_all_open(self) -> float:
+        """C_max of DR eq. 9: every cell and path computed."""
+        return float(self.cell.sum() + self.paths.sum())
+
+    @property
+    def all_open(self) -> float:
+        """The paper's "Network-Fix" figure: everything open, no gate cost."""
+        return self.stem + self.decoder + self.routing_all_open
+
+    @property
+    def fixed(self) -> float:
+        """What every image pays whatever its route: stem, decoder, and every gate."""
+        return self.stem + self.decoder + float(self.gate.sum())
+
+
+def cost_table(config: ModelConfig, height: int, width: int) -> CostTable:
+    """The cost table for an input of ``height`` x ``width`` pixels."""
+    if height < 1 or width < 1:
+        raise ValueError(f"input size must be positive, got {height}x{width}")
+    h, w = padded_size(height), padded_size(width)
+    h4, w4 = h // STEM_STRIDE, w // STEM_STRIDE
+    cells, paths, gates = [], [], []
+    for spec in routing_space(config):
+        hs, ws = h4 >> spec.scale, w4 >> spec.scale
+        cells.append(sepconv3x3x2_cost(hs, ws, spec.channels))
+        paths.append(path_costs(hs, ws, spec))
+        n_paths = sum(spec.paths)
+        gates.append(soft_gate_cost(hs, ws, spec.channels, n_paths, config.gate.small_gate)
+                     if config.gate.enabled else 0)
+    assert h % SIZE_DIVISIBILITY == 0 and w % SIZE_DIVISIBILITY == 0
+    return CostTable(
+        height=h, width=w,
+        stem=float(stem_cost(h, w, config.channels)),
+        decoder=float(decoder_cost(h4, w4, config.channels, config.num_classes)),
+        cell=torch.tensor(cells, dtype=torch.float64),
+        paths=torch.tensor(paths, dtype=torch.float64),
+        gate=torch.tensor(gates, dtype=torch.float64),
+    )
+
+
+def routing_expected_cost(gates: torch.Tensor, table: CostTable) -> torch.Tensor:
+    """Differentiable routing cost per image, [B]: sum of cell x max(w) + sum of w x path."""
+    cell = table.cell.to(gates)
+    paths = table.paths.to(gates)
+    return (gates.amax(dim=-1) * cell).sum(-1) + (gates * paths).sum(dim=(-2, -1))
+
+
+def expected_cost(gates: torch.Tensor, table: CostTable) -> torch.Tensor:
+    """Expected FLOPs per image, [B]: routing cost plus the fixed stem, gate and decoder costs."""
+    return routing_expected_cost(gates, table) + table.fixed
+
+
+def budget_ratio(gates: torch.Tensor, table: CostTable) -> torch.Tensor:
+    """C(Space) / C_max of DR eq. 9, per image: the routing cost relative to everything open."""
+    return routing_expected_cost(gates, table) / table.routing_all_open
+
+
+def real_cost(gates: torch.Tensor, table: CostTable) -> torch.Tensor:
+    """FLOPs inference executes per image, [B] (no gradient): open cells and open paths only."""
+    gates = gates.detach()
+    cell_on = cell_active(gates).to(torch.float64)
+    path_on = path_active(gates).to(torch.float64)
+    routing = (cell_on * table.cell).sum(-1) + (path_on * table.paths).sum(dim=(-2, -1))
+    return routing + table.fixed

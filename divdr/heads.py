@@ -1,0 +1,70 @@
+"""Task heads on the DR backbone. Semantic segmentation: the official "naive decoder"."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from divdr.backbone import SIZE_DIVISIBILITY, BackboneOutput, DynamicBackbone, feature_name
+from divdr.config import NUM_SCALES, ModelConfig
+from divdr.ops import conv_bn, kaiming_init
+
+
+class NaiveDecoder(nn.Module):
+    """Per scale a 1x1 conv + BN + ReLU (halving the width, except at 1/4), summed coarse to fine
+    with bilinear x2 up-sampling, then a 3x3 conv to the classes at 1/4 and bilinear x4."""
+
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__()
+        widths = [channels * 2**s for s in range(NUM_SCALES)]
+        self.lateral = nn.ModuleList(
+            conv_bn(w, w if s == 0 else w // 2, 1) for s, w in enumerate(widths)
+        )
+        self.predictor = nn.Conv2d(channels, num_classes, 3, padding=1, bias=True)
+        kaiming_init(self)
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        pred: torch.Tensor | None = None
+        for scale in reversed(range(NUM_SCALES)):
+            x = features[feature_name(scale)]
+            if pred is not None:
+                x = x + pred
+            pred = self.lateral[scale](x)
+            if scale > 0:
+                pred = F.interpolate(pred, scale_factor=2, mode="bilinear", align_corners=False)
+        logits = self.predictor(pred)
+        return F.interpolate(logits, scale_factor=4, mode="bilinear", align_corners=False)
+
+
+@dataclass
+class SegmentationOutput:
+    logits: torch.Tensor  # [B, classes, H, W] at the input size
+    backbone: BackboneOutput
+
+
+class DynamicRoutingSegmenter(nn.Module):
+    """DR network for semantic segmentation: backbone + naive decoder.
+
+    Inputs of any size are zero-padded (bottom/right) to a multiple of 32, as the official
+    ImageList(size_divisibility=32) does, and the logits are cropped back.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = DynamicBackbone(config)
+        self.decoder = NaiveDecoder(config.channels, config.num_classes)
+
+    def forward(self, images: torch.Tensor) -> SegmentationOutput:
+        height, width = images.shape[-2:]
+        padded = F.pad(images, (0, padded_size(width) - width, 0, padded_size(height) - height))
+        out = self.backbone(padded)
+        logits = self.decoder(out.features)[..., :height, :width]
+        return SegmentationOutput(logits, out)
+
+
+def padded_size(n: int) -> int:
+    return -(-n // SIZE_DIVISIBILITY) * SIZE_DIVISIBILITY

@@ -1,0 +1,90 @@
+"""Losses as functions: DR's budget constraint (eq. 9), DivDR's clustering loss (eq. 2), eq. 3.
+
+Per-image values are returned wherever the paper's loss is a mean over images, so the pipeline
+can log them and the centroid store can use them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from divdr.config import BudgetConfig, ClusterDistance, ClusteringConfig
+
+# sqrt has an infinite derivative at 0: distances are taken of (squared distance + eps).
+DISTANCE_EPS = 1e-12
+
+
+def budget_schedule(progress: float, config: BudgetConfig) -> float:
+    """Multiplier of the budget loss at ``progress`` = step / total steps (official dynamic4seg.py):
+    0 before ``start_fraction``, then linear from 0 to 1 over ``warmup_fraction``, then 1."""
+    if progress < config.start_fraction:
+        return 0.0
+    if config.warmup_fraction <= 0:
+        return 1.0
+    return min(1.0, (progress - config.start_fraction) / config.warmup_fraction)
+
+
+def budget_loss(cost_ratio: torch.Tensor, mu: float) -> torch.Tensor:
+    """DR eq. 9 without its weight: ``(C(Space)/C_max - mu)^2``.
+
+    As in the official code the expected cost is averaged over the batch *before* the square,
+    so individual images may use more or less than mu as long as the batch meets the budget:
+    input-dependent routes stay possible.
+    """
+    return (cost_ratio.mean() - mu) ** 2
+
+
+def pairwise_distance(a: torch.Tensor, centres: torch.Tensor, distance: ClusterDistance) -> torch.Tensor:
+    """[B, D] x [K, D] -> [B, K]: L2 distance (``l2``) or squared L2 distance (``squared_l2``)."""
+    squared = (a.unsqueeze(1) - centres.unsqueeze(0)).pow(2).sum(-1)
+    return squared if distance == "squared_l2" else (squared + DISTANCE_EPS).sqrt()
+
+
+def clustering_loss(a: torch.Tensor, centres: torch.Tensor, sigma2: float, alpha: float,
+                    distance: ClusterDistance = "l2") -> torch.Tensor:
+    """DivDR eq. 2 per image, [B]:
+
+    ``max(0, alpha + d(x, mu(x)) / (2 sigma^2) + log sum_{k != c(x)} exp(-d(x, mu_k) / (2 sigma^2)))``
+
+    with mu(x) the nearest centre. ``sigma2`` and ``centres`` come from the last K-means (the
+    centroid store), not from the batch. With a single centre there is no other cluster to push
+    away from and the loss is 0.
+    """
+    if sigma2 <= 0:
+        raise ValueError(f"sigma2 must be > 0, got {sigma2}")
+    centres = centres.to(a)
+    if centres.shape[0] < 2:
+        return a.sum(dim=1) * 0.0
+    scaled = pairwise_distance(a, centres, distance) / (2.0 * sigma2)
+    own = scaled.argmin(dim=1)
+    own_term = scaled.gather(1, own.unsqueeze(1)).squeeze(1)
+    others = scaled.scatter(1, own.unsqueeze(1), float("inf"))
+    return torch.relu(alpha + own_term + torch.logsumexp(-others, dim=1))
+
+
+@dataclass
+class LossTerms:
+    """DivDR eq. 3: ``total = task + lambda1 * budget + lambda2 * clustering``, with each term."""
+
+    total: torch.Tensor
+    task: torch.Tensor
+    budget: torch.Tensor
+    clustering: torch.Tensor
+    clustering_per_image: torch.Tensor | None
+
+
+def total_loss(task: torch.Tensor, *, cost_ratio: torch.Tensor, progress: float, budget: BudgetConfig,
+               clustering: ClusteringConfig, activations: torch.Tensor | None = None,
+               centres: torch.Tensor | None = None, sigma2: float | None = None) -> LossTerms:
+    """Eq. 3. The clustering term is 0 until centres exist (before the first K-means)."""
+    zero = task.new_zeros(())
+    budget_term = budget_loss(cost_ratio, budget.mu) * budget_schedule(progress, budget) if budget.weight else zero
+    per_image = None
+    clustering_term = zero
+    if clustering.weight and centres is not None and activations is not None and sigma2 is not None:
+        per_image = clustering_loss(activations, centres, sigma2, clustering.alpha, clustering.distance)
+        clustering_term = per_image.mean()
+    total = task + budget.weight * budget_term + clustering.weight * clustering_term
+    return LossTerms(total, task, budget_term, clustering_term, per_image)

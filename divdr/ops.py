@@ -1,0 +1,92 @@
+"""Small building blocks of the DR network, as in the official code (op_with_flops.py, dynamic_cell.py)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def conv_bn(in_ch: int, out_ch: int, kernel: int = 1, stride: int = 1, groups: int = 1,
+            relu: bool = True, bn: bool = True) -> nn.Sequential:
+    """Conv (no bias) + optional BN + optional ReLU, the official ``Conv2d(norm=, activation=)``."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False)
+    ]
+    if bn:
+        layers.append(nn.BatchNorm2d(out_ch))
+    if relu:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+def kaiming_init(module: nn.Module, bias: float = 0.0) -> None:
+    """Official ``kaiming_init_module(mode='fan_in')``: He-normal conv weights, constant biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.constant_(m.bias, bias)
+
+
+class SepConv3x3x2(nn.Module):
+    """Two stacked separable 3x3 convolutions ("SepConv3x3x2", best in DR Table 2).
+
+    dw3x3 -> pw1x1+BN+ReLU -> dw3x3 -> pw1x1+BN, as the official SepConv.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.op = nn.Sequential(
+            conv_bn(channels, channels, 3, groups=channels, relu=False, bn=False),
+            conv_bn(channels, channels, 1),
+            conv_bn(channels, channels, 3, groups=channels, relu=False, bn=False),
+            conv_bn(channels, channels, 1, relu=False),
+        )
+        kaiming_init(self.op)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class UpTransform(nn.Module):
+    """Resolution up, width down: ReLU, 1x1 conv to C/2 + BN + ReLU, bilinear x2."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.ReLU(), conv_bn(channels, channels // 2, 1))
+        kaiming_init(self.conv)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(self.conv(x), scale_factor=2, mode="bilinear", align_corners=False)
+
+
+class DownTransform(nn.Module):
+    """Resolution down, width up: ReLU, 1x1 conv stride 2 to 2C + BN + ReLU."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.ReLU(), conv_bn(channels, 2 * channels, 1, stride=2))
+        kaiming_init(self.conv)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Stem(nn.Module):
+    """Down-sample by 4: conv3x3/2 (3->C) + BN + ReLU; sep (dw3x3 + pw + BN + ReLU); sep with dw stride 2."""
+
+    def __init__(self, out_channels: int, in_channels: int = 3) -> None:
+        super().__init__()
+        c = out_channels
+        self.layers = nn.Sequential(
+            conv_bn(in_channels, c, 3, stride=2),
+            conv_bn(c, c, 3, groups=c, relu=False, bn=False),
+            conv_bn(c, c, 1),
+            conv_bn(c, c, 3, stride=2, groups=c, relu=False, bn=False),
+            conv_bn(c, c, 1),
+        )
+        kaiming_init(self.layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
