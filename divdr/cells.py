@@ -94,7 +94,7 @@ class Cell(nn.Module):
                     continue
                 y = weights[cell_idx[on], slot].view(-1, 1, 1, 1) * transform(h[on])
                 if out[slot] is None:
-                    out[slot] = y.new_zeros((x.shape[0],) + y.shape[1:])
+                    out[slot] = y.new_zeros((x.shape[0], *y.shape[1:]))
                 out[slot] = out[slot].index_copy(0, cell_idx[on], y)
         for slot, shape in self._closed_shapes(x).items():
             if out[slot] is None:

@@ -18,71 +18,77 @@ from dataclasses import dataclass
 
 import torch
 
-from divdr.backbone import SIZE_DIVISIBILITY
 from divdr.cells import cell_active, path_active
 from divdr.config import NUM_SCALES, ModelConfig
 from divdr.gates import SMALL_GATE_FACTOR
 from divdr.heads import padded_size
-from divdr.routing import DOWN, KEEP, UP, CellSpec, routing_space
+from divdr.routing import DOWN, UP, CellSpec, routing_space
 
 STEM_STRIDE = 4
 
 
-def conv(h: int, w: int, c_in: int, c_out: int, k: int, stride: int = 1, groups: int = 1,
-         bias: bool = False) -> int:
-    return (k * k * (c_in // groups) + int(bias)) * c_out * (h // stride) * (w // stride)
+@dataclass(frozen=True)
+class Convention:
+    """Ops counted per output element for the layers that are not multiply-adds.
+
+    ``OFFICIAL`` is cal_op_flops.py (affine BN = 2, ReLU = 1, pooling = 1 per element);
+    ``CONVS_ONLY`` counts multiply-adds alone, the quantity torch's FlopCounterMode measures
+    (it reports 2 FLOPs per multiply-add and ignores BN, ReLU, pooling and interpolation).
+    """
+
+    bn: int = 2
+    relu: int = 1
+    pool: int = 1
 
 
-def bn(h: int, w: int, c: int) -> int:
-    return 2 * h * w * c
+OFFICIAL = Convention()
+CONVS_ONLY = Convention(bn=0, relu=0, pool=0)
 
 
-def relu(h: int, w: int, c: int) -> int:
-    return h * w * c
+def conv(h: int, w: int, c_in: int, c_out: int, k: int, stride: int = 1, groups: int = 1) -> int:
+    """Multiply-adds of a bias-free convolution (output size = input // stride, as the official)."""
+    return k * k * (c_in // groups) * c_out * (h // stride) * (w // stride)
 
 
-def global_avg_pool(h: int, w: int, c: int) -> int:
-    return h * w * c
+def conv_bn_relu(h: int, w: int, c_in: int, c_out: int, k: int, cv: Convention, stride: int = 1) -> int:
+    out_elements = (h // stride) * (w // stride) * c_out
+    return conv(h, w, c_in, c_out, k, stride) + (cv.bn + cv.relu) * out_elements
 
 
-def conv_bn_relu(h: int, w: int, c_in: int, c_out: int, k: int, stride: int = 1) -> int:
-    ho, wo = h // stride, w // stride
-    return conv(h, w, c_in, c_out, k, stride) + bn(ho, wo, c_out) + relu(ho, wo, c_out)
-
-
-def stem_cost(h: int, w: int, c: int) -> int:
+def stem_cost(h: int, w: int, c: int, cv: Convention) -> int:
     h2, w2, h4, w4 = h // 2, w // 2, h // 4, w // 4
-    return (conv_bn_relu(h, w, 3, c, 3, stride=2) + conv(h2, w2, c, c, 3, groups=c)
-            + conv_bn_relu(h2, w2, c, c, 1) + conv(h2, w2, c, c, 3, stride=2, groups=c)
-            + conv_bn_relu(h4, w4, c, c, 1))
+    return (conv_bn_relu(h, w, 3, c, 3, cv, stride=2) + conv(h2, w2, c, c, 3, groups=c)
+            + conv_bn_relu(h2, w2, c, c, 1, cv) + conv(h2, w2, c, c, 3, stride=2, groups=c)
+            + conv_bn_relu(h4, w4, c, c, 1, cv))
 
 
-def sepconv3x3x2_cost(h: int, w: int, c: int) -> int:
-    return (conv(h, w, c, c, 3, groups=c) + conv_bn_relu(h, w, c, c, 1)
-            + conv(h, w, c, c, 3, groups=c) + conv(h, w, c, c, 1) + bn(h, w, c))
+def sepconv3x3x2_cost(h: int, w: int, c: int, cv: Convention) -> int:
+    return (conv(h, w, c, c, 3, groups=c) + conv_bn_relu(h, w, c, c, 1, cv)
+            + conv(h, w, c, c, 3, groups=c) + conv(h, w, c, c, 1) + cv.bn * h * w * c)
 
 
-def path_costs(h: int, w: int, spec: CellSpec) -> list[int]:
+def path_costs(h: int, w: int, spec: CellSpec, cv: Convention) -> list[int]:
     c = spec.channels
-    costs = [0, relu(h, w, c), 0]
+    relu = cv.relu * h * w * c
+    costs = [0, relu, 0]
     if spec.allow_up:
-        costs[UP] = relu(h, w, c) + conv_bn_relu(h, w, c, c // 2, 1)
+        costs[UP] = relu + conv_bn_relu(h, w, c, c // 2, 1, cv)
     if spec.allow_down:
-        costs[DOWN] = relu(h, w, c) + conv_bn_relu(h, w, c, 2 * c, 1, stride=2)
+        costs[DOWN] = relu + conv_bn_relu(h, w, c, 2 * c, 1, cv, stride=2)
     return costs
 
 
-def soft_gate_cost(h: int, w: int, c: int, n_paths: int, small_gate: bool) -> int:
+def soft_gate_cost(h: int, w: int, c: int, n_paths: int, small_gate: bool, cv: Convention) -> int:
     if small_gate:
         h, w = max(1, h // SMALL_GATE_FACTOR), max(1, w // SMALL_GATE_FACTOR)
-    return conv_bn_relu(h, w, c, c // 2, 1) + global_avg_pool(h, w, c // 2) + conv(1, 1, c // 2, n_paths, 1)
+    return conv_bn_relu(h, w, c, c // 2, 1, cv) + cv.pool * h * w * (c // 2) + conv(1, 1, c // 2, n_paths, 1)
 
 
-def decoder_cost(h4: int, w4: int, c: int, num_classes: int) -> int:
+def decoder_cost(h4: int, w4: int, c: int, num_classes: int, cv: Convention) -> int:
     total = 0
     for s in range(NUM_SCALES):
         cs = c * 2**s
-        total += conv_bn_relu(h4 >> s, w4 >> s, cs, cs if s == 0 else cs // 2, 1)
+        total += conv_bn_relu(h4 >> s, w4 >> s, cs, cs if s == 0 else cs // 2, 1, cv)
     return total + conv(h4, w4, c, num_classes, 3)
 
 
@@ -114,8 +120,9 @@ class CostTable:
         return self.stem + self.decoder + float(self.gate.sum())
 
 
-def cost_table(config: ModelConfig, height: int, width: int) -> CostTable:
+def cost_table(config: ModelConfig, height: int, width: int, convention: Convention = OFFICIAL) -> CostTable:
     """The cost table for an input of ``height`` x ``width`` pixels."""
+    cv = convention
     if height < 1 or width < 1:
         raise ValueError(f"input size must be positive, got {height}x{width}")
     h, w = padded_size(height), padded_size(width)
@@ -123,16 +130,15 @@ def cost_table(config: ModelConfig, height: int, width: int) -> CostTable:
     cells, paths, gates = [], [], []
     for spec in routing_space(config):
         hs, ws = h4 >> spec.scale, w4 >> spec.scale
-        cells.append(sepconv3x3x2_cost(hs, ws, spec.channels))
-        paths.append(path_costs(hs, ws, spec))
+        cells.append(sepconv3x3x2_cost(hs, ws, spec.channels, cv))
+        paths.append(path_costs(hs, ws, spec, cv))
         n_paths = sum(spec.paths)
-        gates.append(soft_gate_cost(hs, ws, spec.channels, n_paths, config.gate.small_gate)
+        gates.append(soft_gate_cost(hs, ws, spec.channels, n_paths, config.gate.small_gate, cv)
                      if config.gate.enabled else 0)
-    assert h % SIZE_DIVISIBILITY == 0 and w % SIZE_DIVISIBILITY == 0
     return CostTable(
         height=h, width=w,
-        stem=float(stem_cost(h, w, config.channels)),
-        decoder=float(decoder_cost(h4, w4, config.channels, config.num_classes)),
+        stem=float(stem_cost(h, w, config.channels, cv)),
+        decoder=float(decoder_cost(h4, w4, config.channels, config.num_classes, cv)),
         cell=torch.tensor(cells, dtype=torch.float64),
         paths=torch.tensor(paths, dtype=torch.float64),
         gate=torch.tensor(gates, dtype=torch.float64),

@@ -1,0 +1,163 @@
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+from divdr.backbone import DynamicBackbone
+from divdr.cells import Cell
+from divdr.config import GateConfig, ModelConfig, get_model_config
+from divdr.flops import cost_table, real_cost
+from divdr.gates import SoftGate
+from divdr.heads import DynamicRoutingSegmenter
+from divdr.routing import DOWN, KEEP, UP, routing_space
+
+TINY = get_model_config("micro", num_classes=5)
+
+
+def test_forward_backward_shapes_and_a_space():
+    model = DynamicRoutingSegmenter(TINY)
+    images = torch.randn(2, 3, 70, 130)  # not a multiple of 32: padded, then cropped back
+    out = model(images)
+    assert out.logits.shape == (2, 5, 70, 130)
+    assert out.backbone.gates.shape == (2, TINY.routing_cells + 1, 3)
+    assert out.backbone.activations.shape == (2, TINY.a_dim)
+    assert TINY.a_dim == 3 * (2 + 3 + 4)
+    out.logits.mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_layer16_routing_space_matches_paper():
+    config = get_model_config("layer16")
+    specs = routing_space(config)
+    assert config.routing_cells == 61 and len(specs) == 62 and config.a_dim == 183
+    # layer 0 has 1/4 and 1/8, layer 1 adds 1/16, layer 2 on has all four scales
+    assert config.cells_per_layer[:4] == (2, 3, 4, 4)
+    last_layer = [s for s in specs if s.layer == 15]
+    assert all(not s.allow_up and not s.allow_down for s in last_layer)
+    assert not any(s.allow_up for s in specs if s.scale == 0)
+    assert not any(s.allow_down for s in specs if s.scale == 3)
+    assert replace(config, init_cell_in_a_space=True).a_dim == 186
+
+
+def test_gate_layout_zero_for_missing_slots_and_in_range():
+    model = DynamicRoutingSegmenter(TINY).eval()
+    gates = model(torch.randn(3, 3, 64, 64)).backbone.gates
+    specs = routing_space(TINY)
+    for i, spec in enumerate(specs):
+        assert (gates[:, i, UP] == 0).all() or spec.allow_up
+        assert (gates[:, i, DOWN] == 0).all() or spec.allow_down
+    assert gates.min() >= 0 and gates.max() <= 1  # max(0, tanh): [0, 1), float32 may round to 1
+    # bias 1.5 at init: paths start open (tanh(1.5) = 0.905 before the learned part)
+    assert gates[:, :, KEEP].mean() > 0.5
+
+
+def test_gradients_reach_every_gate_from_the_task_loss():
+    model = DynamicRoutingSegmenter(TINY)
+    out = model(torch.randn(2, 3, 64, 64))
+    nn.functional.cross_entropy(out.logits, torch.randint(0, 5, (2, 64, 64))).backward()
+    gates = [m for m in model.modules() if isinstance(m, SoftGate)]
+    assert len(gates) == TINY.routing_cells + 1
+    for gate in gates:
+        assert gate.project.weight.grad is not None and gate.project.weight.grad.abs().sum() > 0
+        assert gate.reduce[0].weight.grad.abs().sum() > 0
+
+
+def test_network_fix_has_no_gate_parameters_and_all_paths_open():
+    config = replace(TINY, gate=GateConfig(enabled=False))
+    model = DynamicRoutingSegmenter(config)
+    assert not any(".gate." in name for name, _ in model.named_parameters())
+    gates = model(torch.randn(1, 3, 64, 64)).backbone.gates
+    expected = torch.tensor([s.paths for s in routing_space(config)], dtype=gates.dtype)
+    assert torch.equal(gates[0], expected)
+
+
+class FixedGate(nn.Module):
+    """Test double: per-image path weights decided in advance."""
+
+    def __init__(self, weights: torch.Tensor) -> None:
+        super().__init__()
+        self.weights = weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weights[: x.shape[0]]
+
+
+def _calls(module: nn.Module, log: list[int]) -> None:
+    module.register_forward_hook(lambda m, args, out: log.append(args[0].shape[0]))
+
+
+def test_inference_skips_closed_paths_and_dropped_cells_per_image():
+    backbone = DynamicBackbone(TINY).eval()
+    # cell 1 = layer 0, scale 0: paths [keep, down]. Image 0: all closed (cell dropped);
+    # image 1: keep open, down closed; image 2: both open.
+    cell: Cell = backbone.cells[1]
+    cell.gate = FixedGate(torch.tensor([[0.0, 0.0], [0.7, 0.0], [0.5, 0.5]]))
+    op_calls, down_calls = [], []
+    _calls(cell.op, op_calls)
+    _calls(cell.down, down_calls)
+    x = torch.randn(3, TINY.channels, 16, 16)
+    out = cell(x)
+    assert op_calls == [2]  # image 0 is not computed at all
+    assert down_calls == [1]  # only image 2 goes down
+    assert torch.equal(out.keep[0], x[0])  # dropped cell passes its input through
+    assert (out.down[:2] == 0).all() and out.down[2].abs().sum() > 0
+    # skipping changes nothing numerically: same result as computing every path
+    with torch.no_grad():
+        full = cell._forward_all_paths(x, cell.slot_weights(x))
+    assert torch.allclose(out.keep, full.keep, atol=1e-6)
+    assert torch.allclose(out.down, full.down, atol=1e-6)
+
+
+def test_all_closed_paths_not_called_and_real_flops_drop():
+    model = DynamicRoutingSegmenter(TINY).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        open_gates = model(images).backbone.gates
+    # close every path of the layer-1 cells by pushing their gate bias far negative
+    closed = [i for i, s in enumerate(model.backbone.specs) if s.layer == 1]
+    calls: list[int] = []
+    for i in closed:
+        cell = model.backbone.cells[i]
+        cell.gate.project.bias.data.fill_(-1e3)
+        for module in (cell.op, *cell.transforms().values()):
+            _calls(module, calls)
+    with torch.no_grad():
+        out = model(images)
+    assert calls == []
+    assert (out.backbone.gates[:, closed] == 0).all()
+    # the same gates with only those cells re-opened as they were: the difference is their cost
+    table = cost_table(TINY, 64, 64)
+    reopened = out.backbone.gates.clone()
+    reopened[:, closed] = open_gates[:, closed]
+    saved = real_cost(reopened, table) - real_cost(out.backbone.gates, table)
+    was_open = open_gates[:, closed] > 1e-4
+    assert was_open.any(dim=-1).all()
+    expected = (table.cell[closed] + (was_open * table.paths[closed]).sum(-1)).sum(-1)
+    assert torch.allclose(saved, expected)
+    assert (saved > 0).all()
+
+
+def test_input_not_multiple_of_32_rejected_by_backbone():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        DynamicBackbone(TINY)(torch.randn(1, 3, 50, 64))
+
+
+def test_batch_independence_at_inference():
+    model = DynamicRoutingSegmenter(get_model_config("micro", num_classes=3)).eval()
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        batched = model(images).logits
+        single = torch.cat([model(images[i : i + 1]).logits for i in range(3)])
+    assert torch.allclose(batched, single, rtol=1e-4, atol=1e-4)
+
+
+def test_config_validation_names_the_field():
+    from divdr.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match="model.layers"):
+        ModelConfig(layers=2)
+    with pytest.raises(ConfigError, match="unknown key"):
+        config_from_dict(ModelConfig, {"layerz": 3})
+    with pytest.raises(ConfigError, match="gate"):
+        config_from_dict(ModelConfig, {"gate": {"kind": "magic"}})

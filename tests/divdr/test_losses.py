@@ -1,0 +1,77 @@
+import math
+
+import pytest
+import torch
+
+from divdr.config import BudgetConfig, ClusteringConfig
+from divdr.losses import budget_loss, budget_schedule, clustering_loss, total_loss
+
+
+def test_budget_schedule_official():
+    cfg = BudgetConfig(weight=0.8, mu=0.1)  # on at 40%, linear warm-up over 2%
+    assert budget_schedule(0.0, cfg) == 0.0
+    assert budget_schedule(0.399, cfg) == 0.0
+    assert budget_schedule(0.41, cfg) == pytest.approx(0.5)
+    assert budget_schedule(0.42, cfg) == pytest.approx(1.0)
+    assert budget_schedule(0.9, cfg) == 1.0
+    assert budget_schedule(0.5, BudgetConfig(start_fraction=0.5, warmup_fraction=0.0)) == 1.0
+
+
+def test_budget_loss_by_hand():
+    # batch mean of the ratios (0.2 + 0.4) / 2 = 0.3; (0.3 - 0.1)^2 = 0.04
+    assert float(budget_loss(torch.tensor([0.2, 0.4]), mu=0.1)) == pytest.approx(0.04)
+
+
+def test_clustering_loss_by_hand_l2_and_squared():
+    a = torch.tensor([[0.0, 0.0]])
+    centres = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+    # sigma2 = 0.5 -> 2 sigma^2 = 1; own distance 0; other distance 5 (l2) or 25 (squared)
+    # L = max(0, alpha + 0 + log(exp(-5))) = max(0, alpha - 5)
+    assert float(clustering_loss(a, centres, 0.5, alpha=6.0)) == pytest.approx(1.0, abs=1e-5)
+    assert float(clustering_loss(a, centres, 0.5, alpha=4.0)) == 0.0
+    assert float(clustering_loss(a, centres, 0.5, alpha=26.0, distance="squared_l2")) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_clustering_loss_three_centres_by_hand():
+    a = torch.tensor([[1.0, 0.0]])
+    centres = torch.tensor([[0.0, 0.0], [4.0, 0.0], [0.0, 3.0]])
+    # sigma2 = 1 -> 2 sigma^2 = 2; l2 distances 1, 3, sqrt(10); nearest is centre 0
+    expected = 0.5 + 1 / 2 + math.log(math.exp(-3 / 2) + math.exp(-math.sqrt(10) / 2))
+    got = clustering_loss(a, centres, 1.0, alpha=0.5)
+    assert float(got) == pytest.approx(expected, rel=1e-6)
+
+
+def test_clustering_loss_per_image_and_gradient_only_into_activations():
+    a = torch.tensor([[0.1, 0.0], [2.9, 4.1], [1.5, 2.0]], requires_grad=True)
+    centres = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+    per_image = clustering_loss(a, centres, 0.5, alpha=5.0)  # alpha large enough that all are active
+    assert per_image.shape == (3,)
+    # the image half-way between the centres has the highest loss
+    assert per_image.argmax() == 2
+    per_image.sum().backward()
+    assert a.grad is not None and a.grad.abs().sum() > 0
+    # descending the gradient moves the first image towards its own centre
+    assert a.grad[0, 0] > 0
+
+
+def test_clustering_loss_single_centre_and_bad_sigma():
+    a = torch.randn(4, 3, requires_grad=True)
+    assert torch.equal(clustering_loss(a, torch.zeros(1, 3), 1.0, 1.0), torch.zeros(4))
+    with pytest.raises(ValueError, match="sigma2"):
+        clustering_loss(a, torch.zeros(2, 3), 0.0, 1.0)
+
+
+def test_total_loss_eq3():
+    task = torch.tensor(2.0)
+    ratio = torch.tensor([0.3, 0.3])
+    budget = BudgetConfig(weight=0.5, mu=0.1)
+    clustering = ClusteringConfig(weight=0.25, alpha=6.0)
+    a = torch.tensor([[0.0, 0.0]])
+    centres = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+    terms = total_loss(task, cost_ratio=ratio, progress=1.0, budget=budget, clustering=clustering,
+                       activations=a, centres=centres, sigma2=0.5)
+    # 2 + 0.5 * (0.3 - 0.1)^2 + 0.25 * 1.0
+    assert float(terms.total) == pytest.approx(2 + 0.5 * 0.04 + 0.25, abs=1e-5)
+    # before the budget starts and before the first centres exist, only the task loss remains
+    early = total_loss(task, cost_ratio=ratio, progress=0.1, budget=budget, clustering=clustering)
+    assert float(early.total) == 2.0 and early.clustering_per_image is None
