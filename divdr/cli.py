@@ -13,6 +13,7 @@ from divdr.config import ConfigError
 
 COMMANDS = {
     "summary": ("divdr.summary", "parameters, cells, A-space and GFLOPs of a model"),
+    "eval-seg": ("divdr.metrics", "mIoU of train-id prediction PNGs against a Cityscapes gtFine folder"),
 }
 
 
