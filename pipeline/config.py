@@ -1,0 +1,285 @@
+"""Experiment configuration: a preset, a YAML file of overrides, then ``--set key=value`` overrides.
+
+Everything resolves into one frozen ``ExperimentConfig``; unknown keys and invalid values are
+rejected with the key's dotted path in the message. YAML stays here, at the edge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from divdr.config import (
+    BudgetConfig,
+    ClusteringConfig,
+    ConfigError,
+    ModelConfig,
+    config_from_dict,
+    get_model_config,
+    get_preset,
+)
+
+StoreMode = Literal["streaming", "refresh"]
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation as the DR paper (SGD, momentum 0.9, wd 1e-4, poly 0.9), scaled down by default."""
+
+    steps: int = 600
+    batch_size: int = 8  # per worker
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    grad_clip: float = 5.0  # official GRAD_CLIP
+    crop: tuple[int, int] = (128, 128)
+    scale_min: float = 0.5
+    scale_max: float = 2.0
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    eval_every: int = 0  # 0 = evaluate at the end only
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
+        _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _require(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        _require(len(self.crop) == 2 and all(int(c) >= 32 for c in self.crop),
+                 f"train.crop must be [height, width] >= 32, got {self.crop}")
+        _require(0 < self.scale_min <= self.scale_max,
+                 f"train.scale_min/scale_max must satisfy 0 < min <= max, got {self.scale_min}, {self.scale_max}")
+        for name in ("log_every", "checkpoint_every"):
+            _require(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}")
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """Ray Train workers. On CPU DDP uses gloo, on GPU nccl."""
+
+    workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    torch_threads: int = 1  # per worker; 2-core machines oversubscribe otherwise
+    max_failures: int = 0  # FailureConfig: restarts from the last checkpoint
+
+    def __post_init__(self) -> None:
+        _require(self.workers >= 1, f"scaling.workers must be >= 1, got {self.workers}")
+        _require(self.cpus_per_worker > 0, f"scaling.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        _require(self.torch_threads >= 1, f"scaling.torch_threads must be >= 1, got {self.torch_threads}")
+        _require(self.max_failures >= -1, f"scaling.max_failures must be >= -1, got {self.max_failures}")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """The centroid store: what it keeps and when it clusters."""
+
+    mode: StoreMode = "streaming"  # or "refresh": recompute every A(x) before each K-means
+    # The workers switch to centre version v at step v * update_every + switch_lag: K-means runs
+    # while they train, and every rank switches at the same step by construction.
+    switch_lag: int = 2
+    max_in_flight: int = 8  # activation sends a worker may have unanswered before it waits
+    float16: bool = True  # store A(x) in half precision (values lie in [0, 1))
+    kmeans_iterations: int = 20
+    snapshot_every: int = 1  # snapshot after every n-th K-means update
+    # optional annealing of the K-means period: update_every grows linearly to this by the end
+    update_every_final: int = 0  # 0 = fixed period
+
+    def __post_init__(self) -> None:
+        _require(self.mode in ("streaming", "refresh"),
+                 f"store.mode must be 'streaming' or 'refresh', got {self.mode!r}")
+        _require(self.switch_lag >= 1, f"store.switch_lag must be >= 1, got {self.switch_lag}")
+        _require(self.max_in_flight >= 1, f"store.max_in_flight must be >= 1, got {self.max_in_flight}")
+        _require(self.kmeans_iterations >= 1, f"store.kmeans_iterations must be >= 1, got {self.kmeans_iterations}")
+        _require(self.snapshot_every >= 1, f"store.snapshot_every must be >= 1, got {self.snapshot_every}")
+        _require(self.update_every_final >= 0, f"store.update_every_final must be >= 0, got {self.update_every_final}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = ""  # "" = the embedded default (generated on first use into the cache)
+    eval_batch_size: int = 4
+    max_train_images: int = 0  # 0 = all (smoke runs use a few)
+    max_val_images: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.eval_batch_size >= 1, f"data.eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        _require(self.max_train_images >= 0, f"data.max_train_images must be >= 0, got {self.max_train_images}")
+        _require(self.max_val_images >= 0, f"data.max_val_images must be >= 0, got {self.max_val_images}")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str = ""  # "" = a local SQLite store under the run's output folder
+    experiment: str = "divdr"
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = ""  # run name; "" = derived from the preset
+    preset: str = "DivDR-A"
+    model_size: str = "small"
+    model: ModelConfig = field(default_factory=lambda: get_model_config("small"))
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def run_name(self) -> str:
+        return self.name or f"{self.preset}-seed{self.train.seed}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, for MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = value
+
+        walk("", self.to_dict())
+        return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+SECTIONS = {f.name for f in dataclasses.fields(ExperimentConfig)}
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key.sub=value`` with the value parsed as YAML (numbers, booleans, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {err}") from err
+    return key.strip(), value
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {key!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as err:
+        raise ConfigError(f"cannot read experiment file {path}: {err}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"experiment file {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"experiment file {path} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def resolve(preset: str | None = None, file: Path | None = None, overrides: list[str] = (),
+            base: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Preset defaults <- ``base`` <- YAML file <- ``--set`` overrides, validated."""
+    tree: dict[str, Any] = dict(base or {})
+    if file is not None:
+        tree = _deep_merge(tree, load_yaml(file))
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    if preset is not None:
+        tree["preset"] = preset
+    return from_dict(tree)
+
+
+def from_dict(tree: dict[str, Any]) -> ExperimentConfig:
+    """Build from a plain (possibly partial) dict: the preset fills budget/clustering defaults,
+    ``model_size`` fills the model defaults, and the remaining keys override them."""
+    unknown = sorted(set(tree) - SECTIONS)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown}; known sections: {sorted(SECTIONS)}")
+    preset = get_preset(tree.get("preset", ExperimentConfig.preset))
+    size = tree.get("model_size", ExperimentConfig.model_size)
+    model = _override(get_model_config(size), tree.get("model"), "model")
+    if model.gate.kind != "soft":
+        raise ConfigError("model.gate.kind: only 'soft' gates are implemented")
+    parts = {
+        "budget": _override(preset.budget, tree.get("budget"), "budget"),
+        "clustering": _override(preset.clustering, tree.get("clustering"), "clustering"),
+    }
+    for name, cls in _SECTION_TYPES.items():
+        parts[name] = config_from_dict(cls, _tupled(tree.get(name) or {}), where=name)
+    return ExperimentConfig(name=str(tree.get("name", "")), preset=preset.name, model_size=size, model=model, **parts)
+
+
+_SECTION_TYPES = {"train": TrainConfig, "scaling": ScalingConfig, "store": StoreConfig, "data": DataConfig,
+                  "tracking": TrackingConfig}
+
+
+def _tupled(section: Any) -> Any:
+    """YAML gives lists; the frozen configs hold tuples."""
+    if isinstance(section, dict) and "crop" in section and isinstance(section["crop"], list):
+        return {**section, "crop": tuple(int(v) for v in section["crop"])}
+    return section
+
+
+def _override(default: Any, section: dict[str, Any] | None, where: str) -> Any:
+    if not section:
+        return default
+    base = dataclasses.asdict(default)
+    merged = _deep_merge(base, section)
+    # validate keys against the dataclass (nested sections included)
+    return config_from_dict(type(default), merged, where=where)
+
+
+SMOKE_OVERRIDES: dict[str, Any] = {
+    "model_size": "micro",
+    "train": {"steps": 12, "batch_size": 2, "crop": [64, 64], "log_every": 2, "checkpoint_every": 6},
+    "clustering": {"update_every": 4, "k": 2},
+    "store": {"switch_lag": 1, "kmeans_iterations": 5},
+    "data": {"max_train_images": 16, "max_val_images": 6, "eval_batch_size": 2},
+}
+
+
+def with_smoke(tree: dict[str, Any]) -> dict[str, Any]:
+    return _deep_merge(tree, SMOKE_OVERRIDES)
+

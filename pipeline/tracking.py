@@ -1,0 +1,115 @@
+"""MLflow tracking: a local SQLite store under the run folder by default, a server with --tracking-uri.
+
+Tracking never stops training: if the server cannot be reached, the logger warns once and
+appends the metrics to a local JSONL file beside the checkpoints, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
+RUN_ID_FILE = "mlflow_run_id"
+FALLBACK_FILE = "metrics_fallback.jsonl"
+MAX_PARAM_LENGTH = 500  # MLflow's limit on a param value
+
+
+def local_tracking_uri(out_dir: Path) -> str:
+    return f"sqlite:///{(Path(out_dir) / 'mlflow.db').resolve()}"
+
+
+def artifact_root(out_dir: Path) -> str:
+    return (Path(out_dir) / "mlartifacts").resolve().as_uri()
+
+
+def get_or_create_experiment(client: MlflowClient, name: str, out_dir: Path | None) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = artifact_root(out_dir) if out_dir is not None else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def start_or_resume_run(uri: str, experiment: str, run_name: str, run_dir: Path, out_dir: Path | None,
+                        tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
+    """The MLflow run of this training run: the one recorded in ``run_dir`` if any (a re-run of
+    the same command resumes it), else a new one."""
+    client = MlflowClient(uri)
+    id_file = Path(run_dir) / RUN_ID_FILE
+    if id_file.exists():
+        run_id = id_file.read_text().strip()
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    experiment_id = get_or_create_experiment(client, experiment, out_dir)
+    all_tags = {"mlflow.runName": run_name, **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    id_file.write_text(run.info.run_id)
+    return run.info.run_id
+
+
+class RunLogger:
+    """Logs params, metrics and artifacts to one MLflow run; falls back to a local file on failure."""
+
+    def __init__(self, uri: str, run_id: str, fallback_dir: Path) -> None:
+        self.client = MlflowClient(uri)
+        self.run_id = run_id
+        self.fallback = Path(fallback_dir) / FALLBACK_FILE
+        self._warned = False
+
+    def _failed(self, what: str, err: Exception, record: dict[str, Any]) -> None:
+        if not self._warned:
+            warnings.warn(f"MLflow {what} failed ({err}); writing to {self.fallback} instead", stacklevel=3)
+            self._warned = True
+        self.fallback.parent.mkdir(parents=True, exist_ok=True)
+        with self.fallback.open("a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        clean = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
+        try:
+            self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in clean.items()])
+        except Exception as err:  # tracking must never stop training
+            self._failed("log_metrics", err, {"step": step, "metrics": clean})
+
+    def params(self, values: dict[str, Any]) -> None:
+        params = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in values.items()]
+        try:
+            existing = self.client.get_run(self.run_id).data.params
+            new = [p for p in params if p.key not in existing]
+            for i in range(0, len(new), 100):
+                self.client.log_batch(self.run_id, params=new[i : i + 100])
+        except Exception as err:
+            self._failed("log_params", err, {"params": {p.key: p.value for p in params}})
+
+    def artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        try:
+            if Path(path).is_dir():
+                self.client.log_artifacts(self.run_id, str(path), artifact_path)
+            else:
+                self.client.log_artifact(self.run_id, str(path), artifact_path)
+        except Exception as err:
+            self._failed("log_artifact", err, {"artifact": str(path)})
+
+    def finish(self, status: str = "FINISHED") -> None:
+        try:
+            self.client.set_terminated(self.run_id, status=status)
+        except Exception as err:
+            self._failed("set_terminated", err, {"status": status})
+
+
+def configure(uri: str) -> None:
+    mlflow.set_tracking_uri(uri)
