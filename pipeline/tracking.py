@@ -113,3 +113,31 @@ class RunLogger:
 
 def configure(uri: str) -> None:
     mlflow.set_tracking_uri(uri)
+
+
+def _scalar_metrics(values: dict[str, Any], prefix: str) -> dict[str, float]:
+    return {f"{prefix}{k}": float(v) for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+
+
+class Tracker:
+    """What training workers talk to: rank 0 sends metrics and the final artifacts here.
+
+    Run as a Ray actor on the driver's node (``pipeline.train``), so a local store under the run
+    folder works on a multi-node cluster too; artifacts arrive as bytes.
+    """
+
+    def __init__(self, uri: str, run_id: str, run_dir: str) -> None:
+        self.run_dir = Path(run_dir)
+        self.logger = RunLogger(uri, run_id, self.run_dir)
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        self.logger.metrics(values, step)
+
+    def final(self, summary: dict[str, Any], artifacts: dict[str, bytes]) -> None:
+        folder = self.run_dir / "artifacts"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, data in artifacts.items():
+            (folder / name).write_bytes(data)
+        self.logger.metrics(_scalar_metrics(summary, "final/"), step=0)
+        self.logger.artifact(folder)

@@ -1,0 +1,111 @@
+"""Inference over a segmentation dataset: gate activations, real FLOPs, and the confusion matrix.
+
+Used for evaluation on the val split, for the refresh mode (every training image's A(x) with the
+current weights) and for the final clustering; pure PyTorch, so it is tested without Ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from divdr.flops import cost_table, real_cost
+from divdr.heads import DynamicRoutingSegmenter
+from divdr.metrics import ConfusionMatrix, SegmentationScores
+
+REFERENCE_SIZE = (1024, 2048)  # Cityscapes: the size the DR paper reports GFLOPs at
+
+
+@dataclass
+class InferenceResult:
+    sample_ids: np.ndarray  # [N] int64
+    files: list[str]
+    subsets: np.ndarray  # [N] int64, -1 where unknown
+    activations: np.ndarray  # [N, a_dim] float32: A(x)
+    gates: np.ndarray  # [N, cells, 3] float32
+    real_gflops: np.ndarray  # [N] at each image's own size
+    real_gflops_reference: np.ndarray  # [N] the same routes costed at REFERENCE_SIZE
+    confusion: ConfusionMatrix | None
+
+    @property
+    def scores(self) -> SegmentationScores | None:
+        return self.confusion.compute() if self.confusion is not None else None
+
+
+def _collate(batch: list[dict]) -> dict:
+    sizes = {tuple(s["image"].shape) for s in batch}
+    if len(sizes) > 1:
+        raise ValueError(f"evaluation batch mixes image sizes {sorted(sizes)}; use eval batch size 1")
+    return {
+        "image": torch.stack([s["image"] for s in batch]),
+        "label": torch.stack([s["label"] for s in batch]),
+        "sample_id": [int(s["sample_id"]) for s in batch],
+        "file": [s["file"] for s in batch],
+        "subset": [int(s.get("subset", -1)) for s in batch],
+    }
+
+
+@torch.no_grad()
+def run_inference(model: DynamicRoutingSegmenter, dataset: Dataset, batch_size: int = 4,
+                  indices: Sequence[int] | None = None, score: bool = True,
+                  reference_size: tuple[int, int] = REFERENCE_SIZE) -> InferenceResult:
+    """Eval-mode forward over ``dataset`` (or the ``indices`` of it), paths really skipped."""
+    was_training = model.training
+    model.eval()
+    config = model.config
+    data = Subset(dataset, list(indices)) if indices is not None else dataset
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=_collate)
+    reference_table = cost_table(config, *reference_size)
+    tables: dict[tuple[int, int], object] = {}
+    confusion = ConfusionMatrix(config.num_classes) if score else None
+    ids, files, subsets, acts, gates, flops, flops_ref = [], [], [], [], [], [], []
+    try:
+        for batch in loader:
+            images = batch["image"]
+            out = model(images)
+            size = tuple(images.shape[-2:])
+            table = tables.setdefault(size, cost_table(config, *size))
+            if confusion is not None:
+                confusion.update(out.logits.argmax(1), batch["label"])
+            ids += batch["sample_id"]
+            files += batch["file"]
+            subsets += batch["subset"]
+            acts.append(out.backbone.activations.float().numpy())
+            gates.append(out.backbone.gates.float().numpy())
+            flops.append(real_cost(out.backbone.gates, table).numpy() / 1e9)
+            flops_ref.append(real_cost(out.backbone.gates, reference_table).numpy() / 1e9)
+    finally:
+        model.train(was_training)
+    return InferenceResult(
+        sample_ids=np.asarray(ids, dtype=np.int64), files=files, subsets=np.asarray(subsets, dtype=np.int64),
+        activations=np.concatenate(acts), gates=np.concatenate(gates),
+        real_gflops=np.concatenate(flops), real_gflops_reference=np.concatenate(flops_ref), confusion=confusion,
+    )
+
+
+def merge_results(parts: Sequence[InferenceResult]) -> InferenceResult:
+    """Join the shards of several workers, ordered by sample id; confusion matrices summed."""
+    parts = [p for p in parts if len(p.sample_ids)]
+    if not parts:
+        raise ValueError("no inference results to merge")
+    ids = np.concatenate([p.sample_ids for p in parts])
+    order = np.argsort(ids, kind="stable")
+    files = [f for p in parts for f in p.files]
+    confusion = None
+    if all(p.confusion is not None for p in parts):
+        confusion = parts[0].confusion
+        for p in parts[1:]:
+            confusion.matrix = confusion.matrix + p.confusion.matrix
+    return InferenceResult(
+        sample_ids=ids[order], files=[files[i] for i in order],
+        subsets=np.concatenate([p.subsets for p in parts])[order],
+        activations=np.concatenate([p.activations for p in parts])[order],
+        gates=np.concatenate([p.gates for p in parts])[order],
+        real_gflops=np.concatenate([p.real_gflops for p in parts])[order],
+        real_gflops_reference=np.concatenate([p.real_gflops_reference for p in parts])[order],
+        confusion=confusion,
+    )

@@ -1,0 +1,168 @@
+"""End-of-run analysis: the metrics of a run and its artifacts (Parquet, plots, image grid, model).
+
+Runs on rank 0 after the final inference passes; artifacts are returned as bytes so the tracker
+actor (on the driver's node) can write them wherever the run's MLflow store lives.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from divdr import clustering
+from divdr.evaluation import REFERENCE_SIZE, InferenceResult
+from divdr.heads import DynamicRoutingSegmenter
+
+NEAREST_PER_CENTRE = 5  # DivDR Fig. 5: top-5 images nearest each centre
+THUMBNAIL_HEIGHT = 96
+
+
+def cluster_metrics(acts: np.ndarray, assignments: np.ndarray, centres: np.ndarray, k: int,
+                    subsets: np.ndarray) -> dict[str, Any]:
+    known = subsets >= 0
+    return {
+        "inter": clustering.inter_distance(centres),
+        "intra": clustering.intra_distance(acts, assignments),
+        "cluster_sizes": clustering.cluster_sizes(assignments, k).tolist(),
+        "recovery": (clustering.recovery_accuracy(assignments[known], subsets[known])
+                     if known.any() else math.nan),
+    }
+
+
+def summarize_run(cfg: Any, root: Path, train: InferenceResult, val: InferenceResult, centres: Any,
+                  store_status: dict[str, Any], net: DynamicRoutingSegmenter,
+                  ) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Metrics dict (flat floats plus lists) and artifacts {relative path: bytes}."""
+    k = cfg.clustering.k
+    init = centres.centres.numpy() if centres.centres is not None else None
+    final = clustering.kmeans(train.activations, k, init_centres=init, seed=cfg.train.seed)
+    val_assign = clustering.assign(val.activations, final.centres)
+    scores = val.scores
+    metrics: dict[str, Any] = {
+        "miou": scores.miou,
+        "pixel_accuracy": scores.pixel_accuracy,
+        "gflops_real": float(val.real_gflops.mean()),
+        f"gflops_real_{REFERENCE_SIZE[0]}x{REFERENCE_SIZE[1]}": float(val.real_gflops_reference.mean()),
+        "gflops_real_std": float(val.real_gflops.std()),
+        "distinct_routes_val": len({tuple(r) for r in (val.gates > 1e-4).reshape(len(val.gates), -1)}),
+        "centre_version": centres.version,
+        "kmeans_updates": len(store_status.get("history", [])),
+        "store_rejected_rows": store_status.get("rejected_rows", 0),
+        "train_images_clustered": len(train.sample_ids),
+        "val_images": len(val.sample_ids),
+        **cluster_metrics(val.activations, val_assign, final.centres, k, val.subsets),
+        "train_cluster_sizes": final.sizes.tolist(),
+        "sigma2": final.sigma2,
+    }
+    if store_status.get("history"):
+        last = store_status["history"][-1]
+        metrics.update({f"store_{key}": last[key] for key in ("inter", "intra", "sigma2", "changed")})
+        metrics["store_cluster_sizes"] = last["cluster_sizes"]
+    train_assign = np.asarray(final.assignments)
+    artifacts = {
+        "final_metrics.json": json.dumps(metrics, indent=2, default=float).encode(),
+        "per_class_iou.json": json.dumps(scores.per_class, indent=2).encode(),
+        "activations_train.parquet": activations_table(train, train_assign, "train"),
+        "activations_val.parquet": activations_table(val, val_assign, "val"),
+        "a_space.png": embedding_plot(val.activations, val_assign, val.subsets, final.centres),
+        "nearest_images.png": nearest_grid(val, final.centres, root),
+        "kmeans_history.json": json.dumps(store_status.get("history", []), indent=2, default=float).encode(),
+        "model.pt": _model_bytes(net),
+    }
+    return metrics, artifacts
+
+
+def activations_table(result: InferenceResult, assignments: np.ndarray, split: str) -> bytes:
+    """Columns ``image`` (path relative to the dataset root), ``split``, ``cluster``, ``subset``,
+    ``real_gflops`` and ``a`` (the A(x) vector)."""
+    dim = result.activations.shape[1]
+    table = pa.table({
+        "image": pa.array(result.files),
+        "split": pa.array([split] * len(result.files)),
+        "sample_id": pa.array(result.sample_ids),
+        "cluster": pa.array(np.asarray(assignments, dtype=np.int64)),
+        "subset": pa.array(result.subsets),
+        "real_gflops": pa.array(result.real_gflops),
+        "a": pa.FixedSizeListArray.from_arrays(pa.array(result.activations.reshape(-1).astype(np.float32)), dim),
+    })
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def _pca_2d(x: np.ndarray) -> np.ndarray:
+    centred = x - x.mean(0)
+    if len(x) < 2 or not np.any(centred):
+        return np.zeros((len(x), 2))
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    basis = vt[:2].T
+    out = centred @ basis
+    return out if out.shape[1] == 2 else np.pad(out, ((0, 0), (0, 2 - out.shape[1])))
+
+
+def embedding_plot(acts: np.ndarray, assignments: np.ndarray, subsets: np.ndarray, centres: np.ndarray) -> bytes:
+    """DivDR Fig. 4: A-space in 2-D (PCA), coloured by cluster; marker by known subset if any."""
+    both = _pca_2d(np.concatenate([acts, centres]))
+    points, centre_points = both[: len(acts)], both[len(acts):]
+    fig, ax = plt.subplots(figsize=(5, 4.5), dpi=100)
+    markers = "osd^v<>"
+    for subset in np.unique(subsets):
+        mask = subsets == subset
+        label = f"subset {subset}" if subset >= 0 else None
+        ax.scatter(points[mask, 0], points[mask, 1], c=assignments[mask], cmap="tab10", vmin=0, vmax=9, s=14,
+                   marker=markers[int(subset) % len(markers)] if subset >= 0 else "o", label=label, alpha=0.8)
+    ax.scatter(centre_points[:, 0], centre_points[:, 1], c="black", marker="x", s=80, label="centres")
+    ax.set_title("A-space (PCA), colour = cluster")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    sink = io.BytesIO()
+    fig.savefig(sink, format="png")
+    plt.close(fig)
+    return sink.getvalue()
+
+
+def nearest_grid(result: InferenceResult, centres: np.ndarray, root: Path) -> bytes:
+    """DivDR Fig. 5: per centre (row), the val images nearest to it."""
+    rows = []
+    for centre in centres:
+        distance = np.linalg.norm(result.activations - centre, axis=1)
+        rows.append([result.files[i] for i in np.argsort(distance)[:NEAREST_PER_CENTRE]])
+    thumbs = [[_thumbnail(root / f) for f in row] for row in rows]
+    width = max(sum(t.width for t in row) for row in thumbs)
+    canvas = Image.new("RGB", (width, THUMBNAIL_HEIGHT * len(thumbs)), "white")
+    for r, row in enumerate(thumbs):
+        x = 0
+        for thumb in row:
+            canvas.paste(thumb, (x, r * THUMBNAIL_HEIGHT))
+            x += thumb.width
+    sink = io.BytesIO()
+    canvas.save(sink, format="PNG")
+    return sink.getvalue()
+
+
+def _thumbnail(path: Path) -> Image.Image:
+    try:
+        image = Image.open(path).convert("RGB")
+    except OSError:
+        return Image.new("RGB", (THUMBNAIL_HEIGHT, THUMBNAIL_HEIGHT), "gray")
+    scale = THUMBNAIL_HEIGHT / image.height
+    return image.resize((max(1, round(image.width * scale)), THUMBNAIL_HEIGHT))
+
+
+def _model_bytes(net: DynamicRoutingSegmenter) -> bytes:
+    sink = io.BytesIO()
+    torch.save({"config": net.config, "state_dict": net.state_dict()}, sink)
+    return sink.getvalue()

@@ -1,0 +1,291 @@
+"""The centroid store: a Ray actor that keeps the latest A(x) of every training image and clusters them.
+
+Protocol (SPEC section 5):
+- workers call ``ingest(rank, step, sample_ids, activations)`` without waiting on the reply, with
+  a bounded number of calls in flight; the latest activation of each sample wins;
+- version v is clustered (FAISS K-means, warm-started from version v-1) as soon as every rank has
+  sent its activations up to step ``trigger[v] - 1``; the K-means runs in a thread, so ingestion is
+  never blocked by it;
+- ``get_centres(v)`` waits (bounded) for version v; rank 0 fetches it at the switch step and
+  broadcasts it, so all DDP ranks switch at the same step;
+- after every ``snapshot_every``-th update the state (activations, centres, sigma^2, version,
+  history) is written as Parquet/NumPy/JSON into the run folder; a restarted actor restores it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from divdr import clustering
+from divdr.config import ClusteringConfig
+from pipeline.config import StoreConfig
+from pipeline.schedule import kmeans_trigger_steps
+
+log = logging.getLogger(__name__)
+
+ACTIVATIONS_FILE = "activations.parquet"
+STATE_FILE = "state.json"
+CENTRES_FILE = "centres.npy"
+
+
+def store_name(run_name: str) -> str:
+    """One store per training run, named after it so concurrent Tune trials never collide."""
+    return f"divdr-centroid-store:{run_name}"
+
+
+class CentroidStoreImpl:
+    """The store's logic, plain Python so it can be tested without Ray (see ``CentroidStore``)."""
+
+    def __init__(self, num_samples: int, dim: int, world_size: int, total_steps: int,
+                 clustering_config: ClusteringConfig, store_config: StoreConfig, snapshot_dir: str | None,
+                 seed: int = 0) -> None:
+        if num_samples < clustering_config.k:
+            raise ValueError(f"the store needs at least K={clustering_config.k} samples, got {num_samples}")
+        self.dim = dim
+        self.world_size = world_size
+        self.k = clustering_config.k
+        self.config = store_config
+        self.seed = seed
+        self.triggers = kmeans_trigger_steps(total_steps, clustering_config.update_every,
+                                             store_config.update_every_final)
+        dtype = np.float16 if store_config.float16 else np.float32
+        self.activations = np.zeros((num_samples, dim), dtype=dtype)
+        self.seen = np.zeros(num_samples, dtype=bool)
+        self.watermark = [-1] * world_size  # per rank: all activations up to this step received
+        self.version = 0
+        self.centres: np.ndarray | None = None
+        self.sigma2 = 0.0
+        self.assignments: np.ndarray | None = None
+        self.history: list[dict[str, Any]] = []
+        self.rejected_rows = 0
+        self.ingested_rows = 0
+        self.ingest_calls_by_rank = [0] * world_size
+        self.running = False
+        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir else None
+        self.restored = self._restore()
+
+    # ---- ingestion -----------------------------------------------------------------------------
+
+    def ingest(self, rank: int, step: int, sample_ids: np.ndarray, activations: np.ndarray,
+               complete: bool = True) -> None:
+        """Keep the latest A(x) per sample. Non-finite rows never reach the centres: rejected."""
+        ids = np.asarray(sample_ids, dtype=np.int64)
+        acts = np.asarray(activations)
+        if acts.ndim != 2 or acts.shape[1] != self.dim or acts.shape[0] != ids.shape[0]:
+            raise ValueError(f"ingest from rank {rank} step {step}: expected [{ids.shape[0]}, {self.dim}] "
+                             f"activations, got {list(acts.shape)}")
+        if ids.size and (ids.min() < 0 or ids.max() >= len(self.seen)):
+            raise ValueError(f"ingest from rank {rank} step {step}: sample ids outside [0, {len(self.seen)})")
+        finite = np.isfinite(acts).all(axis=1)
+        self.rejected_rows += int((~finite).sum())
+        self.activations[ids[finite]] = acts[finite]
+        self.seen[ids[finite]] = True
+        self.ingested_rows += int(finite.sum())
+        self.ingest_calls_by_rank[rank] += 1
+        if complete:
+            self.watermark[rank] = max(self.watermark[rank], step)
+
+    def mark(self, rank: int, step: int) -> None:
+        self.watermark[rank] = max(self.watermark[rank], step)
+
+    def next_trigger(self) -> int | None:
+        """The step whose K-means is due next, or None once the schedule is exhausted."""
+        return self.triggers[self.version] if self.version < len(self.triggers) else None
+
+    def due(self) -> bool:
+        trigger = self.next_trigger()
+        return (not self.running and trigger is not None and min(self.watermark) >= trigger - 1
+                and int(self.seen.sum()) >= self.k)
+
+    # ---- clustering ----------------------------------------------------------------------------
+
+    def take_batch(self) -> tuple[np.ndarray, np.ndarray]:
+        """A consistent copy of what is clustered (ingestion goes on into the live buffer)."""
+        ids = np.flatnonzero(self.seen)
+        return ids, self.activations[ids].astype(np.float32)
+
+    def cluster(self, ids: np.ndarray, points: np.ndarray) -> dict[str, Any]:
+        """FAISS K-means over every held activation, warm-started from the previous centres."""
+        start = time.perf_counter()
+        result = clustering.kmeans(points, self.k, init_centres=self.centres, seed=self.seed + self.version,
+                                   niter=self.config.kmeans_iterations)
+        previous = None
+        if self.assignments is not None:
+            previous = self.assignments[ids]
+        assignments = np.full(len(self.seen), -1, dtype=np.int64)
+        assignments[ids] = result.assignments
+        stats = {
+            "version": self.version + 1,
+            "trigger_step": self.next_trigger(),
+            "points": len(ids),
+            "sigma2": float(result.sigma2),
+            "objective": float(result.objective),
+            "inter": float(clustering.inter_distance(result.centres)),
+            "intra": float(clustering.intra_distance(points, result.assignments)),
+            "cluster_sizes": result.sizes.tolist(),
+            "reseeded": int(result.reseeded),
+            "changed": (float(clustering.assignment_change(previous[previous >= 0],
+                                                           result.assignments[previous >= 0]))
+                        if previous is not None and (previous >= 0).any() else None),
+            "seconds": time.perf_counter() - start,
+        }
+        return {"centres": np.array(result.centres), "sigma2": float(result.sigma2), "assignments": assignments,
+                "stats": stats}
+
+    def publish(self, update: dict[str, Any]) -> None:
+        self.centres = update["centres"]
+        self.sigma2 = update["sigma2"]
+        self.assignments = update["assignments"]
+        self.version += 1
+        self.history.append(update["stats"])
+        if self.snapshot_dir and self.version % self.config.snapshot_every == 0:
+            self.snapshot()
+
+    def centres_payload(self) -> dict[str, Any]:
+        return {"version": self.version, "centres": self.centres, "sigma2": self.sigma2,
+                "stats": self.history[-1] if self.history else {}}
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "held": int(self.seen.sum()),
+            "watermark": list(self.watermark),
+            "ingested_rows": self.ingested_rows,
+            "rejected_rows": self.rejected_rows,
+            "ingest_calls_by_rank": list(self.ingest_calls_by_rank),
+            "history": list(self.history),
+            "triggers": list(self.triggers),
+            "restored": self.restored,
+        }
+
+    def export(self) -> dict[str, Any]:
+        ids = np.flatnonzero(self.seen)
+        return {"sample_ids": ids, "activations": self.activations[ids].astype(np.float32),
+                "centres": self.centres, "sigma2": self.sigma2, "version": self.version}
+
+    # ---- snapshots -----------------------------------------------------------------------------
+
+    def snapshot(self) -> None:
+        """Write the state atomically: files go to a temporary folder renamed over the old one."""
+        assert self.snapshot_dir is not None
+        tmp = self.snapshot_dir.with_name(self.snapshot_dir.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        ids = np.flatnonzero(self.seen)
+        table = pa.table({
+            "sample_id": pa.array(ids, pa.int64()),
+            "a": pa.FixedSizeListArray.from_arrays(pa.array(self.activations[ids].reshape(-1)), self.dim),
+        })
+        pq.write_table(table, tmp / ACTIVATIONS_FILE)
+        if self.centres is not None:
+            np.save(tmp / CENTRES_FILE, self.centres)
+        state = {"version": self.version, "sigma2": self.sigma2, "history": self.history,
+                 "num_samples": len(self.seen), "dim": self.dim, "config": asdict(self.config),
+                 "assignments": self.assignments.tolist() if self.assignments is not None else None}
+        (tmp / STATE_FILE).write_text(json.dumps(state))
+        old = self.snapshot_dir.with_name(self.snapshot_dir.name + ".old")
+        if self.snapshot_dir.exists():
+            os.replace(self.snapshot_dir, old)
+        os.replace(tmp, self.snapshot_dir)
+        if old.exists():
+            for f in old.iterdir():
+                f.unlink()
+            old.rmdir()
+
+    def _restore(self) -> bool:
+        if not self.snapshot_dir:
+            return False
+        folder = self.snapshot_dir
+        if not (folder / STATE_FILE).exists():
+            old = folder.with_name(folder.name + ".old")  # a crash between the two renames
+            if not (old / STATE_FILE).exists():
+                return False
+            folder = old
+        state = json.loads((folder / STATE_FILE).read_text())
+        if state["num_samples"] != len(self.seen) or state["dim"] != self.dim:
+            raise ValueError(f"snapshot in {folder} holds {state['num_samples']} x {state['dim']} activations, "
+                             f"this run needs {len(self.seen)} x {self.dim}: wrong --out or run name?")
+        table = pq.read_table(folder / ACTIVATIONS_FILE)
+        ids = table.column("sample_id").to_numpy()
+        flat = table.column("a").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        self.activations[ids] = flat.reshape(len(ids), self.dim)
+        self.seen[ids] = True
+        self.version = state["version"]
+        self.sigma2 = state["sigma2"]
+        self.history = state["history"]
+        if state["assignments"] is not None:
+            self.assignments = np.asarray(state["assignments"], dtype=np.int64)
+        if (folder / CENTRES_FILE).exists():
+            self.centres = np.load(folder / CENTRES_FILE)
+        return True
+
+
+@ray.remote(max_restarts=-1, max_task_retries=-1)
+class CentroidStore:
+    """The Ray actor around ``CentroidStoreImpl``: async, K-means in a worker thread."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.impl = CentroidStoreImpl(*args, **kwargs)
+        self._published = asyncio.Condition()
+        self._task: asyncio.Task | None = None
+
+    async def ingest(self, rank: int, step: int, sample_ids: np.ndarray, activations: np.ndarray,
+                     complete: bool = True) -> None:
+        self.impl.ingest(rank, step, sample_ids, activations, complete)
+        self._maybe_cluster()
+
+    async def mark(self, rank: int, step: int) -> None:
+        self.impl.mark(rank, step)
+        self._maybe_cluster()
+
+    def _maybe_cluster(self) -> None:
+        if self.impl.due():
+            self.impl.running = True
+            self._task = asyncio.get_running_loop().create_task(self._cluster())
+
+    async def _cluster(self) -> None:
+        try:
+            ids, points = self.impl.take_batch()
+            update = await asyncio.to_thread(self.impl.cluster, ids, points)
+            self.impl.publish(update)
+        finally:
+            self.impl.running = False
+        async with self._published:
+            self._published.notify_all()
+        self._maybe_cluster()  # a later version may already be due
+
+    async def get_centres(self, version: int, rank: int, step: int, timeout: float) -> dict[str, Any] | None:
+        """Centres of ``version`` (or newer); None if not ready within ``timeout`` seconds.
+
+        The caller's step doubles as a watermark: a restarted store learns that the rank is past
+        the trigger and can cluster what it holds instead of waiting for activations forever.
+        """
+        self.impl.mark(rank, step - 1)
+        self._maybe_cluster()
+        try:
+            async with self._published:
+                await asyncio.wait_for(self._published.wait_for(lambda: self.impl.version >= version), timeout)
+        except TimeoutError:
+            return None
+        return self.impl.centres_payload()
+
+    async def status(self) -> dict[str, Any]:
+        return self.impl.status()
+
+    async def export(self) -> dict[str, Any]:
+        return self.impl.export()
+
+    async def snapshot(self) -> None:
+        if self.impl.snapshot_dir:
+            await asyncio.to_thread(self.impl.snapshot)

@@ -1,0 +1,331 @@
+"""``train_loop_per_worker``: DDP training of a DR network with DivDR's clustering loss.
+
+Each Ray Train worker trains on its shard, streams its batches' A(x) to the centroid store,
+switches to new centres at the steps the schedule fixes (rank 0 fetches, then broadcasts), checkpoints
+through ``ray.train.report``, and at the end evaluates on the val split.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from divdr.data.cityscapes import CityscapesSegmentation
+from divdr.data.labels import IGNORE_INDEX
+from divdr.data.transforms import RandomScaleCropFlip, SegTransformConfig
+from divdr.evaluation import merge_results, run_inference
+from divdr.flops import budget_ratio, cost_table, expected_cost
+from divdr.heads import DynamicRoutingSegmenter
+from divdr.losses import total_loss
+from pipeline.config import ExperimentConfig, from_dict
+from pipeline.schedule import kmeans_trigger_steps, switch_step
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "state.pt"
+STORE_TIMEOUT_S = 60.0  # how long rank 0 waits for a due centre version before training on
+SEND_TIMEOUT_S = 30.0  # how long a worker waits for a slot among its in-flight sends
+MAX_SKIPPED_STEPS = 5  # consecutive non-finite steps tolerated before the run stops
+REFRESH_CHUNK = 64  # activations per message in refresh mode
+
+
+@dataclass
+class CentreState:
+    """The centres every rank currently uses in the clustering loss (version 0 = none yet)."""
+
+    version: int = 0
+    centres: torch.Tensor | None = None
+    sigma2: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def usable(self) -> bool:
+        return self.centres is not None and self.sigma2 is not None and self.sigma2 > 0
+
+
+class ActivationSender:
+    """Fire-and-forget ``ingest`` calls with at most ``limit`` unanswered; a dead store is survived."""
+
+    def __init__(self, store: Any, rank: int, limit: int, float16: bool) -> None:
+        self.store, self.rank, self.limit = store, rank, limit
+        self.dtype = np.float16 if float16 else np.float32
+        self.in_flight: collections.deque = collections.deque()
+        self.failures = 0
+
+    def send(self, step: int, sample_ids: list[int], activations: torch.Tensor, complete: bool = True) -> None:
+        acts = activations.detach().float().cpu().numpy()
+        finite = np.isfinite(acts).all(axis=1)  # non-finite A(x) never reach the centres
+        ids = np.asarray(sample_ids, dtype=np.int64)[finite]
+        self.in_flight.append(self.store.ingest.remote(self.rank, step, ids, acts[finite].astype(self.dtype),
+                                                       complete))
+        while len(self.in_flight) > self.limit:
+            done, _ = ray.wait([self.in_flight[0]], timeout=SEND_TIMEOUT_S)
+            if done:
+                self._settle(self.in_flight.popleft())
+            else:  # the store is down or restarting: drop the oldest rather than block training
+                self.in_flight.popleft()
+                self.failures += 1
+
+    def _settle(self, ref: Any) -> None:
+        try:
+            ray.get(ref)
+        except Exception as err:
+            self.failures += 1
+            if self.failures == 1:
+                log.warning("rank %d: activation send failed (%s); training goes on", self.rank, err)
+
+    def flush(self) -> None:
+        while self.in_flight:
+            ref = self.in_flight.popleft()
+            done, _ = ray.wait([ref], timeout=SEND_TIMEOUT_S)
+            if done:
+                self._settle(ref)
+
+
+def _collate(batch: list[dict]) -> dict:
+    return {"image": torch.stack([s["image"] for s in batch]), "label": torch.stack([s["label"] for s in batch]),
+            "sample_id": [int(s["sample_id"]) for s in batch]}
+
+
+def _limit(dataset: Any, count: int) -> Any:
+    return Subset(dataset, range(min(count, len(dataset)))) if count else dataset
+
+
+def _world() -> tuple[int, int]:
+    context = ray.train.get_context()
+    return context.get_world_rank(), context.get_world_size()
+
+
+def _broadcast(obj: Any, world: int) -> Any:
+    if world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather(obj: Any, world: int) -> list[Any]:
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _all_finite(value: torch.Tensor, world: int) -> bool:
+    flag = torch.tensor([float(torch.isfinite(value).all())])
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
+def _poly(total: int, power: float):
+    return lambda step: max(0.0, 1.0 - step / total) ** power
+
+
+def _shard(n: int, rank: int, world: int) -> list[int]:
+    return list(range(rank, n, world))
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    cfg: ExperimentConfig = from_dict(loop_config["experiment"])
+    rank, world = _world()
+    torch.set_num_threads(cfg.scaling.torch_threads)
+    torch.manual_seed(cfg.train.seed)
+    root = Path(loop_config["data_root"])
+    store = loop_config["store"]
+    tracker = loop_config.get("tracker") if rank == 0 else None
+
+    transform = RandomScaleCropFlip(SegTransformConfig(crop_size=tuple(cfg.train.crop),
+                                                       scale_range=(cfg.train.scale_min, cfg.train.scale_max)))
+    full_train = CityscapesSegmentation(root, "train", transform=transform)
+    train_set = _limit(full_train, cfg.data.max_train_images)
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed,
+                                 drop_last=True)
+    batch_size = min(cfg.train.batch_size, max(1, len(train_set) // world))
+    loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=_collate)
+
+    net = DynamicRoutingSegmenter(cfg.model)
+    model = ray.train.torch.prepare_model(net)
+    optimizer = torch.optim.SGD(net.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
+                                weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _poly(cfg.train.steps, cfg.train.poly_power))
+    table = cost_table(cfg.model, *cfg.train.crop)
+    triggers = kmeans_trigger_steps(cfg.train.steps, cfg.clustering.update_every, cfg.store.update_every_final)
+    centres = CentreState()
+    start_step = _restore(net, optimizer, scheduler, centres)
+    sender = ActivationSender(store, rank, cfg.store.max_in_flight, cfg.store.float16)
+
+    step, epoch, skipped = start_step, 0, 0
+    seen_images, t_last, metrics = 0, time.perf_counter(), {}
+    while step < cfg.train.steps:
+        sampler.set_epoch(epoch)
+        epoch += 1
+        for batch in loader:
+            if step >= cfg.train.steps:
+                break
+            if cfg.store.mode == "refresh" and step in triggers:
+                _refresh(net, full_train, cfg, store, sender, rank, world, step)
+            _maybe_switch(centres, store, triggers, cfg, step, rank, world, tracker)
+            model.train()
+            out = model(batch["image"])
+            task = F.cross_entropy(out.logits, batch["label"], ignore_index=IGNORE_INDEX)
+            ratio = budget_ratio(out.backbone.gates, table)
+            acts = out.backbone.activations
+            terms = total_loss(task, cost_ratio=ratio, progress=step / cfg.train.steps, budget=cfg.budget,
+                               clustering=cfg.clustering, activations=acts,
+                               centres=centres.centres if centres.usable() else None, sigma2=centres.sigma2)
+            optimizer.zero_grad(set_to_none=True)
+            if not _all_finite(torch.cat([terms.total.detach().view(1), acts.detach().flatten()]), world):
+                skipped += 1
+                if skipped > MAX_SKIPPED_STEPS:
+                    raise FloatingPointError(
+                        f"rank {rank}: loss or gate activations non-finite for {skipped} consecutive steps "
+                        f"(step {step}, task {float(task):.4g}, total {float(terms.total):.4g}); "
+                        "lower train.lr or check the data")
+                step += 1
+                continue
+            skipped = 0
+            terms.total.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.train.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            if cfg.store.mode == "streaming":
+                sender.send(step, batch["sample_id"], acts)
+            seen_images += len(batch["sample_id"]) * world
+            step += 1
+            if step % cfg.train.log_every == 0 and tracker is not None:
+                now = time.perf_counter()
+                metrics = {
+                    "loss/total": float(terms.total), "loss/task": float(terms.task),
+                    "loss/budget": float(terms.budget), "loss/clustering": float(terms.clustering),
+                    "cost/ratio": float(ratio.mean()),
+                    "cost/expected_gflops": float(expected_cost(out.backbone.gates.detach(), table).mean()) / 1e9,
+                    "lr": scheduler.get_last_lr()[0], "images_per_s": seen_images / max(now - t_last, 1e-9),
+                    "centre_version": centres.version,
+                }
+                tracker.metrics.remote(metrics, step)
+                seen_images, t_last = 0, now
+            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+                _checkpoint(net, optimizer, scheduler, centres, step, rank, metrics)
+    sender.flush()
+    final = _final_evaluation(net, cfg, root, store, centres, rank, world, tracker)
+    ray.train.report({**final, "step": step, "done": True})
+
+
+# ---- centres ----------------------------------------------------------------------------------
+
+def _maybe_switch(centres: CentreState, store: Any, triggers: list[int], cfg: ExperimentConfig, step: int,
+                  rank: int, world: int, tracker: Any) -> None:
+    """At the switch step of the next version, rank 0 fetches it and every rank adopts it together.
+    If the store is not ready in time, everyone retries at the next step (still in lockstep)."""
+    nxt = centres.version + 1
+    if nxt > len(triggers) or step < switch_step(triggers[nxt - 1], cfg.store.switch_lag):
+        return
+    payload = None
+    if rank == 0:
+        try:
+            payload = ray.get(store.get_centres.remote(nxt, rank, step, STORE_TIMEOUT_S),
+                              timeout=STORE_TIMEOUT_S + 10)
+        except Exception as err:
+            log.warning("centroid store unavailable at step %d (%s); keeping version %d", step, err, centres.version)
+    payload = _broadcast(payload, world)
+    if payload is None:
+        return
+    centres.version = payload["version"]
+    centres.centres = torch.as_tensor(payload["centres"], dtype=torch.float32)
+    centres.sigma2 = float(payload["sigma2"])
+    centres.history.append({**payload["stats"], "switch_step": step})
+    if tracker is not None:
+        stats = payload["stats"]
+        tracker.metrics.remote({f"kmeans/{k}": v for k, v in stats.items()
+                                if isinstance(v, (int, float)) and k not in ("version", "trigger_step")}
+                               | {"kmeans/version": centres.version}, step)
+
+
+def _refresh(net: DynamicRoutingSegmenter, dataset: CityscapesSegmentation, cfg: ExperimentConfig, store: Any,
+             sender: ActivationSender, rank: int, world: int, step: int) -> None:
+    """Refresh mode (the paper's exact semantics): A(x) of every training image with the current
+    weights, sent before the K-means of this trigger step."""
+    eval_set = CityscapesSegmentation(dataset.root, "train")
+    indices = _shard(len(_limit(eval_set, cfg.data.max_train_images)), rank, world)
+    result = run_inference(net, eval_set, cfg.data.eval_batch_size, indices=indices, score=False)
+    acts = torch.from_numpy(result.activations)
+    for i in range(0, len(indices), REFRESH_CHUNK):
+        sender.send(step - 1, result.sample_ids[i:i + REFRESH_CHUNK].tolist(), acts[i:i + REFRESH_CHUNK],
+                    complete=False)
+    sender.flush()
+    ray.get(store.mark.remote(rank, step - 1))
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+
+def _restore(net: torch.nn.Module, optimizer: Any, scheduler: Any, centres: CentreState) -> int:
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=False)
+    net.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    centres.version = state["centre_version"]
+    centres.centres = state["centres"]
+    centres.sigma2 = state["sigma2"]
+    centres.history = state["centre_history"]
+    return int(state["step"])
+
+
+def _checkpoint(net: torch.nn.Module, optimizer: Any, scheduler: Any, centres: CentreState, step: int, rank: int,
+                metrics: dict[str, float]) -> None:
+    """Every rank reports (a barrier); rank 0 attaches the checkpoint."""
+    report = {**metrics, "step": step, "centre_version": centres.version}
+    if rank != 0:
+        ray.train.report(report)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "step": step, "centre_version": centres.version,
+                    "centres": centres.centres, "sigma2": centres.sigma2, "centre_history": centres.history},
+                   Path(folder) / CHECKPOINT_FILE)
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+# ---- final evaluation -------------------------------------------------------------------------
+
+def _final_evaluation(net: DynamicRoutingSegmenter, cfg: ExperimentConfig, root: Path, store: Any,
+                      centres: CentreState, rank: int, world: int, tracker: Any) -> dict[str, Any]:
+    """Val mIoU and real GFLOPs; then the clusters measured the same way for DR and DivDR: eval-mode
+    A(x) of the training images clustered (warm-started from the store's last centres), val images
+    assigned to their nearest centre (Inter, Intra, sizes, subset recovery)."""
+    train_eval = CityscapesSegmentation(root, "train")
+    val = CityscapesSegmentation(root, "val")
+    n_train = len(_limit(train_eval, cfg.data.max_train_images))
+    n_val = len(_limit(val, cfg.data.max_val_images))
+    train_part = run_inference(net, train_eval, cfg.data.eval_batch_size, indices=_shard(n_train, rank, world),
+                               score=False)
+    val_part = run_inference(net, val, cfg.data.eval_batch_size, indices=_shard(n_val, rank, world))
+    train_parts, val_parts = _gather(train_part, world), _gather(val_part, world)
+    if rank != 0:
+        return {}
+    from pipeline.analysis import summarize_run  # rank 0 only: plotting and Parquet
+
+    summary, artifacts = summarize_run(cfg, root, merge_results(train_parts), merge_results(val_parts), centres,
+                                       ray.get(store.status.remote()), net)
+    if tracker is not None:
+        ray.get(tracker.final.remote(summary, artifacts))
+    return summary
+

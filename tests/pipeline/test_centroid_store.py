@@ -1,0 +1,105 @@
+"""The centroid store's logic, without Ray (the actor is a thin async wrapper around it)."""
+
+import numpy as np
+import pytest
+
+from divdr.config import ClusteringConfig
+from pipeline.centroid_store import CentroidStoreImpl
+from pipeline.config import StoreConfig
+
+DIM = 6
+
+
+def blobs(n_per: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = np.eye(3, DIM) * 0.9
+    labels = np.repeat(np.arange(3), n_per)
+    return (centres[labels] + rng.normal(0, 0.02, (len(labels), DIM))).astype(np.float32), labels
+
+
+def make_store(tmp_path=None, n=60, world=2, steps=20, every=5) -> CentroidStoreImpl:
+    return CentroidStoreImpl(n, DIM, world, steps, ClusteringConfig(k=3, update_every=every), StoreConfig(),
+                             str(tmp_path / "store") if tmp_path else None)
+
+
+def test_clusters_only_when_every_rank_reached_the_trigger():
+    store = make_store()
+    points, _ = blobs(20)
+    assert store.triggers == [5, 10, 15]
+    store.ingest(0, 4, np.arange(30), points[:30])
+    assert not store.due()  # rank 1 has sent nothing
+    store.ingest(1, 3, np.arange(30, 60), points[30:])
+    assert not store.due()  # rank 1 is at step 3 < trigger - 1
+    store.ingest(1, 4, np.arange(30, 60), points[30:])
+    assert store.due()
+
+
+def test_update_records_stats_and_recovers_blobs():
+    store = make_store()
+    points, labels = blobs(20)
+    store.ingest(0, 4, np.arange(60), points)
+    store.mark(1, 4)
+    store.publish(store.cluster(*store.take_batch()))
+    stats = store.history[-1]
+    assert store.version == 1 and stats["version"] == 1 and stats["trigger_step"] == 5
+    assert sorted(stats["cluster_sizes"]) == [20, 20, 20]
+    assert stats["points"] == 60 and stats["inter"] > 1.0 > 0.1 > stats["intra"]
+    assert stats["changed"] is None  # nothing to compare with yet
+    # second update, warm-started: identities stable, nothing changes
+    store.mark(0, 9)
+    store.mark(1, 9)
+    assert store.due()
+    previous = store.centres.copy()
+    store.publish(store.cluster(*store.take_batch()))
+    assert store.history[-1]["changed"] == 0.0
+    assert np.abs(store.centres - previous).max() < 1e-3
+    assert len(set(store.assignments[labels == 0])) == 1
+
+
+def test_latest_activation_wins_and_non_finite_rows_rejected():
+    store = make_store()
+    store.ingest(0, 0, np.array([3, 4]), np.full((2, DIM), 0.1, np.float32))
+    store.ingest(0, 1, np.array([3]), np.full((1, DIM), 0.7, np.float32))
+    bad = np.full((2, DIM), 0.5, np.float32)
+    bad[1, 2] = np.nan
+    store.ingest(1, 1, np.array([5, 6]), bad)
+    assert store.activations[3, 0] == pytest.approx(0.7, abs=1e-3)
+    assert store.seen[[3, 4, 5]].all() and not store.seen[6]
+    assert store.rejected_rows == 1
+
+
+def test_bad_ingest_is_a_clear_error():
+    store = make_store()
+    with pytest.raises(ValueError, match="expected \\[2, 6\\]"):
+        store.ingest(0, 0, np.array([1, 2]), np.zeros((2, 5), np.float32))
+    with pytest.raises(ValueError, match="sample ids outside"):
+        store.ingest(0, 0, np.array([99]), np.zeros((1, DIM), np.float32))
+    with pytest.raises(ValueError, match="at least K=3"):
+        make_store(n=2)
+
+
+def test_snapshot_restores_everything(tmp_path):
+    store = make_store(tmp_path)
+    points, _ = blobs(20)
+    store.ingest(0, 4, np.arange(60), points)
+    store.mark(1, 4)
+    store.publish(store.cluster(*store.take_batch()))  # snapshot_every=1: written now
+    restored = make_store(tmp_path)
+    assert restored.restored and restored.version == 1
+    assert np.array_equal(restored.centres, store.centres)
+    assert restored.sigma2 == store.sigma2 and restored.history == store.history
+    assert np.array_equal(restored.activations, store.activations) and restored.seen.all()
+    assert np.array_equal(restored.assignments, store.assignments)
+    # the next update continues from the restored version
+    restored.mark(0, 9)
+    restored.mark(1, 9)
+    restored.publish(restored.cluster(*restored.take_batch()))
+    assert restored.version == 2 and restored.history[-1]["changed"] == 0.0
+
+
+def test_snapshot_of_another_shape_is_refused(tmp_path):
+    store = make_store(tmp_path)
+    store.ingest(0, 4, np.arange(3), np.eye(3, DIM, dtype=np.float32))
+    store.snapshot()
+    with pytest.raises(ValueError, match="wrong --out or run name"):
+        make_store(tmp_path, n=61)

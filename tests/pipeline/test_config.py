@@ -1,0 +1,61 @@
+import pytest
+
+from divdr.config import ConfigError
+from pipeline.config import resolve, with_smoke
+from pipeline.schedule import kmeans_trigger_steps
+
+
+def test_preset_then_file_then_overrides(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("clustering:\n  k: 4\n  alpha: 0.5\ntrain:\n  steps: 30\n  crop: [64, 96]\n")
+    cfg = resolve("DR-B", path, ["clustering.k=2", "model.channels=16"])
+    assert cfg.preset == "DR-B" and cfg.budget.weight == 0.5 and cfg.budget.mu == 0.1
+    assert cfg.clustering.k == 2 and cfg.clustering.alpha == 0.5 and cfg.clustering.weight == 0.0
+    assert cfg.train.steps == 30 and cfg.train.crop == (64, 96) and cfg.model.channels == 16
+    assert cfg.run_name == "DR-B-seed0"
+    flat = cfg.flat()
+    assert flat["clustering.k"] == 2 and flat["model.gate.small_gate"] is True
+
+
+def test_divdr_preset_turns_clustering_on():
+    assert resolve("DivDR-A").clustering.weight > 0
+    assert resolve("DivDR-Raw").budget.weight == 0
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("clustering.k=0", "clustering.k must be >= 1"),
+    ("clustering.alpha=-1", "clustering.alpha must be >= 0"),
+    ("budget.weight=-0.1", "budget.weight"),
+    ("clustering.weight=-2", "lambda2"),
+    ("trian.steps=3", "unknown key"),
+    ("train.stepz=3", "stepz"),
+    ("store.mode=sometimes", "store.mode"),
+    ("preset=DR-Z", "unknown preset"),
+    ("model_size=huge", "unknown model size"),
+    ("train.crop=[16,16]", "train.crop"),
+    ("novalue", "key=value"),
+])
+def test_invalid_values_rejected_by_name(override, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve(None, None, [override])
+
+
+def test_bad_experiment_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        resolve(None, tmp_path / "missing.yaml")
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        resolve(None, path)
+
+
+def test_smoke_overrides_resolve():
+    cfg = resolve(None, None, [], base=with_smoke({}))
+    assert cfg.model_size == "micro" and cfg.train.steps <= 20
+
+
+def test_kmeans_schedule_fixed_and_annealed():
+    assert kmeans_trigger_steps(200, 50) == [50, 100, 150]
+    annealed = kmeans_trigger_steps(400, 20, every_final=100)
+    gaps = [b - a for a, b in zip(annealed, annealed[1:], strict=False)]
+    assert annealed[0] == 20 and gaps == sorted(gaps) and gaps[-1] > gaps[0]
