@@ -143,7 +143,10 @@ def run(cfg: ExperimentConfig, out: Path, root: Path, parent_run_id: str | None 
     finally:
         ray.get(store.snapshot.remote())
         logger.finish(status)
-    metrics = dict(result.metrics or {})
+    # the tracker (on this node) wrote rank 0's final metrics; Result.metrics only holds the last
+    # report that carried a checkpoint
+    final_file = run_dir / "artifacts" / "final_metrics.json"
+    metrics = json.loads(final_file.read_text()) if final_file.exists() else dict(result.metrics or {})
     metrics["wall_seconds"] = time.perf_counter() - started
     metrics["store"] = ray.get(store.status.remote())
     metrics["run_dir"] = str(run_dir)

@@ -194,7 +194,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 if skipped > MAX_SKIPPED_STEPS:
                     raise FloatingPointError(
                         f"rank {rank}: loss or gate activations non-finite for {skipped} consecutive steps "
-                        f"(step {step}, task {float(task):.4g}, total {float(terms.total):.4g}); "
+                        f"(step {step}, task {task.item():.4g}, total {terms.total.item():.4g}); "
                         "lower train.lr or check the data")
                 step += 1
                 continue
@@ -210,9 +210,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if step % cfg.train.log_every == 0 and tracker is not None:
                 now = time.perf_counter()
                 metrics = {
-                    "loss/total": float(terms.total), "loss/task": float(terms.task),
-                    "loss/budget": float(terms.budget), "loss/clustering": float(terms.clustering),
-                    "cost/ratio": float(ratio.mean()),
+                    "loss/total": terms.total.item(), "loss/task": terms.task.item(),
+                    "loss/budget": terms.budget.item(), "loss/clustering": terms.clustering.item(),
+                    "cost/ratio": ratio.mean().item(),
                     "cost/expected_gflops": float(expected_cost(out.backbone.gates.detach(), table).mean()) / 1e9,
                     "lr": scheduler.get_last_lr()[0], "images_per_s": seen_images / max(now - t_last, 1e-9),
                     "centre_version": centres.version,
