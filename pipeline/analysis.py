@@ -59,6 +59,7 @@ def summarize_run(cfg: Any, root: Path, train: InferenceResult, val: InferenceRe
         "gflops_real_std": float(val.real_gflops.std()),
         "distinct_routes_val": len({tuple(r) for r in (val.gates > 1e-4).reshape(len(val.gates), -1)}),
         "centre_version": centres.version,
+        "centre_switch_steps": [h["switch_step"] for h in centres.history],
         "kmeans_updates": len(store_status.get("history", [])),
         "store_rejected_rows": store_status.get("rejected_rows", 0),
         "train_images_clustered": len(train.sample_ids),

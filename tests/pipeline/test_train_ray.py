@@ -1,0 +1,94 @@
+"""The whole training path through Ray Train: 2 DDP workers, the centroid store, MLflow.
+
+Ray starts once for this module (slow: ~1 minute in all on 2 cores).
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from divdr.data.synthetic import generate, study_config
+from pipeline.config import resolve, with_smoke
+from pipeline.schedule import kmeans_trigger_steps
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("study")
+    generate(study_config(n_train=24, n_val=9, height=64, width=128, seed=3), root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def smoke_run(ray_session, tiny_study, tmp_path_factory):
+    from pipeline.train import run
+
+    out = tmp_path_factory.mktemp("runs")
+    cfg = resolve("DivDR-A", None, ["train.steps=12", "clustering.update_every=4", "store.switch_lag=1"],
+                  base=with_smoke({}))
+    return cfg, out, run(cfg, out, tiny_study)
+
+
+def test_centres_updated_at_the_scheduled_steps(smoke_run):
+    cfg, _, metrics = smoke_run
+    triggers = kmeans_trigger_steps(cfg.train.steps, cfg.clustering.update_every)
+    assert triggers == [4, 8]
+    history = metrics["store"]["history"]
+    assert [h["trigger_step"] for h in history] == triggers
+    assert [h["version"] for h in history] == [1, 2]
+    # every rank switched to version v at trigger[v] + switch_lag
+    assert metrics["centre_switch_steps"] == [t + cfg.store.switch_lag for t in triggers]
+    assert metrics["centre_version"] == 2
+
+
+def test_every_worker_streamed_to_the_store(smoke_run):
+    cfg, _, metrics = smoke_run
+    store = metrics["store"]
+    calls = store["ingest_calls_by_rank"]
+    assert len(calls) == 2 and all(c == cfg.train.steps for c in calls)  # one send per step per rank
+    assert store["held"] == cfg.data.max_train_images  # the 16 images of the shards, all seen
+    assert store["rejected_rows"] == 0
+    assert all(h["points"] == store["held"] or h["points"] <= store["held"] for h in store["history"])
+
+
+def test_final_metrics_are_real(smoke_run):
+    _, _, metrics = smoke_run
+    assert 0.0 <= metrics["miou"] <= 1.0
+    assert metrics["gflops_real"] > 0 and metrics["gflops_real_1024x2048"] > metrics["gflops_real"]
+    assert 0.0 <= metrics["recovery"] <= 1.0  # the study has a subset manifest
+    assert sum(metrics["cluster_sizes"]) == metrics["val_images"] == 6
+
+
+def test_mlflow_holds_the_run_with_metrics_and_artifacts(smoke_run):
+    cfg, out, metrics = smoke_run
+    client = MlflowClient(metrics["tracking_uri"])
+    run = client.get_run(metrics["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == cfg.run_name
+    assert run.data.params["clustering.k"] == str(cfg.clustering.k)
+    for key in ("loss/task", "loss/total", "lr", "images_per_s", "kmeans/inter", "final/miou", "final/recovery"):
+        assert key in run.data.metrics, key
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss/task")]
+    assert steps == list(range(cfg.train.log_every, cfg.train.steps + 1, cfg.train.log_every))
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "final_metrics.json", "activations_val.parquet", "activations_train.parquet",
+            "a_space.png", "nearest_images.png", "model.pt"} <= artifacts
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(Path(metrics["run_dir"]) / "artifacts" / "activations_val.parquet")
+    assert {"image", "split", "cluster", "a"} <= set(table.column_names)
+    assert table.num_rows == 6 and all(p.startswith("leftImg8bit/val/") for p in table.column("image").to_pylist())
+    a = np.stack(table.column("a").to_numpy(zero_copy_only=False))
+    assert a.shape == (6, cfg.model.a_dim)
