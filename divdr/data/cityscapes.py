@@ -1,0 +1,187 @@
+"""Cityscapes semantic segmentation in its on-disk layout, plus the subset manifest of a controlled study.
+
+Layout (the real one, so the same loader reads Cityscapes and the generated study)::
+
+    root/leftImg8bit/{split}/{city}/{city}_{seq}_{frame}_leftImg8bit.png
+    root/gtFine/{split}/{city}/{city}_{seq}_{frame}_gtFine_labelIds.png
+    root/subsets.parquet            (optional: hidden subset label of each image)
+
+File pairing is checked when the dataset is built (existence only, cheap); sizes and label
+contents are checked when a sample is loaded, so a bad file fails with its name, not a shape error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from divdr.data.labels import label_ids_to_train_ids
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_PIXEL_VALUE = 255.0
+
+IMAGE_DIR = "leftImg8bit"
+LABEL_DIR = "gtFine"
+IMAGE_SUFFIX = "_leftImg8bit.png"
+LABEL_SUFFIX = "_gtFine_labelIds.png"
+
+SUBSET_MANIFEST = "subsets.parquet"
+UNKNOWN_SUBSET = -1
+MANIFEST_SCHEMA = pa.schema(
+    [("image", pa.string()), ("split", pa.string()), ("subset", pa.int64()), ("subset_name", pa.string())]
+)
+
+# A joint (image, label) transform, e.g. divdr.data.transforms.RandomScaleCropFlip.
+JointTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class DatasetError(ValueError):
+    """A dataset file or folder is missing, unreadable or inconsistent; the message names it."""
+
+
+@dataclass(frozen=True)
+class SubsetEntry:
+    """One row of the subset manifest: the hidden subset of an image (the controlled study's truth)."""
+
+    image: str  # path relative to the dataset root, POSIX separators
+    split: str
+    subset: int
+    subset_name: str
+
+
+def write_subset_manifest(path: Path, entries: list[SubsetEntry]) -> None:
+    """Write the manifest as Parquet with MANIFEST_SCHEMA (one row per image)."""
+    columns = {name: [getattr(e, name) for e in entries] for name in MANIFEST_SCHEMA.names}
+    pq.write_table(pa.table(columns, schema=MANIFEST_SCHEMA), path)
+
+
+def read_subset_manifest(path: Path) -> dict[str, SubsetEntry]:
+    """The manifest keyed by image path; raises DatasetError naming the file and the bad column/row."""
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as err:
+        raise DatasetError(f"cannot read subset manifest {path}: {err}") from err
+    missing = [name for name in MANIFEST_SCHEMA.names if name not in table.column_names]
+    if missing:
+        raise DatasetError(f"subset manifest {path}: missing column(s) {missing}; expected {MANIFEST_SCHEMA.names}")
+    for field in MANIFEST_SCHEMA:
+        actual = table.schema.field(field.name).type
+        if not (actual == field.type or (pa.types.is_integer(field.type) and pa.types.is_integer(actual))
+                or (pa.types.is_string(field.type) and pa.types.is_large_string(actual))):
+            raise DatasetError(
+                f"subset manifest {path}: column {field.name!r} has type {actual}, expected {field.type}")
+    entries: dict[str, SubsetEntry] = {}
+    for row in table.select(MANIFEST_SCHEMA.names).to_pylist():
+        if row["image"] is None or row["subset"] is None:
+            raise DatasetError(f"subset manifest {path}: null 'image' or 'subset' in row {row}")
+        if row["image"] in entries:
+            raise DatasetError(f"subset manifest {path}: image {row['image']!r} is listed twice")
+        entries[row["image"]] = SubsetEntry(row["image"], row["split"] or "", int(row["subset"]),
+                                            row["subset_name"] or "")
+    return entries
+
+
+def normalize_image(rgb: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W, 3] -> float32 [3, H, W], ImageNet mean/std normalised."""
+    image = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).float() / MAX_PIXEL_VALUE
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (image - mean) / std
+
+
+def read_png(path: Path, what: str) -> Image.Image:
+    """Open and fully decode an image, so a truncated or corrupt file fails here, named."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise DatasetError(f"cannot read {what} {path}: {err}") from err
+
+
+def read_label_ids(path: Path) -> np.ndarray:
+    label = read_png(path, "label file")
+    if label.mode not in ("L", "P", "I", "I;16"):
+        raise DatasetError(f"label file {path}: expected a single-channel labelIds PNG, got mode {label.mode}")
+    return np.asarray(label)
+
+
+class CityscapesSegmentation(Dataset):
+    """Cityscapes-layout semantic segmentation.
+
+    Each sample is a dict: ``image`` float32 [3, H, W] (ImageNet-normalised), ``label`` int64 [H, W]
+    (train ids 0-18, 255 ignored), ``sample_id`` (index in the sorted file list of the split: the
+    same file always gets the same id), ``image_id`` (e.g. ``aachen_000000_000019``), ``file`` (image
+    path relative to ``root``) and ``subset`` (from ``root/subsets.parquet``; -1 when there is no
+    manifest or the image is not listed in it).
+
+    ``transform(image, label)`` is applied after normalisation (training: random scale, crop, flip;
+    evaluation: None, full size).
+    """
+
+    def __init__(self, root: str | Path, split: str, transform: JointTransform | None = None) -> None:
+        self.root = Path(root)
+        self.split = split
+        self.transform = transform
+        self.images = self._find_images()
+        self.labels = [self._label_path(p) for p in self.images]
+        manifest_path = self.root / SUBSET_MANIFEST
+        self.manifest = read_subset_manifest(manifest_path) if manifest_path.exists() else {}
+
+    def _find_images(self) -> list[Path]:
+        split_dir = self.root / IMAGE_DIR / self.split
+        if not split_dir.is_dir():
+            raise DatasetError(f"split folder {split_dir} does not exist (root {self.root}, split {self.split!r})")
+        images = sorted(split_dir.glob(f"*/*{IMAGE_SUFFIX}"))
+        if not images:
+            raise DatasetError(f"split folder {split_dir} holds no {{city}}/*{IMAGE_SUFFIX} images")
+        return images
+
+    def _label_path(self, image: Path) -> Path:
+        stem = image.name[: -len(IMAGE_SUFFIX)]
+        label = self.root / LABEL_DIR / self.split / image.parent.name / f"{stem}{LABEL_SUFFIX}"
+        if not label.is_file():
+            raise DatasetError(f"image {image} has no label file: expected {label}")
+        return label
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def relative_file(self, index: int) -> str:
+        return self.images[index].relative_to(self.root).as_posix()
+
+    def subset_of(self, index: int) -> int:
+        entry = self.manifest.get(self.relative_file(index))
+        return entry.subset if entry else UNKNOWN_SUBSET
+
+    def __getitem__(self, index: int) -> dict:
+        image_path, label_path = self.images[index], self.labels[index]
+        rgb = read_png(image_path, "image").convert("RGB")
+        label_ids = read_label_ids(label_path)
+        if label_ids.shape != (rgb.height, rgb.width):
+            raise DatasetError(
+                f"label {label_path} is {label_ids.shape[1]}x{label_ids.shape[0]} (WxH) but image "
+                f"{image_path} is {rgb.width}x{rgb.height}"
+            )
+        train_ids = label_ids_to_train_ids(label_ids, source=str(label_path))
+        image = normalize_image(np.asarray(rgb))
+        label = torch.from_numpy(train_ids.astype(np.int64))
+        if self.transform is not None:
+            image, label = self.transform(image, label)
+        return {
+            "image": image,
+            "label": label,
+            "sample_id": index,
+            "image_id": image_path.name[: -len(IMAGE_SUFFIX)],
+            "file": self.relative_file(index),
+            "subset": self.subset_of(index),
+        }
