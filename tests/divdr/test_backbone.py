@@ -155,7 +155,7 @@ def test_batch_independence_at_inference():
 def test_config_validation_names_the_field():
     from divdr.config import ConfigError, config_from_dict
 
-    with pytest.raises(ConfigError, match="model.layers"):
+    with pytest.raises(ConfigError, match=r"model\.layers"):
         ModelConfig(layers=2)
     with pytest.raises(ConfigError, match="unknown key"):
         config_from_dict(ModelConfig, {"layerz": 3})

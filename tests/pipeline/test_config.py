@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 
 from divdr.config import ConfigError
@@ -57,5 +59,5 @@ def test_smoke_overrides_resolve():
 def test_kmeans_schedule_fixed_and_annealed():
     assert kmeans_trigger_steps(200, 50) == [50, 100, 150]
     annealed = kmeans_trigger_steps(400, 20, every_final=100)
-    gaps = [b - a for a, b in zip(annealed, annealed[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(annealed)]
     assert annealed[0] == 20 and gaps == sorted(gaps) and gaps[-1] > gaps[0]

@@ -73,7 +73,7 @@ def test_final_metrics_are_real(smoke_run):
 
 
 def test_mlflow_holds_the_run_with_metrics_and_artifacts(smoke_run):
-    cfg, out, metrics = smoke_run
+    cfg, _, metrics = smoke_run
     client = MlflowClient(metrics["tracking_uri"])
     run = client.get_run(metrics["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.info.run_name == cfg.run_name
