@@ -1,0 +1,185 @@
+"""CityscapesSegmentation and the subset manifest, on generated and hand-written files."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from divdr.data.cityscapes import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SUBSET_MANIFEST,
+    CityscapesSegmentation,
+    DatasetError,
+    SubsetEntry,
+    read_subset_manifest,
+    write_subset_manifest,
+)
+from divdr.data.labels import IGNORE_INDEX, LABEL_ID_BY_NAME, LabelError
+from divdr.data.transforms import RandomScaleCropFlip, SegTransformConfig
+
+from .conftest import SMALL
+
+RGB = (255, 0, 51)
+
+
+def write_pair(root: Path, split: str, stem: str, label_ids: np.ndarray, rgb: tuple[int, int, int] = RGB,
+               image_size: tuple[int, int] | None = None) -> tuple[Path, Path]:
+    """One Cityscapes image/label pair; image_size (H, W) defaults to the label's."""
+    city = stem.split("_")[0]
+    height, width = image_size or label_ids.shape
+    image = root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png"
+    label = root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png"
+    image.parent.mkdir(parents=True, exist_ok=True)
+    label.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((height, width, 3), rgb, dtype=np.uint8)).save(image)
+    Image.fromarray(label_ids.astype(np.uint8)).save(label)
+    return image, label
+
+
+def road_and_car(height: int = 4, width: int = 6) -> np.ndarray:
+    ids = np.full((height, width), LABEL_ID_BY_NAME["road"], dtype=np.uint8)
+    ids[:, : width // 2] = LABEL_ID_BY_NAME["car"]
+    ids[0, 0] = 0  # "unlabeled": ignored
+    return ids
+
+
+def test_generated_study_samples(small_seg_study: Path) -> None:
+    train = CityscapesSegmentation(small_seg_study, "train")
+    assert len(train) == SMALL.n_train
+    manifest = read_subset_manifest(small_seg_study / SUBSET_MANIFEST)
+    for index in range(len(train)):
+        sample = train[index]
+        assert sample["image"].dtype == torch.float32 and sample["image"].shape == (3, SMALL.height, SMALL.width)
+        assert sample["label"].dtype == torch.int64 and sample["label"].shape == (SMALL.height, SMALL.width)
+        values = set(sample["label"].unique().tolist())
+        assert values <= set(range(19)) | {IGNORE_INDEX} and len(values) >= 5
+        assert sample["sample_id"] == index
+        assert re.fullmatch(r"[a-z]+_\d{6}_\d{6}", sample["image_id"])
+        city = sample["image_id"].split("_")[0]
+        assert sample["file"] == f"leftImg8bit/train/{city}/{sample['image_id']}_leftImg8bit.png"
+        assert (small_seg_study / sample["file"]).is_file()
+        assert sample["subset"] == manifest[sample["file"]].subset
+    files = [train[i]["file"] for i in range(len(train))]
+    assert files == sorted(files)  # sample ids follow the sorted file list: stable across runs
+
+
+def test_hand_written_pair_maps_ids_and_normalises(tmp_path: Path) -> None:
+    write_pair(tmp_path, "val", "lindau_000001_000019", road_and_car())
+    sample = CityscapesSegmentation(tmp_path, "val")[0]
+    label = sample["label"]
+    assert label[0, 0] == IGNORE_INDEX
+    assert label[1, 0] == 13 and label[1, -1] == 0  # car -> train id 13, road -> 0
+    expected = [(v / 255 - m) / s for v, m, s in zip(RGB, IMAGENET_MEAN, IMAGENET_STD, strict=True)]
+    assert torch.allclose(sample["image"][:, 2, 3], torch.tensor(expected), atol=1e-6)
+    assert sample["subset"] == -1  # no manifest
+    assert sample["image_id"] == "lindau_000001_000019"
+
+
+def test_sample_ids_are_stable_when_files_are_added(tmp_path: Path) -> None:
+    write_pair(tmp_path, "train", "bremen_000002_000019", road_and_car())
+    write_pair(tmp_path, "train", "zurich_000000_000019", road_and_car())
+    before = {CityscapesSegmentation(tmp_path, "train")[i]["file"]: i for i in range(2)}
+    again = CityscapesSegmentation(tmp_path, "train")
+    assert {again[i]["file"]: i for i in range(2)} == before
+
+
+def test_transform_is_applied(tmp_path: Path) -> None:
+    write_pair(tmp_path, "train", "aachen_000000_000019", road_and_car(16, 24))
+    config = SegTransformConfig(crop_size=(8, 8), scale_range=(1.0, 1.0))
+    sample = CityscapesSegmentation(tmp_path, "train", RandomScaleCropFlip(config))[0]
+    assert sample["image"].shape == (3, 8, 8) and sample["label"].shape == (8, 8)
+
+
+def test_subset_manifest_round_trip_and_lookup(tmp_path: Path) -> None:
+    image, _ = write_pair(tmp_path, "train", "aachen_000000_000019", road_and_car())
+    write_pair(tmp_path, "train", "aachen_000001_000019", road_and_car())
+    rel = image.relative_to(tmp_path).as_posix()
+    write_subset_manifest(tmp_path / SUBSET_MANIFEST, [SubsetEntry(rel, "train", 2, "thin")])
+    assert read_subset_manifest(tmp_path / SUBSET_MANIFEST) == {rel: SubsetEntry(rel, "train", 2, "thin")}
+    dataset = CityscapesSegmentation(tmp_path, "train")
+    assert [dataset[i]["subset"] for i in range(2)] == [2, -1]  # the second image is not listed
+
+
+def test_manifest_missing_column_is_named(tmp_path: Path) -> None:
+    path = tmp_path / SUBSET_MANIFEST
+    pq.write_table(pa.table({"image": ["a.png"], "split": ["train"], "subset_name": ["x"]}), path)
+    with pytest.raises(DatasetError, match=r"subsets\.parquet.*missing column.*subset"):
+        read_subset_manifest(path)
+
+
+def test_manifest_duplicate_image_is_named(tmp_path: Path) -> None:
+    path = tmp_path / SUBSET_MANIFEST
+    write_subset_manifest(path, [SubsetEntry("a.png", "train", 0, "x"), SubsetEntry("a.png", "train", 1, "y")])
+    with pytest.raises(DatasetError, match=r"'a\.png' is listed twice"):
+        read_subset_manifest(path)
+
+
+def test_manifest_unreadable_is_named(tmp_path: Path) -> None:
+    path = tmp_path / SUBSET_MANIFEST
+    path.write_bytes(b"not parquet")
+    with pytest.raises(DatasetError, match=r"cannot read subset manifest .*subsets\.parquet"):
+        read_subset_manifest(path)
+
+
+def test_missing_label_file_fails_at_construction(tmp_path: Path) -> None:
+    _, label = write_pair(tmp_path, "train", "aachen_000000_000019", road_and_car())
+    label.unlink()
+    with pytest.raises(DatasetError, match=r"aachen_000000_000019_leftImg8bit\.png has no label file.*gtFine_labelIds"):
+        CityscapesSegmentation(tmp_path, "train")
+
+
+def test_missing_split_folder(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=r"split folder .*leftImg8bit/test does not exist"):
+        CityscapesSegmentation(tmp_path, "test")
+
+
+def test_empty_split(tmp_path: Path) -> None:
+    (tmp_path / "leftImg8bit" / "val" / "lindau").mkdir(parents=True)
+    with pytest.raises(DatasetError, match=r"leftImg8bit/val holds no"):
+        CityscapesSegmentation(tmp_path, "val")
+
+
+def test_label_size_mismatch_names_both_files(tmp_path: Path) -> None:
+    write_pair(tmp_path, "train", "aachen_000000_000019", road_and_car(4, 6), image_size=(5, 6))
+    dataset = CityscapesSegmentation(tmp_path, "train")  # construction only checks existence
+    with pytest.raises(DatasetError, match=r"gtFine_labelIds\.png is 6x4 .* image .*leftImg8bit\.png is 6x5"):
+        dataset[0]
+
+
+def test_label_ids_outside_table_name_the_file(tmp_path: Path) -> None:
+    ids = road_and_car()
+    ids[2, 2] = 77
+    write_pair(tmp_path, "train", "aachen_000000_000019", ids)
+    with pytest.raises(LabelError, match=r"aachen_000000_000019_gtFine_labelIds\.png.*\[77\]"):
+        CityscapesSegmentation(tmp_path, "train")[0]
+
+
+def test_truncated_png_names_the_file(tmp_path: Path) -> None:
+    image, _ = write_pair(tmp_path, "train", "aachen_000000_000019", road_and_car(40, 60))
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(image)
+    data = image.read_bytes()
+    image.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DatasetError, match=r"cannot read image .*aachen_000000_000019_leftImg8bit\.png"):
+        CityscapesSegmentation(tmp_path, "train")[0]
+
+
+def test_garbage_label_file_names_the_file(tmp_path: Path) -> None:
+    _, label = write_pair(tmp_path, "train", "aachen_000000_000019", road_and_car())
+    label.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(DatasetError, match=r"cannot read label file .*gtFine_labelIds\.png"):
+        CityscapesSegmentation(tmp_path, "train")[0]
+
+
+def test_colour_label_file_is_rejected(tmp_path: Path) -> None:
+    _, label = write_pair(tmp_path, "train", "aachen_000000_000019", road_and_car())
+    Image.fromarray(np.zeros((4, 6, 3), dtype=np.uint8)).save(label)
+    with pytest.raises(DatasetError, match=r"gtFine_labelIds\.png: expected a single-channel labelIds PNG, got mode"):
+        CityscapesSegmentation(tmp_path, "train")[0]
