@@ -95,7 +95,9 @@ def init_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
     else:
-        ray.init(include_dashboard=False, num_cpus=max(4, os.cpu_count() or 1))
+        # the dashboard (on 127.0.0.1) serves the State API that Ray Train's clean-up polls;
+        # logical CPUs are oversubscribed so workers, store and tracker never wait on each other
+        ray.init(num_cpus=max(4, os.cpu_count() or 1))
 
 
 def run(cfg: ExperimentConfig, out: Path, root: Path, parent_run_id: str | None = None,

@@ -171,6 +171,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     step, epoch, skipped = start_step, 0, 0
     seen_images, t_last, metrics = 0, time.perf_counter(), {}
+    t_start, first_step = t_last, start_step
     while step < cfg.train.steps:
         sampler.set_epoch(epoch)
         epoch += 1
@@ -218,12 +219,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "centre_version": centres.version,
                 }
                 tracker.metrics.remote(metrics, step)
+                print(progress_line(step, first_step, cfg.train.steps, metrics, now - t_start), flush=True)
                 seen_images, t_last = 0, now
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+                _periodic_evaluation(net, cfg, root, step, rank, world, tracker)
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
                 _checkpoint(net, optimizer, scheduler, centres, step, rank, metrics)
     sender.flush()
     final = _final_evaluation(net, cfg, root, store, centres, rank, world, tracker)
     ray.train.report({**final, "step": step, "done": True})
+
+
+def progress_line(step: int, first_step: int, total: int, m: dict[str, float], elapsed: float) -> str:
+    eta = elapsed / max(step - first_step, 1) * (total - step)
+    return (f"step {step}/{total} | loss {m['loss/total']:.3f} (task {m['loss/task']:.3f}, budget "
+            f"{m['loss/budget']:.3f}, clustering {m['loss/clustering']:.3f}) | cost {m['cost/ratio']:.2f} | "
+            f"centres v{m['centre_version']} | {m['images_per_s']:.1f} img/s | ETA {eta / 60:.1f} min")
 
 
 # ---- centres ----------------------------------------------------------------------------------
@@ -246,7 +257,7 @@ def _maybe_switch(centres: CentreState, store: Any, triggers: list[int], cfg: Ex
     if payload is None:
         return
     centres.version = payload["version"]
-    centres.centres = torch.as_tensor(payload["centres"], dtype=torch.float32)
+    centres.centres = torch.tensor(np.array(payload["centres"], dtype=np.float32))
     centres.sigma2 = float(payload["sigma2"])
     centres.history.append({**payload["stats"], "switch_step": step})
     if tracker is not None:
@@ -302,6 +313,20 @@ def _checkpoint(net: torch.nn.Module, optimizer: Any, scheduler: Any, centres: C
                     "centres": centres.centres, "sigma2": centres.sigma2, "centre_history": centres.history},
                    Path(folder) / CHECKPOINT_FILE)
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+# ---- evaluation -------------------------------------------------------------------------------
+
+def _periodic_evaluation(net: DynamicRoutingSegmenter, cfg: ExperimentConfig, root: Path, step: int, rank: int,
+                         world: int, tracker: Any) -> None:
+    """Val mIoU and real GFLOPs during training (every ``train.eval_every`` steps), sharded over ranks."""
+    val = CityscapesSegmentation(root, "val")
+    part = run_inference(net, val, cfg.data.eval_batch_size,
+                         indices=_shard(len(_limit(val, cfg.data.max_val_images)), rank, world))
+    merged = merge_results(_gather(part, world))
+    if tracker is not None:
+        tracker.metrics.remote({"val/miou": merged.scores.miou, "val/gflops_real": float(merged.real_gflops.mean())},
+                               step)
 
 
 # ---- final evaluation -------------------------------------------------------------------------

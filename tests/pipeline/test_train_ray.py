@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 def ray_session():
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(num_cpus=4)
     yield
     ray.shutdown()
 
@@ -37,8 +37,8 @@ def smoke_run(ray_session, tiny_study, tmp_path_factory):
     from pipeline.train import run
 
     out = tmp_path_factory.mktemp("runs")
-    cfg = resolve("DivDR-A", None, ["train.steps=12", "clustering.update_every=4", "store.switch_lag=1"],
-                  base=with_smoke({}))
+    cfg = resolve("DivDR-A", None, ["train.steps=12", "clustering.update_every=4", "store.switch_lag=1",
+                                    "train.eval_every=6"], base=with_smoke({}))
     return cfg, out, run(cfg, out, tiny_study)
 
 
@@ -80,6 +80,7 @@ def test_mlflow_holds_the_run_with_metrics_and_artifacts(smoke_run):
     assert run.data.params["clustering.k"] == str(cfg.clustering.k)
     for key in ("loss/task", "loss/total", "lr", "images_per_s", "kmeans/inter", "final/miou", "final/recovery"):
         assert key in run.data.metrics, key
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/miou")] == [6]
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss/task")]
     assert steps == list(range(cfg.train.log_every, cfg.train.steps + 1, cfg.train.log_every))
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -92,3 +93,19 @@ def test_mlflow_holds_the_run_with_metrics_and_artifacts(smoke_run):
     assert table.num_rows == 6 and all(p.startswith("leftImg8bit/val/") for p in table.column("image").to_pylist())
     a = np.stack(table.column("a").to_numpy(zero_copy_only=False))
     assert a.shape == (6, cfg.model.a_dim)
+
+
+def test_refresh_mode_clusters_every_training_image_with_current_weights(ray_session, tiny_study, tmp_path):
+    """The paper's exact semantics: before each K-means every worker recomputes A(x) of its share
+    of the training set; training steps send nothing."""
+    from pipeline.train import run
+
+    cfg = resolve("DR-A", None, ["train.steps=8", "clustering.update_every=4", "store.mode=refresh",
+                                 "name=refresh"], base=with_smoke({}))
+    metrics = run(cfg, tmp_path, tiny_study)
+    store = metrics["store"]
+    assert [h["trigger_step"] for h in store["history"]] == [4]
+    assert store["history"][0]["points"] == cfg.data.max_train_images  # every image, not just a batch
+    assert metrics["centre_switch_steps"] == [4 + cfg.store.switch_lag]
+    # one refresh pass per rank, sent in one chunk each (8 images per rank < REFRESH_CHUNK)
+    assert store["ingest_calls_by_rank"] == [1, 1]
