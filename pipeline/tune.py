@@ -1,0 +1,111 @@
+"""Ablation sweeps with Ray Tune: ``python pipeline/tune.py --space tune_spaces/k.yaml [--out runs/sweeps]``.
+
+Current Ray pattern (Train V2): each Tune trial is a function that builds and fits its own
+TorchTrainer (through ``pipeline.train.run``, so each trial has its own centroid store, named after
+it). Trials take no CPU themselves and at most as many run at once as the cluster can give their
+workers, so trials and workers never wait on each other. MLflow: one parent run per sweep, one
+child run per trial; a report (Markdown, CSV, plots) is written at the end and logged to the parent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import ray
+from ray import tune
+
+from divdr.config import ConfigError
+from pipeline import tracking
+from pipeline.report import write_report
+from pipeline.train import check_output_folder, dataset_root, init_ray, run
+from pipeline.tune_space import TuneSpace, load_space, trial_config
+
+
+def setting_name(params: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(params.items())) or "base"
+
+
+def _search_space(space: TuneSpace) -> dict[str, Any]:
+    params: dict[str, Any] = {key: tune.grid_search(values) for key, values in space.grid.items()}
+    for key, spec in space.sample.items():
+        kind, args = next(iter(spec.items()))
+        params[key] = {"uniform": lambda a: tune.uniform(*a), "loguniform": lambda a: tune.loguniform(*a),
+                       "choice": tune.choice}[kind](args)
+    return {"params": params, "seed": tune.grid_search(list(range(space.seeds)))}
+
+
+def _trial(config: dict[str, Any], space: TuneSpace, root: str, out: str, uri: str, parent_run_id: str) -> None:
+    params, seed = config["params"], config["seed"]
+    name = f"{space.name}[{setting_name(params)}]-seed{seed}".replace("/", "_")
+    cfg = trial_config(space, {**params, "tracking.uri": uri}, seed, name)
+    metrics = run(cfg, Path(out), Path(root), parent_run_id=parent_run_id)
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    tune.report({**scalars, "setting": setting_name(params), "seed": seed, "preset": cfg.preset,
+                 "cluster_sizes": str(metrics.get("cluster_sizes"))})
+
+
+def max_concurrent(space: TuneSpace) -> int:
+    if space.max_concurrent:
+        return space.max_concurrent
+    probe = trial_config(space, {}, seed=0)
+    per_trial = probe.scaling.workers * probe.scaling.cpus_per_worker
+    return max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
+
+
+def run_sweep(space: TuneSpace, out: Path, data: Path | None = None, tracking_uri: str | None = None) -> dict:
+    out = out.resolve()
+    sweep_dir = out / space.name
+    check_output_folder(sweep_dir)
+    root = data.resolve() if data else dataset_root(trial_config(space, {}, seed=0))
+    init_ray()
+    uri = tracking_uri or tracking.local_tracking_uri(out)
+    experiment = trial_config(space, {}, seed=0).tracking.experiment
+    parent = tracking.start_or_resume_run(uri, experiment, f"sweep:{space.name}", sweep_dir, out,
+                                          tags={"sweep": space.name, "description": space.description})
+    logger = tracking.RunLogger(uri, parent, sweep_dir)
+    logger.params({"space.name": space.name, "space.preset": space.preset, "space.seeds": space.seeds,
+                   "space.grid": space.grid, "space.sample": space.sample, "space.metric": space.metric})
+    trainable = tune.with_parameters(_trial, space=space, root=str(root), out=str(out), uri=uri,
+                                     parent_run_id=parent)
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"CPU": 0}),
+        param_space=_search_space(space),
+        tune_config=tune.TuneConfig(num_samples=space.num_samples, max_concurrent_trials=max_concurrent(space)),
+        run_config=tune.RunConfig(name=space.name, storage_path=str(out / "tune"), verbose=1),
+    )
+    grid = tuner.fit()
+    rows = [{**r.metrics, **{f"param:{k}": v for k, v in (r.config or {}).get("params", {}).items()}}
+            for r in grid if r.metrics]
+    errors = [str(r.error) for r in grid if r.error]
+    report = write_report(space, rows, sweep_dir / "report")
+    logger.artifact(sweep_dir / "report")
+    logger.finish("FINISHED" if not errors else "FAILED")
+    print(report["markdown"])
+    if errors:
+        print(f"{len(errors)} trial(s) failed; first error:\n{errors[0]}", file=sys.stderr)
+    return {**report, "parent_run_id": parent, "tracking_uri": uri, "errors": errors, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="pipeline/tune.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--space", type=Path, required=True, help="a YAML file of tune_spaces/")
+    parser.add_argument("--out", type=Path, default=Path("runs/sweeps"), help="output folder")
+    parser.add_argument("--data", type=Path, help="dataset root (default: the embedded study)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under --out)")
+    args = parser.parse_args(argv)
+    try:
+        space = load_space(args.space)
+    except ConfigError as err:
+        print(f"pipeline/tune.py: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return run_sweep(space, args.out, args.data, args.tracking_uri)
+
+
+if __name__ == "__main__":
+    main()

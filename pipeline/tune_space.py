@@ -1,0 +1,144 @@
+"""Tune spaces: a small YAML schema for the paper's ablations, validated when loaded.
+
+```yaml
+name: k                      # sweep name (MLflow parent run, output folder)
+description: DivDR Table 3   # free text
+preset: DivDR-A              # base preset of every trial (a grid over `preset` overrides it)
+seeds: 3                     # every setting is trained with seeds 0 .. seeds-1 (mean +- std)
+metric: miou                 # the metric the report sorts by (max)
+base:                        # experiment overrides shared by all trials (same keys as --set / YAML files)
+  model_size: tiny
+  train: {steps: 900}
+grid:                        # every combination of these values is a setting
+  clustering.k: [2, 3, 4]
+sample:                      # optional: random draws, `num_samples` settings
+  clustering.alpha: {loguniform: [0.01, 1.0]}   # or {uniform: [lo, hi]} or {choice: [a, b]}
+num_samples: 1
+max_concurrent: 0            # 0 = as many as the cluster's CPUs allow
+```
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from divdr.config import PRESETS, ConfigError
+from pipeline.config import from_dict, load_yaml
+
+DISTRIBUTIONS = ("uniform", "loguniform", "choice")
+REPORT_METRICS = ("miou", "gflops_real", "gflops_real_1024x2048", "inter", "intra", "recovery")
+TOP_KEYS = {"name", "description", "preset", "seeds", "metric", "base", "grid", "sample", "num_samples",
+            "max_concurrent"}
+
+
+@dataclass(frozen=True)
+class TuneSpace:
+    name: str
+    description: str = ""
+    preset: str = "DivDR-A"
+    seeds: int = 3
+    metric: str = "miou"
+    base: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    sample: dict[str, dict[str, Any]] = field(default_factory=dict)
+    num_samples: int = 1
+    max_concurrent: int = 0
+
+    @property
+    def swept(self) -> list[str]:
+        return [*self.grid, *self.sample]
+
+
+def _fail(source: str, message: str) -> None:
+    raise ConfigError(f"tune space {source}: {message}")
+
+
+def parse_space(data: Any, source: str = "<dict>") -> TuneSpace:
+    if not isinstance(data, dict):
+        _fail(source, f"must be a mapping, got {type(data).__name__}")
+    unknown = sorted(set(data) - TOP_KEYS)
+    if unknown:
+        _fail(source, f"unknown key(s) {unknown}; known: {sorted(TOP_KEYS)}")
+    if not data.get("name"):
+        _fail(source, "'name' is required")
+    space = TuneSpace(**{k: v for k, v in data.items() if v is not None})
+    if space.preset not in PRESETS:
+        _fail(source, f"preset {space.preset!r} is not one of {sorted(PRESETS)}")
+    if not isinstance(space.seeds, int) or space.seeds < 1:
+        _fail(source, f"seeds must be an integer >= 1, got {space.seeds!r}")
+    if space.metric not in REPORT_METRICS:
+        _fail(source, f"metric {space.metric!r} is not one of {list(REPORT_METRICS)}")
+    if not isinstance(space.num_samples, int) or space.num_samples < 1:
+        _fail(source, f"num_samples must be an integer >= 1, got {space.num_samples!r}")
+    if not isinstance(space.max_concurrent, int) or space.max_concurrent < 0:
+        _fail(source, f"max_concurrent must be an integer >= 0, got {space.max_concurrent!r}")
+    for key, values in space.grid.items():
+        if not isinstance(values, list) or not values:
+            _fail(source, f"grid.{key} must be a non-empty list, got {values!r}")
+    for key, spec in space.sample.items():
+        _check_distribution(source, key, spec)
+    overlap = set(space.grid) & set(space.sample)
+    if overlap:
+        _fail(source, f"{sorted(overlap)} appear in both grid and sample")
+    _check_trials(source, space)
+    return space
+
+
+def _check_distribution(source: str, key: str, spec: Any) -> None:
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+        _fail(source, f"sample.{key} must be one of {{uniform: [lo, hi]}}, {{loguniform: [lo, hi]}}, "
+                      f"{{choice: [...]}}, got {spec!r}")
+    kind, args = next(iter(spec.items()))
+    if kind == "choice":
+        if not isinstance(args, list) or not args:
+            _fail(source, f"sample.{key}.choice must be a non-empty list, got {args!r}")
+        return
+    if not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) for a in args)
+            and args[0] < args[1]):
+        _fail(source, f"sample.{key}.{kind} must be [low, high] with low < high, got {args!r}")
+    if kind == "loguniform" and args[0] <= 0:
+        _fail(source, f"sample.{key}.loguniform needs low > 0, got {args!r}")
+
+
+def _check_trials(source: str, space: TuneSpace) -> None:
+    """Resolve one trial per grid value (and each distribution's bounds) so a bad key or value
+    fails at load time, naming the key, not hours into the sweep."""
+    probes: list[dict[str, Any]] = [{}]
+    for key, values in space.grid.items():
+        probes += [{key: v} for v in values]
+    for key, spec in space.sample.items():
+        _, args = next(iter(spec.items()))
+        probes += [{key: v} for v in args]
+    for probe in probes:
+        try:
+            trial_config(space, probe, seed=0)
+        except ConfigError as err:
+            _fail(source, f"{probe or 'base'}: {err}")
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def trial_config(space: TuneSpace, params: dict[str, Any], seed: int, name: str = ""):
+    """The ExperimentConfig of one trial: preset <- base <- swept values <- seed."""
+    tree = yaml.safe_load(yaml.safe_dump(space.base)) or {}
+    tree.setdefault("preset", space.preset)
+    for key, value in params.items():
+        _set(tree, key, value)
+    _set(tree, "train.seed", seed)
+    if name:
+        tree["name"] = name
+    return from_dict(tree)
+
+
+def load_space(path: Path) -> TuneSpace:
+    return parse_space(load_yaml(path), str(path))

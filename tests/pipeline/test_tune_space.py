@@ -1,0 +1,61 @@
+from pathlib import Path
+
+import pytest
+
+from divdr.config import ConfigError
+from pipeline.report import aggregate, write_report
+from pipeline.tune_space import load_space, parse_space, trial_config
+
+SPACES = sorted((Path(__file__).resolve().parents[2] / "tune_spaces").glob("*.yaml"))
+
+
+def test_every_shipped_space_loads():
+    names = {load_space(p).name for p in SPACES}
+    assert {"k", "alpha", "lambda2", "presets"} <= names
+
+
+def test_trial_config_applies_base_params_and_seed():
+    space = parse_space({"name": "t", "preset": "DivDR-A", "base": {"model_size": "micro", "train": {"steps": 7}},
+                         "grid": {"clustering.k": [2, 4]}})
+    cfg = trial_config(space, {"clustering.k": 4}, seed=2, name="x")
+    assert cfg.clustering.k == 4 and cfg.train.seed == 2 and cfg.train.steps == 7 and cfg.run_name == "x"
+    assert cfg.clustering.weight > 0  # from the DivDR-A preset
+    dr = trial_config(parse_space({"name": "p", "grid": {"preset": ["DR-C"]}}), {"preset": "DR-C"}, seed=0)
+    assert dr.preset == "DR-C" and dr.budget.mu == 0.2
+
+
+@pytest.mark.parametrize(("space", "message"), [
+    ({"grid": {}}, "'name' is required"),
+    ({"name": "x", "grdi": {}}, "unknown key"),
+    ({"name": "x", "preset": "DR-Z"}, "preset 'DR-Z'"),
+    ({"name": "x", "seeds": 0}, "seeds must be"),
+    ({"name": "x", "metric": "accuracy"}, "metric 'accuracy'"),
+    ({"name": "x", "grid": {"clustering.k": 3}}, "grid.clustering.k must be a non-empty list"),
+    ({"name": "x", "grid": {"clustering.k": [2, 0]}}, "clustering.k must be >= 1"),
+    ({"name": "x", "grid": {"clustering.kk": [2]}}, "unknown key"),
+    ({"name": "x", "sample": {"clustering.alpha": {"normal": [0, 1]}}}, "sample.clustering.alpha must be one of"),
+    ({"name": "x", "sample": {"clustering.alpha": {"loguniform": [0, 1]}}}, "needs low > 0"),
+    ({"name": "x", "sample": {"clustering.alpha": {"uniform": [2, 1]}}}, "low < high"),
+    ({"name": "x", "sample": {"clustering.alpha": {"uniform": [-2, 1]}}}, "clustering.alpha must be >= 0"),
+    ({"name": "x", "base": {"train": {"stepz": 3}}}, "stepz"),
+])
+def test_invalid_spaces_rejected_with_the_culprit(space, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_space(space, "test.yaml")
+
+
+def test_report_mean_std_over_seeds(tmp_path):
+    space = parse_space({"name": "r", "grid": {"clustering.k": [2, 3]}})
+    rows = [
+        {"setting": "clustering.k=2", "param:clustering.k": 2, "miou": 0.5, "gflops_real": 1.0, "inter": 1, "intra": 1},
+        {"setting": "clustering.k=2", "param:clustering.k": 2, "miou": 0.7, "gflops_real": 1.0, "inter": 1, "intra": 1},
+        {"setting": "clustering.k=3", "param:clustering.k": 3, "miou": 0.9, "gflops_real": 2.0, "inter": 2, "intra": 0},
+    ]
+    table = {r["setting"]: r for r in aggregate(rows)}
+    assert table["clustering.k=2"]["miou_mean"] == pytest.approx(0.6)
+    assert table["clustering.k=2"]["miou_std"] == pytest.approx(0.1)
+    assert table["clustering.k=2"]["seeds"] == 2
+    report = write_report(space, rows, tmp_path)
+    lines = report["markdown"].splitlines()
+    assert lines[4].startswith("| clustering.k=3 | 1 | 0.900 ± 0.000")  # sorted by the metric
+    assert (tmp_path / "report.csv").exists() and (tmp_path / "metrics_vs_clustering_k.png").stat().st_size > 0
