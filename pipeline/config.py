@@ -126,6 +126,14 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    """Where Ray Train persists checkpoints: "" = ``<out>/ray_results``; on a cluster a shared
+    location every node reaches (``s3://bucket/prefix``, an NFS path)."""
+
+    path: str = ""
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = ""  # run name; "" = derived from the preset
     preset: str = "DivDR-A"
@@ -138,6 +146,7 @@ class ExperimentConfig:
     store: StoreConfig = field(default_factory=StoreConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     @property
     def run_name(self) -> str:
@@ -252,7 +261,7 @@ def from_dict(tree: dict[str, Any]) -> ExperimentConfig:
 
 
 _SECTION_TYPES = {"train": TrainConfig, "scaling": ScalingConfig, "store": StoreConfig, "data": DataConfig,
-                  "tracking": TrackingConfig}
+                  "tracking": TrackingConfig, "storage": StorageConfig}
 
 
 def _tupled(section: Any) -> Any:

@@ -1,0 +1,118 @@
+"""A small sweep on 2 CPU cores (2 trials of the smoke configuration), its MLflow parent/child runs,
+its report, and the MLflow compare view of two of its runs in headless Chromium.
+
+Ray starts once for this module.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from divdr.data.synthetic import generate, study_config
+from pipeline.config import SMOKE_OVERRIDES
+from pipeline.tune_space import parse_space
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "test-artifacts"))
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    import ray
+
+    from pipeline.tune import run_sweep
+
+    data = tmp_path_factory.mktemp("study")
+    generate(study_config(n_train=16, n_val=6, height=64, width=128, seed=4), data)
+    out = tmp_path_factory.mktemp("sweeps")
+    space = parse_space({"name": "tiny", "description": "DR-A against DivDR-A, smoke size", "seeds": 1,
+                         "base": SMOKE_OVERRIDES, "grid": {"preset": ["DR-A", "DivDR-A"]}})
+    ray.init(num_cpus=4)
+    try:
+        started = time.perf_counter()
+        result = run_sweep(space, out, data=data)
+        result["seconds"] = time.perf_counter() - started
+    finally:
+        ray.shutdown()
+    return space, out, result
+
+
+def test_two_trials_finish_with_parent_and_child_runs(sweep):
+    _, _, result = sweep
+    assert result["errors"] == []
+    assert sorted(r["preset"] for r in result["rows"]) == ["DR-A", "DivDR-A"]
+    client = MlflowClient(result["tracking_uri"])
+    parent = client.get_run(result["parent_run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    assert all("final/miou" in c.data.metrics for c in children)
+    assert {c.data.params["preset"] for c in children} == {"DR-A", "DivDR-A"}
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.md", "report/report.csv", "report/miou_vs_gflops.png"} <= logged
+
+
+def test_report_has_a_row_per_setting(sweep):
+    _, _, result = sweep
+    settings = {row["setting"] for row in result["table"]}
+    assert settings == {"preset=DR-A", "preset=DivDR-A"}
+    assert all(0 <= row["miou_mean"] <= 1 for row in result["table"])
+    assert "| preset=DivDR-A | 1 |" in result["markdown"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_mlflow_compare_view_in_headless_chromium(sweep):
+    _, _, result = sweep
+    client = MlflowClient(result["tracking_uri"])
+    parent = client.get_run(result["parent_run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", result["tracking_uri"],
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        else:
+            pytest.fail("mlflow server did not answer within 120 s")
+        ids = json.dumps([c.info.run_id for c in children])
+        url = (f"{base}/#/compare-runs?runs={urllib.request.quote(ids)}"
+               f"&experiments={urllib.request.quote(json.dumps([parent.info.experiment_id]))}")
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shot = ARTIFACTS / "mlflow_compare_view.png"
+        common = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                  "--window-size=1600,1400", "--virtual-time-budget=25000"]
+        subprocess.run([*common, f"--screenshot={shot}", url], capture_output=True, timeout=180, check=True)
+        dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+        (ARTIFACTS / "mlflow_compare_view.html").write_text(dom)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert shot.stat().st_size > 10_000
+    for child in children:
+        assert child.info.run_name in dom  # both runs are in the compare view
+    assert "final/miou" in dom and "loss/task" in dom  # and their metrics
