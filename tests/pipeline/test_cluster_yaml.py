@@ -42,5 +42,5 @@ def test_a_broken_config_is_refused(config):
     broken = {**config, "available_node_types": {**config["available_node_types"]}}
     broken["available_node_types"]["gpu_worker"] = {**broken["available_node_types"]["gpu_worker"],
                                                     "min_workers": "many"}
-    with pytest.raises(Exception, match="many|min_workers"):
+    with pytest.raises(Exception, match=r"many|min_workers"):
         validate_config(prepare_config(broken))
