@@ -2,8 +2,8 @@
 
 Current Ray pattern (Train V2): each Tune trial is a function that builds and fits its own
 TorchTrainer (through ``pipeline.train.run``, so each trial has its own centroid store, named after
-it). Trials take no CPU themselves and at most as many run at once as the cluster can give their
-workers, so trials and workers never wait on each other. MLflow: one parent run per sweep, one
+it). Trials take a sliver of CPU themselves and at most as many run at once as the cluster can give
+their workers, so trials and workers never wait on each other. MLflow: one parent run per sweep, one
 child run per trial; a report (Markdown, CSV, plots) is written at the end and logged to the parent.
 """
 
@@ -50,11 +50,17 @@ def _trial(config: dict[str, Any], space: TuneSpace, root: str, out: str, uri: s
                  "cluster_sizes": str(metrics.get("cluster_sizes"))})
 
 
+# A trial only drives its TorchTrainer: it asks for a sliver of CPU (Tune refuses an empty request),
+# and concurrency is capped so every running trial's workers fit: no trial waits on workers that
+# can never be scheduled.
+TRIAL_CPU = 0.01
+
+
 def max_concurrent(space: TuneSpace) -> int:
     if space.max_concurrent:
         return space.max_concurrent
     probe = trial_config(space, {}, seed=0)
-    per_trial = probe.scaling.workers * probe.scaling.cpus_per_worker
+    per_trial = probe.scaling.workers * probe.scaling.cpus_per_worker + TRIAL_CPU
     return max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
 
 
@@ -74,7 +80,7 @@ def run_sweep(space: TuneSpace, out: Path, data: Path | None = None, tracking_ur
     trainable = tune.with_parameters(_trial, space=space, root=str(root), out=str(out), uri=uri,
                                      parent_run_id=parent)
     tuner = tune.Tuner(
-        tune.with_resources(trainable, {"CPU": 0}),
+        tune.with_resources(trainable, {"CPU": TRIAL_CPU}),
         param_space=_search_space(space),
         tune_config=tune.TuneConfig(num_samples=space.num_samples, max_concurrent_trials=max_concurrent(space)),
         run_config=tune.RunConfig(name=space.name, storage_path=str(out / "tune"), verbose=1),
@@ -84,7 +90,7 @@ def run_sweep(space: TuneSpace, out: Path, data: Path | None = None, tracking_ur
             for r in grid if r.metrics]
     errors = [str(r.error) for r in grid if r.error]
     report = write_report(space, rows, sweep_dir / "report")
-    logger.artifact(sweep_dir / "report")
+    logger.artifact(sweep_dir / "report", "report")
     logger.finish("FINISHED" if not errors else "FAILED")
     print(report["markdown"])
     if errors:
