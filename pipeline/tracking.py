@@ -134,6 +134,9 @@ class Tracker:
     def metrics(self, values: dict[str, float], step: int) -> None:
         self.logger.metrics(values, step)
 
+    def progress(self, line: str) -> None:
+        print(line, flush=True)
+
     def final(self, summary: dict[str, Any], artifacts: dict[str, bytes]) -> None:
         folder = self.run_dir / "artifacts"
         folder.mkdir(parents=True, exist_ok=True)

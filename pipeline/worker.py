@@ -219,7 +219,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "centre_version": centres.version,
                 }
                 tracker.metrics.remote(metrics, step)
-                print(progress_line(step, first_step, cfg.train.steps, metrics, now - t_start), flush=True)
+                # printed by the tracker on the driver's node: Ray Train V2 would echo a worker's print twice
+                tracker.progress.remote(progress_line(step, first_step, cfg.train.steps, metrics, now - t_start))
                 seen_images, t_last = 0, now
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
                 _periodic_evaluation(net, cfg, root, step, rank, world, tracker)
