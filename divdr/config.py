@@ -1,4 +1,4 @@
-"""Frozen dataclass configs: model sizes, gates, budget and clustering losses, and the paper presets.
+"""Frozen dataclass configs: model sizes, gates, budget, clustering and resource losses, and the presets.
 
 YAML lives only at the edges (experiment files, tune spaces); here everything is typed and
 validated on construction, so a bad value fails where it is made, with its name in the message.
@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 GateKind = Literal["soft", "gumbel"]
 ClusterDistance = Literal["l2", "squared_l2"]
+Correctness = Literal["pixels", "image"]
 
 NUM_SCALES = 4  # 1/4, 1/8, 1/16, 1/32 (DR paper, Fig. 2)
 
@@ -25,8 +26,41 @@ def _require(condition: bool, message: str) -> None:
 
 
 @dataclass(frozen=True)
+class TemperatureConfig:
+    """DRNets' two-stage temperature schedule for the Gumbel-Softmax gates (Sec. 3.3, 4.1).
+
+    Stage 1 (the first ``pretrain_fraction`` of training) holds tau at ``pretrain`` so every branch
+    is trained; stage 2 resets tau to ``start`` and anneals it exponentially to ``final`` at the end
+    of training. Defaults are the paper's CIFAR-10 values: tau = 3 in pre-training, then 1.0 annealed
+    to 0.5; both stages run equally long (1200 epochs each), hence ``pretrain_fraction = 0.5``.
+    """
+
+    pretrain: float = 3.0
+    start: float = 1.0
+    final: float = 0.5
+    pretrain_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("pretrain", "start", "final"):
+            value = getattr(self, name)
+            _require(value > 0, f"gate.temperature.{name} must be > 0, got {value}")
+        _require(self.final <= self.start,
+                 f"gate.temperature.final must be <= gate.temperature.start (annealing lowers tau), "
+                 f"got final={self.final}, start={self.start}")
+        _require(0 <= self.pretrain_fraction <= 1,
+                 f"gate.temperature.pretrain_fraction must be in [0, 1], got {self.pretrain_fraction}")
+
+
+@dataclass(frozen=True)
 class GateConfig:
-    """The soft conditional gate of DR (Sec. 3.2), or a second family later (DRNets' router).
+    """Which gate family weighs each cell's paths [up, keep, down].
+
+    ``soft``: DR's soft conditional gate (Sec. 3.2), max(0, tanh). ``gumbel``: DRNets' RouterNet
+    whose importance weights are recalibrated with Gumbel-Softmax at temperature tau in training,
+    and at inference keep the top-k branches whose weights add up to ``threshold`` (rescaled to
+    sum to 1, the others exactly 0). ``bias_init`` is the soft gate's; ``threshold``,
+    ``max_branches``, ``skip_branch`` and ``temperature`` are the gumbel gate's (ignored by the
+    soft gate).
 
     ``enabled=False`` keeps every path open with weight 1 and no gate modules: the paper's
     "Network-Fix" (DR Table 3).
@@ -36,10 +70,18 @@ class GateConfig:
     enabled: bool = True
     small_gate: bool = True  # official Layer16 configs: bilinear-downsample the gate input by 4
     bias_init: float = 1.5  # official GATE_INIT_BIAS: tanh(1.5) = 0.905, every path starts open
+    threshold: float = 0.8  # DRNets' T: the paper's results are "-T-0.8"
+    max_branches: int = 0  # optional cap on k at inference; 0 = as many as the threshold needs
+    # DRNets' fast-forward branch: a 4th router output "skip the cell" (the input passes through,
+    # DR's drop-cell). Off, the branches are the cell's paths only and the cell operation always runs.
+    skip_branch: bool = False
+    temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
 
     def __post_init__(self) -> None:
         _require(self.kind in ("soft", "gumbel"), f"gate.kind must be 'soft' or 'gumbel', got {self.kind!r}")
-        _require(self.kind == "soft", "gate.kind 'gumbel' (DRNets) is not implemented yet; use 'soft'")
+        _require(0 < self.threshold <= 1, f"gate.threshold must be in (0, 1], got {self.threshold}")
+        _require(isinstance(self.max_branches, int) and self.max_branches >= 0,
+                 f"gate.max_branches must be an integer >= 0 (0 = no cap), got {self.max_branches!r}")
 
 
 @dataclass(frozen=True)
@@ -118,16 +160,49 @@ class ClusteringConfig:
 
 
 @dataclass(frozen=True)
+class ResourceConfig:
+    """DRNets' resource regulariser (eq. 8): ``weight * 1[correct] * log E[R]``, an alternative to
+    DR's budget loss. E[R] is the expected routing cost relative to everything open (the same
+    C(Space)/C_max as the budget loss): normalising shifts log E[R] by a constant and leaves its
+    gradient unchanged.
+
+    "Correct" for segmentation (eq. 8 is for classification): ``pixels`` applies eq. 8 to every
+    pixel, each with its own 1[y_hat = y] and its image's E[R], and averages over the image: the
+    indicator becomes the image's pixel accuracy. ``image`` counts an image as correct when its
+    pixel accuracy reaches ``image_accuracy`` (not a paper figure). The paper adds the term in the
+    fine-tuning stage: from ``start_fraction`` on (= the temperature schedule's pretrain_fraction).
+    """
+
+    weight: float = 0.0  # lambda of eq. 8 ("DRNet-R-lambda"; the paper's main results use 0.1)
+    start_fraction: float = 0.5
+    correct: Correctness = "pixels"
+    image_accuracy: float = 0.9
+
+    def __post_init__(self) -> None:
+        _require(self.weight >= 0, f"resource.weight (lambda of DRNets eq. 8) must be >= 0, got {self.weight}")
+        _require(0 <= self.start_fraction <= 1,
+                 f"resource.start_fraction must be in [0, 1], got {self.start_fraction}")
+        _require(self.correct in ("pixels", "image"),
+                 f"resource.correct must be 'pixels' or 'image', got {self.correct!r}")
+        _require(0 < self.image_accuracy <= 1, f"resource.image_accuracy must be in (0, 1], got {self.image_accuracy}")
+
+
+@dataclass(frozen=True)
 class Preset:
-    """A row of DR Table 4 / DivDR Tables 1-5: the loss weights that define a method."""
+    """A row of DR Table 4 / DivDR Tables 1-5 / DRNets Table 3: the gate family and the loss
+    weights that define a method."""
 
     name: str
     budget: BudgetConfig
     clustering: ClusteringConfig
+    resource: ResourceConfig = field(default_factory=ResourceConfig)
+    gate: GateKind = "soft"
 
 
 # DivDR sweeps lambda2; 0.5 is a starting point for the DivDR presets, not a paper figure.
 DEFAULT_DIVDR_LAMBDA2 = 0.5
+# DRNets' main results are "DRNet-R-0.1-T-0.8" (Table 1): regularisation strength 0.1.
+DEFAULT_DRNET_LAMBDA = 0.1
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -138,6 +213,11 @@ PRESETS: dict[str, Preset] = {
         Preset("DR-Raw", BudgetConfig(weight=0.0), ClusteringConfig(weight=0.0)),
         Preset("DivDR-A", BudgetConfig(weight=0.8, mu=0.1), ClusteringConfig(weight=DEFAULT_DIVDR_LAMBDA2)),
         Preset("DivDR-Raw", BudgetConfig(weight=0.0), ClusteringConfig(weight=DEFAULT_DIVDR_LAMBDA2)),
+        # DRNets' gate family on the same routing space, with eq. 8 instead of the budget loss
+        Preset("DRNet-A", BudgetConfig(weight=0.0), ClusteringConfig(weight=0.0),
+               ResourceConfig(weight=DEFAULT_DRNET_LAMBDA), gate="gumbel"),
+        Preset("DivDRNet-A", BudgetConfig(weight=0.0), ClusteringConfig(weight=DEFAULT_DIVDR_LAMBDA2),
+               ResourceConfig(weight=DEFAULT_DRNET_LAMBDA), gate="gumbel"),
     )
 }
 
@@ -164,6 +244,36 @@ def get_model_config(name: str, **overrides: Any) -> ModelConfig:
     return replace(MODEL_SIZES[name], **overrides) if overrides else MODEL_SIZES[name]
 
 
+def _coerce(value: Any, default: Any, where: str) -> Any:
+    """Check a value against the type of the field's default; YAML spellings are forgiven
+    (``1e30`` is a string to YAML 1.1, lists stand for tuples, 2 for 2.0)."""
+    expected = type(default)
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if expected in (int, float):
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{where} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        if expected is int:
+            if float(value) != int(value):
+                raise ConfigError(f"{where} must be an integer, got {value!r}")
+            return int(value)
+        return float(value)
+    if expected is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return tuple(value)
+    if expected is str and not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string, got {value!r}")
+    return value
+
+
 def config_from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     """Build a (nested) frozen dataclass from a plain dict, rejecting unknown keys by name.
 
@@ -183,7 +293,7 @@ def config_from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
         if hasattr(default, "__dataclass_fields__"):
             kwargs[name] = config_from_dict(type(default), value, f"{where}.{name}")
         else:
-            kwargs[name] = value
+            kwargs[name] = _coerce(value, default, f"{where}.{name}")
     try:
         return cls(**kwargs)
     except TypeError as err:  # e.g. a wrong type that dataclasses cannot take

@@ -43,7 +43,7 @@ def cluster_metrics(acts: np.ndarray, assignments: np.ndarray, centres: np.ndarr
 
 
 def summarize_run(cfg: Any, root: Path, train: InferenceResult, val: InferenceResult, centres: Any,
-                  store_status: dict[str, Any], net: DynamicRoutingSegmenter,
+                  store_status: dict[str, Any], net: DynamicRoutingSegmenter, progress: dict[str, int],
                   ) -> tuple[dict[str, Any], dict[str, bytes]]:
     """Metrics dict (flat floats plus lists) and artifacts {relative path: bytes}."""
     k = cfg.clustering.k
@@ -52,6 +52,7 @@ def summarize_run(cfg: Any, root: Path, train: InferenceResult, val: InferenceRe
     val_assign = clustering.assign(val.activations, final.centres)
     scores = val.scores
     metrics: dict[str, Any] = {
+        **progress,
         "miou": scores.miou,
         "pixel_accuracy": scores.pixel_accuracy,
         "gflops_real": float(val.real_gflops.mean()),

@@ -18,6 +18,7 @@ from divdr.config import (
     ClusteringConfig,
     ConfigError,
     ModelConfig,
+    ResourceConfig,
     config_from_dict,
     get_model_config,
     get_preset,
@@ -141,6 +142,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=lambda: get_model_config("small"))
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
+    resource: ResourceConfig = field(default_factory=ResourceConfig)  # DRNets eq. 8 (gumbel presets)
     train: TrainConfig = field(default_factory=TrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
@@ -241,19 +243,21 @@ def resolve(preset: str | None = None, file: Path | None = None, overrides: list
 
 
 def from_dict(tree: dict[str, Any]) -> ExperimentConfig:
-    """Build from a plain (possibly partial) dict: the preset fills budget/clustering defaults,
-    ``model_size`` fills the model defaults, and the remaining keys override them."""
+    """Build from a plain (possibly partial) dict: the preset fills the gate family and the
+    budget/clustering/resource defaults, ``model_size`` fills the model defaults, and the remaining
+    keys override them (``model.gate.kind`` included)."""
     unknown = sorted(set(tree) - SECTIONS)
     if unknown:
         raise ConfigError(f"unknown key(s) {unknown}; known sections: {sorted(SECTIONS)}")
     preset = get_preset(tree.get("preset", ExperimentConfig.preset))
     size = tree.get("model_size", ExperimentConfig.model_size)
-    model = _override(get_model_config(size), tree.get("model"), "model")
-    if model.gate.kind != "soft":
-        raise ConfigError("model.gate.kind: only 'soft' gates are implemented")
+    sized = get_model_config(size)
+    sized = dataclasses.replace(sized, gate=dataclasses.replace(sized.gate, kind=preset.gate))
+    model = _override(sized, tree.get("model"), "model")
     parts = {
         "budget": _override(preset.budget, tree.get("budget"), "budget"),
         "clustering": _override(preset.clustering, tree.get("clustering"), "clustering"),
+        "resource": _override(preset.resource, tree.get("resource"), "resource"),
     }
     for name, cls in _SECTION_TYPES.items():
         parts[name] = config_from_dict(cls, _tupled(tree.get(name) or {}), where=name)

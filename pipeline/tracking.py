@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -40,10 +42,33 @@ def get_or_create_experiment(client: MlflowClient, name: str, out_dir: Path | No
     return client.create_experiment(name, artifact_location=location)
 
 
+OFFLINE_PREFIX = "offline-"
+# An unreachable server must cost seconds, not MLflow's default minutes of retries per call.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+def _short_http_retries() -> None:
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
 def start_or_resume_run(uri: str, experiment: str, run_name: str, run_dir: Path, out_dir: Path | None,
                         tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
     """The MLflow run of this training run: the one recorded in ``run_dir`` if any (a re-run of
-    the same command resumes it), else a new one."""
+    the same command resumes it), else a new one. If the tracking server cannot be reached, the
+    user is warned and an offline id is returned: everything is then written to the run folder."""
+    _short_http_retries()
+    try:
+        return _start_or_resume(uri, experiment, run_name, run_dir, out_dir, tags, parent_run_id)
+    except Exception as err:  # tracking must never stop training
+        warnings.warn(f"MLflow tracking at {uri} is unreachable ({type(err).__name__}: {err}); training goes on "
+                      f"and metrics are written to {Path(run_dir) / FALLBACK_FILE}", stacklevel=2)
+        return f"{OFFLINE_PREFIX}{uuid.uuid4().hex}"
+
+
+def _start_or_resume(uri: str, experiment: str, run_name: str, run_dir: Path, out_dir: Path | None,
+                     tags: dict[str, str] | None, parent_run_id: str | None) -> str:
     client = MlflowClient(uri)
     id_file = Path(run_dir) / RUN_ID_FILE
     if id_file.exists():
@@ -64,10 +89,16 @@ class RunLogger:
     """Logs params, metrics and artifacts to one MLflow run; falls back to a local file on failure."""
 
     def __init__(self, uri: str, run_id: str, fallback_dir: Path) -> None:
+        _short_http_retries()
         self.client = MlflowClient(uri)
         self.run_id = run_id
+        self.offline = run_id.startswith(OFFLINE_PREFIX)
         self.fallback = Path(fallback_dir) / FALLBACK_FILE
-        self._warned = False
+        self._warned = self.offline  # the user was warned when the run went offline
+
+    def _online(self) -> None:
+        if self.offline:
+            raise ConnectionError("tracking is offline for this run")
 
     def _failed(self, what: str, err: Exception, record: dict[str, Any]) -> None:
         if not self._warned:
@@ -81,6 +112,7 @@ class RunLogger:
         now = int(time.time() * 1000)
         clean = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
         try:
+            self._online()
             self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in clean.items()])
         except Exception as err:  # tracking must never stop training
             self._failed("log_metrics", err, {"step": step, "metrics": clean})
@@ -88,6 +120,7 @@ class RunLogger:
     def params(self, values: dict[str, Any]) -> None:
         params = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in values.items()]
         try:
+            self._online()
             existing = self.client.get_run(self.run_id).data.params
             new = [p for p in params if p.key not in existing]
             for i in range(0, len(new), 100):
@@ -97,6 +130,7 @@ class RunLogger:
 
     def artifact(self, path: Path, artifact_path: str | None = None) -> None:
         try:
+            self._online()
             if Path(path).is_dir():
                 self.client.log_artifacts(self.run_id, str(path), artifact_path)
             else:
@@ -106,6 +140,7 @@ class RunLogger:
 
     def finish(self, status: str = "FINISHED") -> None:
         try:
+            self._online()
             self.client.set_terminated(self.run_id, status=status)
         except Exception as err:
             self._failed("set_terminated", err, {"status": status})

@@ -32,6 +32,7 @@ from divdr.data.cityscapes import CityscapesSegmentation
 from pipeline import tracking
 from pipeline.centroid_store import CentroidStore, store_name
 from pipeline.config import ExperimentConfig, resolve, with_smoke
+from pipeline.faults import faults_from_env
 from pipeline.worker import train_loop_per_worker
 
 MIN_FREE_BYTES = 200 * 2**20  # refuse to start a run with less free disk than this in --out
@@ -101,7 +102,7 @@ def init_ray() -> None:
 
 
 def run(cfg: ExperimentConfig, out: Path, root: Path, parent_run_id: str | None = None,
-        fresh: bool = False) -> dict[str, Any]:
+        fresh: bool = False, faults: str | None = None) -> dict[str, Any]:
     """One training run: tracking, centroid store, TorchTrainer.fit, final metrics."""
     out = out.resolve()
     run_dir = out / cfg.run_name
@@ -129,7 +130,8 @@ def run(cfg: ExperimentConfig, out: Path, root: Path, parent_run_id: str | None 
 
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"experiment": cfg.to_dict(), "data_root": str(root), "store": store, "tracker": tracker},
+        train_loop_config={"experiment": cfg.to_dict(), "data_root": str(root), "store": store, "tracker": tracker,
+                           "run_dir": str(run_dir), "faults": faults_from_env() if faults is None else faults},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=RayScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
                                         resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),

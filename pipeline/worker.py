@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from divdr.flops import budget_ratio, cost_table, expected_cost
 from divdr.heads import DynamicRoutingSegmenter
 from divdr.losses import total_loss
 from pipeline.config import ExperimentConfig, from_dict
+from pipeline.faults import FaultPlan
 from pipeline.schedule import kmeans_trigger_steps, switch_step
 
 log = logging.getLogger(__name__)
@@ -148,6 +150,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     root = Path(loop_config["data_root"])
     store = loop_config["store"]
     tracker = loop_config.get("tracker") if rank == 0 else None
+    faults = FaultPlan(loop_config.get("faults"), Path(loop_config["run_dir"]))
 
     transform = RandomScaleCropFlip(SegTransformConfig(crop_size=tuple(cfg.train.crop),
                                                        scale_range=(cfg.train.scale_min, cfg.train.scale_max)))
@@ -169,7 +172,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     start_step = _restore(net, optimizer, scheduler, centres)
     sender = ActivationSender(store, rank, cfg.store.max_in_flight, cfg.store.float16)
 
-    step, epoch, skipped = start_step, 0, 0
+    step, epoch, skipped, skipped_total = start_step, 0, 0, 0
     seen_images, t_last, metrics = 0, time.perf_counter(), {}
     t_start, first_step = t_last, start_step
     while step < cfg.train.steps:
@@ -181,17 +184,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if cfg.store.mode == "refresh" and step in triggers:
                 _refresh(net, full_train, cfg, store, sender, rank, world, step)
             _maybe_switch(centres, store, triggers, cfg, step, rank, world, tracker)
+            _inject_process_faults(faults, store, step, rank)
             model.train()
             out = model(batch["image"])
             task = F.cross_entropy(out.logits, batch["label"], ignore_index=IGNORE_INDEX)
             ratio = budget_ratio(out.backbone.gates, table)
             acts = out.backbone.activations
+            task, acts = _inject_value_faults(faults, task, acts, step, rank)
             terms = total_loss(task, cost_ratio=ratio, progress=step / cfg.train.steps, budget=cfg.budget,
                                clustering=cfg.clustering, activations=acts,
                                centres=centres.centres if centres.usable() else None, sigma2=centres.sigma2)
             optimizer.zero_grad(set_to_none=True)
             if not _all_finite(torch.cat([terms.total.detach().view(1), acts.detach().flatten()]), world):
                 skipped += 1
+                skipped_total += 1
                 if skipped > MAX_SKIPPED_STEPS:
                     raise FloatingPointError(
                         f"rank {rank}: loss or gate activations non-finite for {skipped} consecutive steps "
@@ -227,7 +233,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
                 _checkpoint(net, optimizer, scheduler, centres, step, rank, metrics)
     sender.flush()
-    final = _final_evaluation(net, cfg, root, store, centres, rank, world, tracker)
+    final = _final_evaluation(net, cfg, root, store, centres, rank, world, tracker,
+                              {"step": step, "start_step": start_step, "skipped_steps": skipped_total})
     ray.train.report({**final, "step": step, "done": True})
 
 
@@ -236,6 +243,25 @@ def progress_line(step: int, first_step: int, total: int, m: dict[str, float], e
     return (f"step {step}/{total} | loss {m['loss/total']:.3f} (task {m['loss/task']:.3f}, budget "
             f"{m['loss/budget']:.3f}, clustering {m['loss/clustering']:.3f}) | cost {m['cost/ratio']:.2f} | "
             f"centres v{m['centre_version']} | {m['images_per_s']:.1f} img/s | ETA {eta / 60:.1f} min")
+
+
+def _inject_process_faults(faults: FaultPlan, store: Any, step: int, rank: int) -> None:
+    if faults.due("kill_worker", step, rank):
+        log.warning("fault injection: worker rank %d exits at step %d", rank, step)
+        os._exit(1)
+    if rank == 0 and faults.due("kill_store", step, rank):
+        log.warning("fault injection: killing the centroid store at step %d", step)
+        ray.kill(store, no_restart=False)
+
+
+def _inject_value_faults(faults: FaultPlan, task: torch.Tensor, acts: torch.Tensor, step: int, rank: int,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    if faults.due("nan_loss", step, rank):
+        task = task * float("nan")
+    if rank == 0 and faults.due("nan_activations", step, rank):
+        acts = acts.clone()
+        acts[0, 0] = float("nan")
+    return task, acts
 
 
 # ---- centres ----------------------------------------------------------------------------------
@@ -333,7 +359,8 @@ def _periodic_evaluation(net: DynamicRoutingSegmenter, cfg: ExperimentConfig, ro
 # ---- final evaluation -------------------------------------------------------------------------
 
 def _final_evaluation(net: DynamicRoutingSegmenter, cfg: ExperimentConfig, root: Path, store: Any,
-                      centres: CentreState, rank: int, world: int, tracker: Any) -> dict[str, Any]:
+                      centres: CentreState, rank: int, world: int, tracker: Any,
+                      progress: dict[str, int]) -> dict[str, Any]:
     """Val mIoU and real GFLOPs; then the clusters measured the same way for DR and DivDR: eval-mode
     A(x) of the training images clustered (warm-started from the store's last centres), val images
     assigned to their nearest centre (Inter, Intra, sizes, subset recovery)."""
@@ -350,7 +377,7 @@ def _final_evaluation(net: DynamicRoutingSegmenter, cfg: ExperimentConfig, root:
     from pipeline.analysis import summarize_run  # rank 0 only: plotting and Parquet
 
     summary, artifacts = summarize_run(cfg, root, merge_results(train_parts), merge_results(val_parts), centres,
-                                       ray.get(store.status.remote()), net)
+                                       ray.get(store.status.remote()), net, progress)
     if tracker is not None:
         ray.get(tracker.final.remote(summary, artifacts))
     return summary

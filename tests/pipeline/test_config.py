@@ -36,6 +36,10 @@ def test_divdr_preset_turns_clustering_on():
     ("model_size=huge", "unknown model size"),
     ("train.crop=[16,16]", "train.crop"),
     ("novalue", "key=value"),
+    ("train.lr=abc", "train.lr must be a number"),
+    ("clustering.k=2.5", "clustering.k must be an integer"),
+    ("model.gate.enabled=3", "must be true or false"),
+    ("train.crop=5", "train.crop must be a list"),
 ])
 def test_invalid_values_rejected_by_name(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -49,6 +53,11 @@ def test_bad_experiment_file(tmp_path):
     path.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         resolve(None, path)
+
+
+def test_yaml_spellings_are_forgiven():
+    cfg = resolve(None, None, ["train.lr=1e-3", "clustering.k=4.0"])  # "1e-3" is a string to YAML 1.1
+    assert cfg.train.lr == 0.001 and cfg.clustering.k == 4 and isinstance(cfg.clustering.k, int)
 
 
 def test_smoke_overrides_resolve():

@@ -1,0 +1,136 @@
+"""Faults injected into real runs: a worker dies, the centroid store dies, NaNs appear, MLflow is
+unreachable, the driver stops. Ray starts once for this module (the driver test uses its own).
+"""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from divdr.config import ConfigError
+from divdr.data.synthetic import generate, study_config
+from pipeline.config import resolve, with_smoke
+from pipeline.schedule import kmeans_trigger_steps
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("study")
+    generate(study_config(n_train=16, n_val=6, height=64, width=128, seed=7), root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=4)
+    yield
+    ray.shutdown()
+
+
+def smoke(name: str, *overrides: str):
+    return resolve("DivDR-A", None, ["train.steps=12", "train.checkpoint_every=4", "clustering.update_every=4",
+                                     "store.switch_lag=1", f"name={name}", *overrides], base=with_smoke({}))
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_session, study, tmp_path):
+    from pipeline.train import run
+
+    cfg = smoke("kill-worker", "scaling.max_failures=1")
+    metrics = run(cfg, tmp_path, study, faults="kill_worker:rank=1,step=6")
+    assert list((tmp_path / "kill-worker").glob(".fault-*"))  # the fault fired
+    assert metrics["step"] == cfg.train.steps
+    assert metrics["start_step"] == 4  # the restarted group began at the step-4 checkpoint
+    assert metrics["centre_version"] == len(kmeans_trigger_steps(12, 4)) == 2
+    assert metrics["centre_switch_steps"][-1] == 9
+
+
+def test_a_killed_store_restarts_from_its_snapshot(ray_session, study, tmp_path):
+    from pipeline.train import run
+
+    cfg = smoke("kill-store")
+    metrics = run(cfg, tmp_path, study, faults="kill_store:step=6")
+    store = metrics["store"]
+    assert store["restored"] is True  # Ray restarted it and it read its snapshot
+    assert [h["version"] for h in store["history"]] == [1, 2]  # version 1 survived, 2 came after
+    assert metrics["centre_version"] == 2 and metrics["step"] == 12
+
+
+def test_non_finite_steps_are_refused_and_never_reach_the_centres(ray_session, study, tmp_path):
+    from pipeline.train import run
+
+    cfg = smoke("nan")
+    metrics = run(cfg, tmp_path, study, faults="nan_loss:step=2;nan_activations:step=5")
+    assert metrics["skipped_steps"] == 2 and metrics["step"] == 12
+    assert metrics["store"]["rejected_rows"] == 0  # the refused steps sent nothing
+    assert 0 <= metrics["miou"] <= 1
+
+
+def test_persistent_nan_stops_the_run_with_a_clear_message(ray_session, study, tmp_path):
+    from pipeline.train import run
+
+    cfg = smoke("nan-forever", "train.lr=1e30")
+    with pytest.raises(Exception, match="non-finite for 6 consecutive steps"):
+        run(cfg, tmp_path, study)
+
+
+def test_unreachable_mlflow_server_training_goes_on_and_metrics_are_kept(ray_session, study, tmp_path):
+    from pipeline.train import run
+
+    cfg = smoke("offline", "tracking.uri=http://127.0.0.1:9")  # port 9: nothing listens
+    with pytest.warns(UserWarning, match="unreachable"):
+        metrics = run(cfg, tmp_path, study)
+    assert metrics["mlflow_run_id"].startswith("offline-")
+    lines = (tmp_path / "offline" / "metrics_fallback.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines if "metrics" in json.loads(line)]
+    assert set(range(2, 13, 2)) <= set(steps)  # every logged step is kept locally
+    assert (tmp_path / "offline" / "artifacts" / "final_metrics.json").exists()
+
+
+def test_unwritable_or_full_output_folder_refused_before_training(tmp_path, monkeypatch):
+    from pipeline import train
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match="not writable"):
+        train.check_output_folder(blocker / "runs")
+
+    class Usage:
+        free = 10 * 2**20
+
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: Usage())
+    with pytest.raises(ConfigError, match="only 10 MiB free"):
+        train.check_output_folder(tmp_path / "runs")
+
+
+def test_stopped_driver_rerun_resumes_with_the_same_mlflow_run(study, tmp_path, ray_session):
+    import ray
+
+    ray.shutdown()  # the driver below starts its own local Ray
+    command = [sys.executable, str(REPO / "pipeline" / "train.py"), "--smoke", "--data", str(study), "--out",
+               str(tmp_path), "--name", "driver", "--set", "train.steps=40", "--set", "train.checkpoint_every=4"]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    ckpt_root = tmp_path / "ray_results" / "driver"
+    while time.time() < deadline and len(list(ckpt_root.glob("checkpoint_*"))) < 2:
+        time.sleep(1)
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+    subprocess.run([shutil.which("ray") or str(Path(sys.executable).parent / "ray"), "stop", "--force"],
+                   capture_output=True, timeout=120)
+    run_id = (tmp_path / "driver" / "mlflow_run_id").read_text()
+    second = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:]
+    result = json.loads((tmp_path / "driver" / "result.json").read_text())
+    assert result["mlflow_run_id"] == run_id
+    assert result["start_step"] >= 4 and result["step"] == 40
+    ray.init(num_cpus=4)  # leave the module fixture's promise intact
