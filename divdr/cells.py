@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from divdr.config import GateConfig
-from divdr.gates import build_gate
+from divdr.gates import build_gate, has_skip_branch
 from divdr.ops import DownTransform, SepConv3x3x2, UpTransform
 from divdr.routing import DOWN, KEEP, UP, CellSpec
 
@@ -42,6 +42,10 @@ class Cell(nn.Module):
 
     Training computes every path and weights it (gradients reach every gate). Evaluation skips,
     per image, paths whose weight is <= ACTIVE_THRESHOLD and whole cells whose paths all are.
+
+    A Gumbel gate with DRNets' fast-forward branch also weighs the cell input passed through
+    unchanged (its "skip" weight); when skip is the only branch selected, every path weight is 0
+    and the cell is dropped exactly as with DR's soft gate.
     """
 
     def __init__(self, spec: CellSpec, gate: GateConfig) -> None:
@@ -50,6 +54,7 @@ class Cell(nn.Module):
         self.slots = [slot for slot, allowed in enumerate(spec.paths) if allowed]
         self.op = SepConv3x3x2(spec.channels)
         self.gate = build_gate(gate, spec.channels, len(self.slots))
+        self.skip_branch = has_skip_branch(gate)
         self.keep = nn.ReLU()
         self.up = UpTransform(spec.channels) if spec.allow_up else None
         self.down = DownTransform(spec.channels) if spec.allow_down else None
@@ -57,34 +62,52 @@ class Cell(nn.Module):
     def transforms(self) -> dict[int, nn.Module]:
         return {slot: t for slot, t in ((UP, self.up), (KEEP, self.keep), (DOWN, self.down)) if t is not None}
 
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The gate's path weights scattered into the fixed [B, 3] layout, and the [B] weight of the
+        fast-forward branch (None unless the gate has one)."""
+        gate_out = self.gate(x)
+        skip = None
+        if self.skip_branch:
+            gate_out, skip = gate_out[:, :-1], gate_out[:, -1]
+        weights = gate_out.new_zeros(x.shape[0], 3)
+        weights[:, self.slots] = gate_out
+        return weights, skip
+
     def slot_weights(self, x: torch.Tensor) -> torch.Tensor:
         """The gate's weights scattered into the fixed [B, 3] layout."""
-        path_weights = self.gate(x)
-        weights = path_weights.new_zeros(x.shape[0], 3)
-        weights[:, self.slots] = path_weights
-        return weights
+        return self.route(x)[0]
 
     def forward(self, x: torch.Tensor) -> CellOutput:
-        weights = self.slot_weights(x)
+        weights, skip = self.route(x)
         if self.training:
-            return self._forward_all_paths(x, weights)
-        return self._forward_skipping(x, weights)
+            return self._forward_all_paths(x, weights, skip)
+        return self._forward_skipping(x, weights, skip)
 
-    def _forward_all_paths(self, x: torch.Tensor, weights: torch.Tensor) -> CellOutput:
+    def _forward_all_paths(self, x: torch.Tensor, weights: torch.Tensor,
+                           skip: torch.Tensor | None = None) -> CellOutput:
         h = self.op(x) + x
-        # A cell whose gates are all closed passes its input through (official drop-cell residual).
-        dropped = (~cell_active(weights)).to(x.dtype).view(-1, 1, 1, 1)
+        # A cell whose gates are all closed passes its input through (official drop-cell residual);
+        # a fast-forward branch passes it through with its own weight.
+        if skip is None:
+            passthrough = (~cell_active(weights)).to(x.dtype)
+        else:
+            passthrough = skip
         out: dict[int, torch.Tensor] = {}
         for slot, transform in self.transforms().items():
             out[slot] = weights[:, slot].view(-1, 1, 1, 1) * transform(h)
-        out[KEEP] = out[KEEP] + dropped * x
+        out[KEEP] = out[KEEP] + passthrough.view(-1, 1, 1, 1) * x
         return CellOutput(out.get(UP), out[KEEP], out.get(DOWN), weights)
 
-    def _forward_skipping(self, x: torch.Tensor, weights: torch.Tensor) -> CellOutput:
+    def _forward_skipping(self, x: torch.Tensor, weights: torch.Tensor,
+                          skip: torch.Tensor | None = None) -> CellOutput:
         active_cell = cell_active(weights)
         out: dict[int, torch.Tensor | None] = {slot: None for slot in self.transforms()}
-        # Images whose cell is dropped keep their input unchanged; the others start from zero.
+        # Images whose cell is dropped keep their input unchanged; the others start from zero
+        # (plus the input times the fast-forward weight, where the gate has that branch).
         out[KEEP] = torch.where(active_cell.view(-1, 1, 1, 1), torch.zeros_like(x), x)
+        if skip is not None:
+            kept = torch.where(active_cell, skip, torch.zeros_like(skip))
+            out[KEEP] = out[KEEP] + kept.view(-1, 1, 1, 1) * x
         cell_idx = active_cell.nonzero().flatten()
         if cell_idx.numel() > 0:
             h = self.op(x[cell_idx]) + x[cell_idx]
@@ -95,7 +118,8 @@ class Cell(nn.Module):
                 y = weights[cell_idx[on], slot].view(-1, 1, 1, 1) * transform(h[on])
                 if out[slot] is None:
                     out[slot] = y.new_zeros((x.shape[0], *y.shape[1:]))
-                out[slot] = out[slot].index_copy(0, cell_idx[on], y)
+                # add, not copy: the keep output may already hold the fast-forward part
+                out[slot] = out[slot].index_add(0, cell_idx[on], y)
         for slot, shape in self._closed_shapes(x).items():
             if out[slot] is None:
                 out[slot] = x.new_zeros(shape)

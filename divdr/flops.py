@@ -6,8 +6,10 @@ interpolation and element-wise sums are not counted. The cost table is computed 
 asked (padded to a multiple of 32, as the network pads), never fixed at construction.
 
 Per image:
-- expected cost (differentiable, DR Sec. 3.3): cell cost x max(cell weights) + sum over paths of
-  weight x path cost, plus the fixed stem, gate and decoder costs;
+- expected cost (differentiable, DR Sec. 3.3): cell cost x P(cell runs) + sum over paths of
+  weight x path cost, plus the fixed stem, gate and decoder costs. P(cell runs) is max(cell
+  weights) for DR's soft gate (official) and the sum of the path weights for DRNets' Gumbel gate
+  (its weights are a distribution over the branches: 1, or 1 - the skip weight);
 - real cost (what inference executes): cells whose weights sum above the threshold, paths whose
   weight is above it, plus stem, gates and decoder.
 """
@@ -15,12 +17,20 @@ Per image:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from divdr.cells import cell_active, path_active
 from divdr.config import NUM_SCALES, ModelConfig
-from divdr.gates import SMALL_GATE_FACTOR
+from divdr.gates import (
+    ROUTER_BLOCKS,
+    ROUTER_KERNEL,
+    ROUTER_STRIDE,
+    ROUTER_WIDTH_DIVISOR,
+    SMALL_GATE_FACTOR,
+    has_skip_branch,
+)
 from divdr.heads import padded_size
 from divdr.routing import DOWN, UP, CellSpec, routing_space
 
@@ -84,6 +94,36 @@ def soft_gate_cost(h: int, w: int, c: int, n_paths: int, small_gate: bool, cv: C
     return conv_bn_relu(h, w, c, c // 2, 1, cv) + cv.pool * h * w * (c // 2) + conv(1, 1, c // 2, n_paths, 1)
 
 
+def router_cost(h: int, w: int, c: int, n_out: int, small_gate: bool, cv: Convention) -> int:
+    """DRNets' RouterNet: per block a 1x1 conv + BN + ReLU and a depth-wise 5x5 stride-2 conv + BN +
+    ReLU, then global average pooling and the affine map to ``n_out`` branch weights.
+
+    The depth-wise conv is padded (k // 2), so its output is ceil(size / 2): counted exactly, as
+    the router runs on maps as small as 1x1.
+    """
+    if small_gate:
+        h, w = max(1, h // SMALL_GATE_FACTOR), max(1, w // SMALL_GATE_FACTOR)
+    width = max(1, c // ROUTER_WIDTH_DIVISOR)
+    total, c_in = 0, c
+    for _ in range(ROUTER_BLOCKS):
+        total += conv_bn_relu(h, w, c_in, width, 1, cv)
+        h, w = -(-h // ROUTER_STRIDE), -(-w // ROUTER_STRIDE)
+        total += ROUTER_KERNEL**2 * width * h * w + (cv.bn + cv.relu) * width * h * w
+        c_in = width
+    return total + cv.pool * h * w * width + width * n_out
+
+
+def gate_cost(h: int, w: int, spec: CellSpec, config: ModelConfig, cv: Convention) -> int:
+    """The cost of one cell's gate, whatever its family (0 without gates)."""
+    gate = config.gate
+    n_paths = sum(spec.paths)
+    if not gate.enabled:
+        return 0
+    if gate.kind == "gumbel":
+        return router_cost(h, w, spec.channels, n_paths + int(has_skip_branch(gate)), gate.small_gate, cv)
+    return soft_gate_cost(h, w, spec.channels, n_paths, gate.small_gate, cv)
+
+
 def decoder_cost(h4: int, w4: int, c: int, num_classes: int, cv: Convention) -> int:
     total = 0
     for s in range(NUM_SCALES):
@@ -103,6 +143,10 @@ class CostTable:
     cell: torch.Tensor  # [n_cells] cost of each cell operation
     paths: torch.Tensor  # [n_cells, 3] cost of each transform, 0 for slots a cell lacks
     gate: torch.Tensor  # [n_cells] cost of each gate (0 without gates)
+    # How the expected cost weighs a cell operation: by the largest path weight (DR's soft gate,
+    # official) or by the paths' total weight (Gumbel gates: 1 - the skip weight, or 1 without
+    # a skip branch: the cell always runs, so its cost is never discounted).
+    cell_usage: Literal["max", "sum"] = "max"
 
     @property
     def routing_all_open(self) -> float:
@@ -132,9 +176,7 @@ def cost_table(config: ModelConfig, height: int, width: int, convention: Convent
         hs, ws = h4 >> spec.scale, w4 >> spec.scale
         cells.append(sepconv3x3x2_cost(hs, ws, spec.channels, cv))
         paths.append(path_costs(hs, ws, spec, cv))
-        n_paths = sum(spec.paths)
-        gates.append(soft_gate_cost(hs, ws, spec.channels, n_paths, config.gate.small_gate, cv)
-                     if config.gate.enabled else 0)
+        gates.append(gate_cost(hs, ws, spec, config, cv))
     return CostTable(
         height=h, width=w,
         stem=float(stem_cost(h, w, config.channels, cv)),
@@ -142,14 +184,17 @@ def cost_table(config: ModelConfig, height: int, width: int, convention: Convent
         cell=torch.tensor(cells, dtype=torch.float64),
         paths=torch.tensor(paths, dtype=torch.float64),
         gate=torch.tensor(gates, dtype=torch.float64),
+        cell_usage="sum" if config.gate.enabled and config.gate.kind == "gumbel" else "max",
     )
 
 
 def routing_expected_cost(gates: torch.Tensor, table: CostTable) -> torch.Tensor:
-    """Differentiable routing cost per image, [B]: sum of cell x max(w) + sum of w x path."""
+    """Differentiable routing cost per image, [B]: sum of cell x P(cell runs) + sum of w x path,
+    with P(cell runs) = max(w) (soft gates) or sum(w) (Gumbel gates), see ``CostTable.cell_usage``."""
     cell = table.cell.to(gates)
     paths = table.paths.to(gates)
-    return (gates.amax(dim=-1) * cell).sum(-1) + (gates * paths).sum(dim=(-2, -1))
+    usage = gates.sum(dim=-1) if table.cell_usage == "sum" else gates.amax(dim=-1)
+    return (usage * cell).sum(-1) + (gates * paths).sum(dim=(-2, -1))
 
 
 def expected_cost(gates: torch.Tensor, table: CostTable) -> torch.Tensor:

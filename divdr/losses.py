@@ -1,4 +1,5 @@
-"""Losses as functions: DR's budget constraint (eq. 9), DivDR's clustering loss (eq. 2), eq. 3.
+"""Losses as functions: DR's budget constraint (eq. 9), DivDR's clustering loss (eq. 2), DRNets'
+resource regulariser (eq. 8), and the total (DivDR eq. 3, plus eq. 8's term when it is on).
 
 Per-image values are returned wherever the paper's loss is a mean over images, so the pipeline
 can log them and the centroid store can use them.
@@ -10,10 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
-from divdr.config import BudgetConfig, ClusterDistance, ClusteringConfig
+from divdr.config import BudgetConfig, ClusterDistance, ClusteringConfig, ResourceConfig
+from divdr.data.labels import IGNORE_INDEX
 
 # sqrt has an infinite derivative at 0: distances are taken of (squared distance + eps).
 DISTANCE_EPS = 1e-12
+# log E[R] of a route that computes nothing (possible with soft gates) would be -inf.
+RESOURCE_EPS = 1e-6
 
 
 def budget_schedule(progress: float, config: BudgetConfig) -> float:
@@ -64,21 +68,58 @@ def clustering_loss(a: torch.Tensor, centres: torch.Tensor, sigma2: float, alpha
     return torch.relu(alpha + own_term + torch.logsumexp(-others, dim=1))
 
 
+def resource_schedule(progress: float, config: ResourceConfig) -> float:
+    """Multiplier of the resource regulariser: DRNets add it in the fine-tuning stage, i.e. from
+    ``start_fraction`` of training on (0 before, 1 after)."""
+    return 1.0 if progress >= config.start_fraction else 0.0
+
+
+def correctness(logits: torch.Tensor, labels: torch.Tensor, config: ResourceConfig,
+                ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """DRNets' 1[y_hat = y] adapted to segmentation, per image [B] in [0, 1], no gradient.
+
+    ``pixels``: the image's pixel accuracy over labelled pixels (eq. 8 applied per pixel and
+    averaged over the image); ``image``: 1 if that accuracy is >= ``image_accuracy``, else 0.
+    An image without a labelled pixel counts as not correct (0).
+    """
+    with torch.no_grad():
+        valid = labels != ignore_index
+        hits = ((logits.argmax(dim=1) == labels) & valid).flatten(1).sum(1)
+        accuracy = hits.to(logits.dtype) / valid.flatten(1).sum(1).clamp_min(1).to(logits.dtype)
+        if config.correct == "image":
+            return (accuracy >= config.image_accuracy).to(logits.dtype)
+        return accuracy
+
+
+def resource_loss(cost_ratio: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
+    """DRNets eq. 8 without its weight, per image [B]: ``1[correct] * log E[R]``.
+
+    ``cost_ratio`` is the expected routing cost relative to everything open (``budget_ratio``);
+    the term is <= 0 and falls with the cost. Normalising by C_max only shifts log E[R], so the
+    gradient is the paper's: ``1[correct] * R(branch) / E[R]`` per branch weight.
+    """
+    return correct.detach().to(cost_ratio) * cost_ratio.clamp_min(RESOURCE_EPS).log()
+
+
 @dataclass
 class LossTerms:
-    """DivDR eq. 3: ``total = task + lambda1 * budget + lambda2 * clustering``, with each term."""
+    """DivDR eq. 3 with DRNets' eq. 8 beside the budget term:
+    ``total = task + lambda1 * budget + lambda2 * clustering + lambda * resource``, with each term."""
 
     total: torch.Tensor
     task: torch.Tensor
     budget: torch.Tensor
     clustering: torch.Tensor
     clustering_per_image: torch.Tensor | None
+    resource: torch.Tensor
 
 
 def total_loss(task: torch.Tensor, *, cost_ratio: torch.Tensor, progress: float, budget: BudgetConfig,
                clustering: ClusteringConfig, activations: torch.Tensor | None = None,
-               centres: torch.Tensor | None = None, sigma2: float | None = None) -> LossTerms:
-    """Eq. 3. The clustering term is 0 until centres exist (before the first K-means)."""
+               centres: torch.Tensor | None = None, sigma2: float | None = None,
+               resource: ResourceConfig | None = None, correct: torch.Tensor | None = None) -> LossTerms:
+    """Eq. 3. The clustering term is 0 until centres exist (before the first K-means). The
+    resource term (eq. 8, batch mean) needs ``correct`` (from ``correctness``) when its weight is > 0."""
     zero = task.new_zeros(())
     budget_term = budget_loss(cost_ratio, budget.mu) * budget_schedule(progress, budget) if budget.weight else zero
     per_image = None
@@ -86,5 +127,12 @@ def total_loss(task: torch.Tensor, *, cost_ratio: torch.Tensor, progress: float,
     if clustering.weight and centres is not None and activations is not None and sigma2 is not None:
         per_image = clustering_loss(activations, centres, sigma2, clustering.alpha, clustering.distance)
         clustering_term = per_image.mean()
-    total = task + budget.weight * budget_term + clustering.weight * clustering_term
-    return LossTerms(total, task, budget_term, clustering_term, per_image)
+    resource_term = zero
+    resource_weight = resource.weight if resource is not None else 0.0
+    if resource_weight:
+        if correct is None:
+            raise ValueError("resource.weight > 0 needs correct= (divdr.losses.correctness of the logits)")
+        resource_term = resource_loss(cost_ratio, correct).mean() * resource_schedule(progress, resource)
+    total = task + budget.weight * budget_term + clustering.weight * clustering_term + resource_weight * resource_term
+    return LossTerms(total=total, task=task, budget=budget_term, clustering=clustering_term,
+                     clustering_per_image=per_image, resource=resource_term)

@@ -70,3 +70,31 @@ def test_kmeans_schedule_fixed_and_annealed():
     annealed = kmeans_trigger_steps(400, 20, every_final=100)
     gaps = [b - a for a, b in itertools.pairwise(annealed)]
     assert annealed[0] == 20 and gaps == sorted(gaps) and gaps[-1] > gaps[0]
+
+
+def test_gumbel_presets_set_the_gate_family_and_the_regulariser():
+    drnet = resolve("DRNet-A")
+    assert drnet.model.gate.kind == "gumbel" and drnet.resource.weight == 0.1 and drnet.budget.weight == 0
+    assert resolve("DivDRNet-A").clustering.weight > 0
+    dr = resolve("DR-A")
+    assert dr.model.gate.kind == "soft" and dr.resource.weight == 0 and dr.budget.weight == 0.8
+    # the gate family is a model setting like any other: an override beats the preset
+    mixed = resolve("DR-A", None, ["model.gate.kind=gumbel", "model.gate.temperature.final=0.3"])
+    assert mixed.model.gate.kind == "gumbel" and mixed.model.gate.temperature.final == 0.3
+    assert resolve("DRNet-A", None, ["model.gate.kind=soft"]).model.gate.kind == "soft"
+    flat = drnet.flat()
+    assert flat["resource.weight"] == 0.1 and flat["model.gate.temperature.pretrain"] == 3.0
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("model.gate.kind=magic", "gate.kind must be 'soft' or 'gumbel'"),
+    ("model.gate.threshold=0", "gate.threshold"),
+    ("model.gate.temperature.start=-1", "gate.temperature.start"),
+    ("model.gate.temperature.tau=1", "tau"),
+    ("resource.weight=-1", "resource.weight"),
+    ("resource.correct=boxes", "resource.correct"),
+    ("resource.strength=1", "strength"),
+])
+def test_gumbel_fields_validated_by_name(override, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve("DRNet-A", None, [override])

@@ -59,3 +59,13 @@ def test_report_mean_std_over_seeds(tmp_path):
     lines = report["markdown"].splitlines()
     assert lines[4].startswith("| clustering.k=3 | 1 | 0.900 ± 0.000")  # sorted by the metric
     assert (tmp_path / "report.csv").exists() and (tmp_path / "metrics_vs_clustering_k.png").stat().st_size > 0
+
+
+def test_gates_space_compares_both_families_with_and_without_clustering():
+    space = load_space(next(p for p in SPACES if p.name == "gates.yaml"))
+    kinds = {}
+    for preset in space.grid["preset"]:
+        cfg = trial_config(space, {"preset": preset}, seed=0)
+        kinds[(cfg.model.gate.kind, cfg.clustering.weight > 0)] = preset
+        assert (cfg.resource.weight > 0) == (cfg.model.gate.kind == "gumbel")
+    assert set(kinds) == {("soft", False), ("soft", True), ("gumbel", False), ("gumbel", True)}
