@@ -209,3 +209,31 @@ def test_image_size_differs_from_json(tmp_path: Path) -> None:
     write_image(tmp_path / "images" / "a.png", height=11)
     with pytest.raises(DatasetError, match=r"a\.png is 12x11 .* says 12x10 for image id 42"):
         CocoDetection(tmp_path / "images", path)[1]
+
+
+def test_torchvision_mask_rcnn_trains_on_a_batch(small_det_study: Path) -> None:
+    """The targets are what torchvision's detectors take, empty images included."""
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+    from torchvision.ops import MultiScaleRoIAlign
+
+    dataset = det_split(small_det_study, "train", train=True)
+    classes = dataset.num_categories + 1  # + background
+    width = 8  # a toy Mask R-CNN: the point is the target format, not the model
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, width, 3, 2, 1), torch.nn.ReLU())
+    backbone.out_channels = width
+    model = MaskRCNN(
+        backbone, min_size=SMALL.height, max_size=SMALL.width,
+        rpn_anchor_generator=AnchorGenerator(sizes=((8, 16, 32),), aspect_ratios=((0.5, 1.0, 2.0),)),
+        box_roi_pool=MultiScaleRoIAlign(["0"], 7, 2), box_head=TwoMLPHead(width * 49, 16),
+        box_predictor=FastRCNNPredictor(16, classes),
+        mask_roi_pool=MultiScaleRoIAlign(["0"], 14, 2), mask_head=MaskRCNNHeads(width, (width,), 1),
+        mask_predictor=MaskRCNNPredictor(width, width, classes),
+    )
+    empty = next(i for i in range(len(dataset)) if len(dataset.target(i)["boxes"]) == 0)
+    images, targets = collate_fn([dataset[0], dataset[empty]])
+    losses = model(images, targets)
+    assert {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
