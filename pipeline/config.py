@@ -6,6 +6,7 @@ rejected with the key's dotted path in the message. YAML stays here, at the edge
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,12 +208,14 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
+    """A new tree: ``update`` over ``base``. Nothing is shared with either input, so later
+    ``--set`` edits can never leak into module-level defaults such as SMOKE_OVERRIDES."""
+    merged = copy.deepcopy(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = _deep_merge(merged[key], value)
         else:
-            merged[key] = value
+            merged[key] = copy.deepcopy(value)
     return merged
 
 

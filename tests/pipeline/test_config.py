@@ -98,3 +98,12 @@ def test_gumbel_presets_set_the_gate_family_and_the_regulariser():
 def test_gumbel_fields_validated_by_name(override, message):
     with pytest.raises(ConfigError, match=message):
         resolve("DRNet-A", None, [override])
+
+
+def test_overrides_never_leak_into_the_smoke_defaults():
+    from pipeline.config import SMOKE_OVERRIDES
+
+    before = repr(SMOKE_OVERRIDES)
+    resolve(None, None, ["train.lr=0.5", "clustering.k=5"], base=with_smoke({}))
+    assert repr(SMOKE_OVERRIDES) == before
+    assert resolve(None, None, [], base=with_smoke({})).train.lr != 0.5
