@@ -144,20 +144,21 @@ def run(cfg: ExperimentConfig, out: Path, root: Path, parent_run_id: str | None 
     try:
         result = trainer.fit()
         status = "FINISHED"
+        # the tracker (on this node) wrote rank 0's final metrics; Result.metrics only holds the
+        # last report that carried a checkpoint
+        final_file = run_dir / "artifacts" / "final_metrics.json"
+        metrics = json.loads(final_file.read_text()) if final_file.exists() else dict(result.metrics or {})
+        metrics["store"] = ray.get(store.status.remote())
     finally:
+        # a failed run keeps its store snapshot and checkpoints: re-running the command resumes
         ray.get(store.snapshot.remote())
         logger.finish(status)
-    # the tracker (on this node) wrote rank 0's final metrics; Result.metrics only holds the last
-    # report that carried a checkpoint
-    final_file = run_dir / "artifacts" / "final_metrics.json"
-    metrics = json.loads(final_file.read_text()) if final_file.exists() else dict(result.metrics or {})
+        ray.kill(tracker)
+        ray.kill(store, no_restart=True)
     metrics["wall_seconds"] = time.perf_counter() - started
-    metrics["store"] = ray.get(store.status.remote())
     metrics["run_dir"] = str(run_dir)
     metrics["mlflow_run_id"] = run_id
     metrics["tracking_uri"] = uri
-    ray.kill(tracker)
-    ray.kill(store, no_restart=True)
     (run_dir / "result.json").write_text(json.dumps(metrics, indent=2, default=str))
     return metrics
 
