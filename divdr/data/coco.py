@@ -68,7 +68,7 @@ def _check_references(path: Path, data: dict[str, Any]) -> None:
         if ann["category_id"] not in category_ids:
             raise DatasetError(
                 f"{path}: annotations[{i}] (id {ann['id']}) refers to unknown category_id {ann['category_id']}")
-        if len(ann["bbox"]) != 4:
+        if not isinstance(ann["bbox"], list) or len(ann["bbox"]) != 4:
             raise DatasetError(f"{path}: annotations[{i}] (id {ann['id']}) bbox must have 4 numbers, got {ann['bbox']}")
 
 
