@@ -30,8 +30,9 @@ from divdr.data.labels import IGNORE_INDEX
 from divdr.data.transforms import RandomScaleCropFlip, SegTransformConfig
 from divdr.evaluation import merge_results, run_inference
 from divdr.flops import budget_ratio, cost_table, expected_cost
+from divdr.gates import anneal_temperature, set_temperature
 from divdr.heads import DynamicRoutingSegmenter
-from divdr.losses import total_loss
+from divdr.losses import correctness, total_loss
 from pipeline.config import ExperimentConfig, from_dict
 from pipeline.faults import FaultPlan
 from pipeline.schedule import kmeans_trigger_steps, switch_step
@@ -186,6 +187,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             _maybe_switch(centres, store, triggers, cfg, step, rank, world, tracker)
             _inject_process_faults(faults, store, step, rank)
             model.train()
+            tau = anneal_temperature(net, step / cfg.train.steps, cfg.model.gate.temperature)  # no-op: soft
             out = model(batch["image"])
             task = F.cross_entropy(out.logits, batch["label"], ignore_index=IGNORE_INDEX)
             ratio = budget_ratio(out.backbone.gates, table)
@@ -193,7 +195,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             task, acts = _inject_value_faults(faults, task, acts, step, rank)
             terms = total_loss(task, cost_ratio=ratio, progress=step / cfg.train.steps, budget=cfg.budget,
                                clustering=cfg.clustering, activations=acts,
-                               centres=centres.centres if centres.usable() else None, sigma2=centres.sigma2)
+                               centres=centres.centres if centres.usable() else None, sigma2=centres.sigma2,
+                               resource=cfg.resource,
+                               correct=correctness(out.logits, batch["label"], cfg.resource)
+                               if cfg.resource.weight else None)
             optimizer.zero_grad(set_to_none=True)
             if not _all_finite(torch.cat([terms.total.detach().view(1), acts.detach().flatten()]), world):
                 skipped += 1
@@ -219,6 +224,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 metrics = {
                     "loss/total": terms.total.item(), "loss/task": terms.task.item(),
                     "loss/budget": terms.budget.item(), "loss/clustering": terms.clustering.item(),
+                    "loss/resource": terms.resource.item(), "gate/tau": tau,
                     "cost/ratio": ratio.mean().item(),
                     "cost/expected_gflops": float(expected_cost(out.backbone.gates.detach(), table).mean()) / 1e9,
                     "lr": scheduler.get_last_lr()[0], "images_per_s": seen_images / max(now - t_last, 1e-9),
@@ -233,6 +239,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
                 _checkpoint(net, optimizer, scheduler, centres, step, rank, metrics)
     sender.flush()
+    set_temperature(net, cfg.model.gate.temperature.final)  # evaluate at the final tau (gumbel gates)
     final = _final_evaluation(net, cfg, root, store, centres, rank, world, tracker,
                               {"step": step, "start_step": start_step, "skipped_steps": skipped_total})
     ray.train.report({**final, "step": step, "done": True})
