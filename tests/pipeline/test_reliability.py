@@ -46,10 +46,12 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_session, study, tm
     from pipeline.train import run
 
     cfg = smoke("kill-worker", "scaling.max_failures=1")
-    metrics = run(cfg, tmp_path, study, faults="kill_worker:rank=1,step=6")
+    metrics = run(cfg, tmp_path, study, faults="kill_worker:rank=1,step=10")
     assert list((tmp_path / "kill-worker").glob(".fault-*"))  # the fault fired
     assert metrics["step"] == cfg.train.steps
-    assert metrics["start_step"] == 4  # the restarted group began at the step-4 checkpoint
+    # the restarted group began at a checkpoint (step 4 or 8: the controller registers a reported
+    # checkpoint asynchronously, so the newest one may not be registered yet when the worker dies)
+    assert metrics["start_step"] in (4, 8)
     assert metrics["centre_version"] == len(kmeans_trigger_steps(12, 4)) == 2
     assert metrics["centre_switch_steps"][-1] == 9
 
