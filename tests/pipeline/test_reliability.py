@@ -53,7 +53,9 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_session, study, tm
     # checkpoint asynchronously, so the newest one may not be registered yet when the worker dies)
     assert metrics["start_step"] in (4, 8)
     assert metrics["centre_version"] == len(kmeans_trigger_steps(12, 4)) == 2
-    assert metrics["centre_switch_steps"][-1] == 9
+    # switches happen only at scheduled steps; a restarted group may jump straight to the newest
+    # version the store computed before the crash (all ranks together)
+    assert set(metrics["centre_switch_steps"]) <= {5, 9}
 
 
 def test_a_killed_store_restarts_from_its_snapshot(ray_session, study, tmp_path):
