@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from divdr.config import ConfigError
-from divdr.data.synthetic import generate, study_config
 from pipeline.config import resolve, with_smoke
 from pipeline.schedule import kmeans_trigger_steps
+from tests.pipeline.conftest import make_study
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -23,18 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("study")
-    generate(study_config(n_train=16, n_val=6, height=64, width=128, seed=7), root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=4)
-    yield
-    ray.shutdown()
+    return make_study(tmp_path_factory, n_train=16, n_val=6, seed=7)
 
 
 def smoke(name: str, *overrides: str):

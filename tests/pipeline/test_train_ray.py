@@ -9,27 +9,16 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from divdr.data.synthetic import generate, study_config
 from pipeline.config import resolve, with_smoke
 from pipeline.schedule import kmeans_trigger_steps
+from tests.pipeline.conftest import make_study
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=4)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("study")
-    generate(study_config(n_train=24, n_val=9, height=64, width=128, seed=3), root)
-    return root
+    return make_study(tmp_path_factory, n_train=24, n_val=9, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -97,11 +86,13 @@ def test_mlflow_holds_the_run_with_metrics_and_artifacts(smoke_run):
 
 def test_refresh_mode_clusters_every_training_image_with_current_weights(ray_session, tiny_study, tmp_path):
     """The paper's exact semantics: before each K-means every worker recomputes A(x) of its share
-    of the training set; training steps send nothing."""
+    of the training set; training steps send nothing. Run with DRNets' Gumbel gates and resource
+    regulariser (DivDRNet-A), so that gate family goes through TorchTrainer too."""
     from pipeline.train import run
 
-    cfg = resolve("DR-A", None, ["train.steps=8", "clustering.update_every=4", "store.mode=refresh",
-                                 "name=refresh"], base=with_smoke({}))
+    cfg = resolve("DivDRNet-A", None, ["train.steps=8", "clustering.update_every=4", "store.mode=refresh",
+                                       "name=refresh"], base=with_smoke({}))
+    assert cfg.model.gate.kind == "gumbel" and cfg.resource.weight > 0
     metrics = run(cfg, tmp_path, tiny_study)
     store = metrics["store"]
     assert [h["trigger_step"] for h in store["history"]] == [4]
@@ -109,3 +100,4 @@ def test_refresh_mode_clusters_every_training_image_with_current_weights(ray_ses
     assert metrics["centre_switch_steps"] == [4 + cfg.store.switch_lag]
     # one refresh pass per rank, sent in one chunk each (8 images per rank < REFRESH_CHUNK)
     assert store["ingest_calls_by_rank"] == [1, 1]
+    assert 0 <= metrics["miou"] <= 1 and metrics["gflops_real"] > 0
