@@ -19,6 +19,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from divdr.config import PRESETS as PRESETS_ALL
 from pipeline.config import resolve, with_smoke
 from pipeline.train import dataset_root, format_table, init_ray, run
 
@@ -36,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("runs/main"), help="output folder (default runs/main)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a value of both runs (repeatable)")
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=sorted(PRESETS_ALL),
+                        help=f"presets to compare (default: {' '.join(PRESETS)})")
     parser.add_argument("--smoke", action="store_true", help="tiny everything, to check the path")
     return parser
 
@@ -43,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     args = build_parser().parse_args(argv)
     base = with_smoke(MAIN_JOB) if args.smoke else MAIN_JOB
-    configs = [resolve(preset, None, [*args.overrides, f"name=main-{preset}"], base=base) for preset in PRESETS]
+    configs = [resolve(preset, None, [*args.overrides, f"name=main-{preset}"], base=base) for preset in args.presets]
     started = time.perf_counter()
     root = dataset_root(configs[0])
     init_ray()
