@@ -263,19 +263,13 @@ def from_dict(tree: dict[str, Any]) -> ExperimentConfig:
         "resource": _override(preset.resource, tree.get("resource"), "resource"),
     }
     for name, cls in _SECTION_TYPES.items():
-        parts[name] = config_from_dict(cls, _tupled(tree.get(name) or {}), where=name)
+        parts[name] = config_from_dict(cls, tree.get(name) or {}, where=name)
     return ExperimentConfig(name=str(tree.get("name", "")), preset=preset.name, model_size=size, model=model, **parts)
 
 
 _SECTION_TYPES = {"train": TrainConfig, "scaling": ScalingConfig, "store": StoreConfig, "data": DataConfig,
                   "tracking": TrackingConfig, "storage": StorageConfig}
 
-
-def _tupled(section: Any) -> Any:
-    """YAML gives lists; the frozen configs hold tuples."""
-    if isinstance(section, dict) and "crop" in section and isinstance(section["crop"], list):
-        return {**section, "crop": tuple(int(v) for v in section["crop"])}
-    return section
 
 
 def _override(default: Any, section: dict[str, Any] | None, where: str) -> Any:

@@ -16,7 +16,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import mlflow
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
@@ -145,9 +144,6 @@ class RunLogger:
         except Exception as err:
             self._failed("set_terminated", err, {"status": status})
 
-
-def configure(uri: str) -> None:
-    mlflow.set_tracking_uri(uri)
 
 
 def _scalar_metrics(values: dict[str, Any], prefix: str) -> dict[str, float]:

@@ -11,6 +11,7 @@ from divdr.flops import cost_table, real_cost
 from divdr.gates import SoftGate
 from divdr.heads import DynamicRoutingSegmenter
 from divdr.routing import DOWN, KEEP, UP, routing_space
+from tests.divdr.doubles import Fixed, record_batch_sizes
 
 TINY = get_model_config("micro", num_classes=5)
 
@@ -72,19 +73,8 @@ def test_network_fix_has_no_gate_parameters_and_all_paths_open():
     assert torch.equal(gates[0], expected)
 
 
-class FixedGate(nn.Module):
-    """Test double: per-image path weights decided in advance."""
-
-    def __init__(self, weights: torch.Tensor) -> None:
-        super().__init__()
-        self.weights = weights
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weights[: x.shape[0]]
 
 
-def _calls(module: nn.Module, log: list[int]) -> None:
-    module.register_forward_hook(lambda m, args, out: log.append(args[0].shape[0]))
 
 
 def test_inference_skips_closed_paths_and_dropped_cells_per_image():
@@ -92,10 +82,10 @@ def test_inference_skips_closed_paths_and_dropped_cells_per_image():
     # cell 1 = layer 0, scale 0: paths [keep, down]. Image 0: all closed (cell dropped);
     # image 1: keep open, down closed; image 2: both open.
     cell: Cell = backbone.cells[1]
-    cell.gate = FixedGate(torch.tensor([[0.0, 0.0], [0.7, 0.0], [0.5, 0.5]]))
+    cell.gate = Fixed(torch.tensor([[0.0, 0.0], [0.7, 0.0], [0.5, 0.5]]))
     op_calls, down_calls = [], []
-    _calls(cell.op, op_calls)
-    _calls(cell.down, down_calls)
+    record_batch_sizes(cell.op, op_calls)
+    record_batch_sizes(cell.down, down_calls)
     x = torch.randn(3, TINY.channels, 16, 16)
     out = cell(x)
     assert op_calls == [2]  # image 0 is not computed at all
@@ -121,7 +111,7 @@ def test_all_closed_paths_not_called_and_real_flops_drop():
         cell = model.backbone.cells[i]
         cell.gate.project.bias.data.fill_(-1e3)
         for module in (cell.op, *cell.transforms().values()):
-            _calls(module, calls)
+            record_batch_sizes(module, calls)
     with torch.no_grad():
         out = model(images)
     assert calls == []

@@ -37,6 +37,7 @@ from divdr.gates import (
 from divdr.heads import DynamicRoutingSegmenter
 from divdr.losses import correctness, resource_loss, resource_schedule, total_loss
 from divdr.routing import DOWN, KEEP, UP, routing_space
+from tests.divdr.doubles import Fixed, record_batch_sizes
 
 GUMBEL = GateConfig(kind="gumbel")
 MICRO = get_model_config("micro", num_classes=4, gate=GUMBEL)
@@ -47,19 +48,8 @@ def _gumbel_gates(model: nn.Module) -> list[GumbelGate]:
     return [m for m in model.modules() if isinstance(m, GumbelGate)]
 
 
-def _calls(module: nn.Module, log: list[int]) -> None:
-    module.register_forward_hook(lambda m, args, out: log.append(args[0].shape[0]))
 
 
-class FixedLogits(nn.Module):
-    """Test double for a RouterNet: per-image importance weights decided in advance."""
-
-    def __init__(self, logits: torch.Tensor) -> None:
-        super().__init__()
-        self.logits = logits
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logits[: x.shape[0]]
 
 
 # ---- temperature -------------------------------------------------------------------------------
@@ -150,7 +140,7 @@ def test_gumbel_gate_training_dense_and_stochastic_inference_sparse_and_determin
     a, b = gate(x), gate(x)
     assert (a > 0).all() and torch.allclose(a.sum(-1), torch.ones(4))
     assert not torch.equal(a, b)  # Gumbel noise in training
-    gate.router = FixedLogits(torch.tensor([[2.0, 0.0, -1.0]]).repeat(4, 1))
+    gate.router = Fixed(torch.tensor([[2.0, 0.0, -1.0]]).repeat(4, 1))
     set_temperature(gate, 0.5)
     gate.eval()
     out = gate(x)
@@ -226,11 +216,11 @@ def test_inference_skips_unselected_branches_per_image():
     # Image 0: skip alone (cell dropped); image 1: keep alone; image 2: keep + down (0.45 / 0.55).
     cell: Cell = backbone.cells[1]
     assert cell.skip_branch
-    cell.gate.router = FixedLogits(torch.tensor([[0.0, 0.0, 12.0], [12.0, 0.0, 0.0], [0.0, 0.2, -12.0]]))
+    cell.gate.router = Fixed(torch.tensor([[0.0, 0.0, 12.0], [12.0, 0.0, 0.0], [0.0, 0.2, -12.0]]))
     set_temperature(cell, 1.0)
     op_calls, down_calls = [], []
-    _calls(cell.op, op_calls)
-    _calls(cell.down, down_calls)
+    record_batch_sizes(cell.op, op_calls)
+    record_batch_sizes(cell.down, down_calls)
     x = torch.randn(3, MICRO.channels, 16, 16)
     out = cell(x)
     assert op_calls == [2]  # image 0 is not computed at all
@@ -249,7 +239,7 @@ def test_inference_skips_unselected_branches_per_image():
 
 def test_inference_skip_and_keep_both_selected_adds_the_input():
     cell: Cell = DynamicBackbone(MICRO_SKIP).eval().cells[1]
-    cell.gate.router = FixedLogits(torch.tensor([[0.0, -12.0, 0.1]]))  # keep 0.475, skip 0.525
+    cell.gate.router = Fixed(torch.tensor([[0.0, -12.0, 0.1]]))  # keep 0.475, skip 0.525
     set_temperature(cell, 1.0)
     x = torch.randn(1, MICRO.channels, 16, 16)
     weights, skip = cell.route(x)
@@ -277,7 +267,7 @@ def test_unselected_paths_not_called_and_real_flops_drop():
         affine.bias.data.copy_(torch.tensor([20.0 if slot == KEEP else 0.0 for slot in cell.slots]))
         for transform in (cell.up, cell.down):
             if transform is not None:
-                _calls(transform, calls)
+                record_batch_sizes(transform, calls)
     with torch.no_grad():
         after = model(images).backbone.gates
     assert calls == []  # no up or down path of layer 1 ran
