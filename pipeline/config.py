@@ -87,6 +87,9 @@ class ScalingConfig:
 class StoreConfig:
     """The centroid store: what it keeps and when it clusters."""
 
+    # false = no centroid store at all: no streaming, no K-means, no clusters measured during
+    # training (DR presets only: the clustering loss needs the store's centres). For benchmarks.
+    enabled: bool = True
     mode: StoreMode = "streaming"  # or "refresh": recompute every A(x) before each K-means
     # The workers switch to centre version v at step v * update_every + switch_lag: K-means runs
     # while they train, and every rank switches at the same step by construction.
@@ -264,6 +267,9 @@ def from_dict(tree: dict[str, Any]) -> ExperimentConfig:
     }
     for name, cls in _SECTION_TYPES.items():
         parts[name] = config_from_dict(cls, tree.get(name) or {}, where=name)
+    _require(parts["store"].enabled or parts["clustering"].weight == 0,
+             f"store.enabled=false needs clustering.weight (lambda2) = 0, got {parts['clustering'].weight}: "
+             "the clustering loss trains against the store's centres")
     return ExperimentConfig(name=str(tree.get("name", "")), preset=preset.name, model_size=size, model=model, **parts)
 
 

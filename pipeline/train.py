@@ -123,10 +123,12 @@ def run(cfg: ExperimentConfig, out: Path, root: Path, parent_run_id: str | None 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     tracker = ray.remote(num_cpus=0)(tracking.Tracker).options(scheduling_strategy=here).remote(
         uri, run_id, str(run_dir))
-    store = CentroidStore.options(name=store_name(cfg.run_name), num_cpus=0, get_if_exists=True,
-                                  scheduling_strategy=here).remote(
-        len(train_set), cfg.model.a_dim, cfg.scaling.workers, cfg.train.steps, cfg.clustering, cfg.store,
-        str(run_dir / "store"), cfg.train.seed)
+    store = None  # store.enabled=false: DR trained with no centroid store
+    if cfg.store.enabled:
+        store = CentroidStore.options(name=store_name(cfg.run_name), num_cpus=0, get_if_exists=True,
+                                      scheduling_strategy=here).remote(
+            len(train_set), cfg.model.a_dim, cfg.scaling.workers, cfg.train.steps, cfg.clustering, cfg.store,
+            str(run_dir / "store"), cfg.train.seed)
 
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -148,13 +150,15 @@ def run(cfg: ExperimentConfig, out: Path, root: Path, parent_run_id: str | None 
         # last report that carried a checkpoint
         final_file = run_dir / "artifacts" / "final_metrics.json"
         metrics = json.loads(final_file.read_text()) if final_file.exists() else dict(result.metrics or {})
-        metrics["store"] = ray.get(store.status.remote())
+        metrics["store"] = ray.get(store.status.remote()) if store is not None else None
     finally:
         # a failed run keeps its store snapshot and checkpoints: re-running the command resumes
-        ray.get(store.snapshot.remote())
+        if store is not None:
+            ray.get(store.snapshot.remote())
         logger.finish(status)
         ray.kill(tracker)
-        ray.kill(store, no_restart=True)
+        if store is not None:
+            ray.kill(store, no_restart=True)
     metrics["wall_seconds"] = time.perf_counter() - started
     metrics["run_dir"] = str(run_dir)
     metrics["mlflow_run_id"] = run_id

@@ -171,7 +171,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     triggers = kmeans_trigger_steps(cfg.train.steps, cfg.clustering.update_every, cfg.store.update_every_final)
     centres = CentreState()
     start_step = _restore(net, optimizer, scheduler, centres)
-    sender = ActivationSender(store, rank, cfg.store.max_in_flight, cfg.store.float16)
+    # store.enabled=false: no store, nothing streamed, no centres (DR only; checked in the config)
+    sender = ActivationSender(store, rank, cfg.store.max_in_flight, cfg.store.float16) if store is not None else None
 
     step, epoch, skipped, skipped_total = start_step, 0, 0, 0
     seen_images, t_last, metrics = 0, time.perf_counter(), {}
@@ -182,9 +183,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         for batch in loader:
             if step >= cfg.train.steps:
                 break
-            if cfg.store.mode == "refresh" and step in triggers:
+            if sender is not None and cfg.store.mode == "refresh" and step in triggers:
                 _refresh(net, full_train, cfg, store, sender, rank, world, step)
-            _maybe_switch(centres, store, triggers, cfg, step, rank, world, tracker)
+            if sender is not None:
+                _maybe_switch(centres, store, triggers, cfg, step, rank, world, tracker)
             _inject_process_faults(faults, store, step, rank)
             model.train()
             tau = anneal_temperature(net, step / cfg.train.steps, cfg.model.gate.temperature)  # no-op: soft
@@ -215,7 +217,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.train.grad_clip)
             optimizer.step()
             scheduler.step()
-            if cfg.store.mode == "streaming":
+            if sender is not None and cfg.store.mode == "streaming":
                 sender.send(step, batch["sample_id"], acts)
             seen_images += len(batch["sample_id"]) * world
             step += 1
@@ -238,7 +240,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 _periodic_evaluation(net, cfg, root, step, rank, world, tracker)
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
                 _checkpoint(net, optimizer, scheduler, centres, step, rank, metrics)
-    sender.flush()
+    if sender is not None:
+        sender.flush()
     set_temperature(net, cfg.model.gate.temperature.final)  # evaluate at the final tau (gumbel gates)
     final = _final_evaluation(net, cfg, root, store, centres, rank, world, tracker,
                               {"step": step, "start_step": start_step, "skipped_steps": skipped_total})
@@ -384,7 +387,7 @@ def _final_evaluation(net: DynamicRoutingSegmenter, cfg: ExperimentConfig, root:
     from pipeline.analysis import summarize_run  # rank 0 only: plotting and Parquet
 
     summary, artifacts = summarize_run(cfg, root, merge_results(train_parts), merge_results(val_parts), centres,
-                                       ray.get(store.status.remote()), net, progress)
+                                       ray.get(store.status.remote()) if store is not None else {}, net, progress)
     if tracker is not None:
         ray.get(tracker.final.remote(summary, artifacts))
     return summary

@@ -107,3 +107,10 @@ def test_overrides_never_leak_into_the_smoke_defaults():
     resolve(None, None, ["train.lr=0.5", "clustering.k=5"], base=with_smoke({}))
     assert repr(SMOKE_OVERRIDES) == before
     assert resolve(None, None, [], base=with_smoke({})).train.lr != 0.5
+
+
+def test_store_can_be_disabled_for_dr_only():
+    assert resolve("DR-A").store.enabled
+    assert not resolve("DR-A", overrides=["store.enabled=false"]).store.enabled
+    with pytest.raises(ConfigError, match="store.enabled=false needs clustering.weight"):
+        resolve("DivDR-A", overrides=["store.enabled=false"])
