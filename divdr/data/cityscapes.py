@@ -185,3 +185,35 @@ class CityscapesSegmentation(Dataset):
             "file": self.relative_file(index),
             "subset": self.subset_of(index),
         }
+
+
+def write_subset_view(root: str | Path, out: str | Path, subset: int) -> Path:
+    """A Cityscapes-layout view of ``root`` holding only the images of one hidden ``subset`` (both
+    splits), as symbolic links plus a filtered manifest: what the controlled study's *oracle* (one
+    expert per known subset) trains and is evaluated on. Idempotent: an existing complete view is
+    reused. Raises DatasetError if ``root`` has no manifest or no image of that subset in a split.
+    """
+    root, out = Path(root).resolve(), Path(out)
+    manifest_path = root / SUBSET_MANIFEST
+    if not manifest_path.exists():
+        raise DatasetError(f"{root} has no {SUBSET_MANIFEST}: the oracle needs known subsets")
+    entries = [e for e in read_subset_manifest(manifest_path).values() if e.subset == subset]
+    splits = sorted({e.split for e in entries})
+    for split in ("train", "val"):
+        if split not in splits:
+            raise DatasetError(f"subset {subset} has no {split!r} image in {manifest_path}")
+    if (out / SUBSET_MANIFEST).exists():
+        return out
+    for entry in entries:
+        image = root / entry.image
+        split, city = image.parent.parent.name, image.parent.name
+        stem = image.name[: -len(IMAGE_SUFFIX)]
+        label = root / LABEL_DIR / split / city / f"{stem}{LABEL_SUFFIX}"
+        for source, rel in ((image, Path(entry.image)), (label, label.relative_to(root))):
+            if not source.is_file():
+                raise DatasetError(f"subset manifest {manifest_path} lists {entry.image}, but {source} is missing")
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            if not (out / rel).exists():
+                (out / rel).symlink_to(source)
+    write_subset_manifest(out / SUBSET_MANIFEST, entries)  # last: its presence marks a complete view
+    return out

@@ -101,3 +101,23 @@ def test_refresh_mode_clusters_every_training_image_with_current_weights(ray_ses
     # one refresh pass per rank, sent in one chunk each (8 images per rank < REFRESH_CHUNK)
     assert store["ingest_calls_by_rank"] == [1, 1]
     assert 0 <= metrics["miou"] <= 1 and metrics["gflops_real"] > 0
+
+
+def test_oracle_trains_one_expert_per_subset_and_compares(smoke_run, tiny_study, tmp_path):
+    """pipeline/oracle.py: one DR expert per known subset, each evaluated on its own val images;
+    the smoke DivDR model evaluated on the same images per subset, in the same table."""
+    from pipeline.oracle import main as oracle_main
+
+    _, _, metrics = smoke_run
+    model = Path(metrics["run_dir"]) / "artifacts" / "model.pt"
+    rows = oracle_main(["--smoke", "--out", str(tmp_path), "--set", f"data.root={tiny_study}",
+                        "--set", "scaling.workers=1", "--set", "train.steps=4", "--compare", str(model)])
+    oracle, compared = rows["oracle (DR-A expert per subset)"], rows[str(model)]
+    n_val = 9  # the whole val split of tiny_study: every image goes to the expert of its subset
+    assert oracle["images"] == compared["images"] == n_val
+    assert set(oracle["per_subset_miou"]) == set(compared["per_subset_miou"]) == {0, 1, 2}
+    for row in (oracle, compared):
+        assert 0.0 <= row["miou"] <= 1.0 and row["gflops_real"] > 0
+    experts = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("oracle-"))
+    assert experts == ["oracle-large", "oracle-thin", "oracle-tiny"]
+    assert (tmp_path / "oracle.md").read_text().startswith("| model | mIoU (all val) |")

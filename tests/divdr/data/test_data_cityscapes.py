@@ -21,6 +21,7 @@ from divdr.data.cityscapes import (
     SubsetEntry,
     read_subset_manifest,
     write_subset_manifest,
+    write_subset_view,
 )
 from divdr.data.labels import IGNORE_INDEX, LABEL_ID_BY_NAME, LabelError
 from divdr.data.transforms import RandomScaleCropFlip, SegTransformConfig
@@ -183,3 +184,26 @@ def test_colour_label_file_is_rejected(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((4, 6, 3), dtype=np.uint8)).save(label)
     with pytest.raises(DatasetError, match=r"gtFine_labelIds\.png: expected a single-channel labelIds PNG, got mode"):
         CityscapesSegmentation(tmp_path, "train")[0]
+
+
+def test_subset_view_holds_one_subset_of_both_splits(small_seg_study: Path, tmp_path: Path) -> None:
+    full = {split: CityscapesSegmentation(small_seg_study, split) for split in ("train", "val")}
+    view = write_subset_view(small_seg_study, tmp_path / "view", subset=1)
+    for split, dataset in full.items():
+        expected = sorted(dataset.relative_file(i) for i in range(len(dataset)) if dataset.subset_of(i) == 1)
+        part = CityscapesSegmentation(view, split)
+        assert sorted(part.relative_file(i) for i in range(len(part))) == expected
+        assert {part.subset_of(i) for i in range(len(part))} == {1}
+        sample = part[0]
+        original = dataset[[dataset.relative_file(i) for i in range(len(dataset))].index(sample["file"])]
+        assert torch.equal(sample["label"], original["label"]) and torch.equal(sample["image"], original["image"])
+    assert write_subset_view(small_seg_study, view, subset=1) == view  # idempotent
+
+
+def test_subset_view_errors_name_what_is_missing(small_seg_study: Path, tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="subset 7 has no 'train' image"):
+        write_subset_view(small_seg_study, tmp_path / "v7", subset=7)
+    bare = tmp_path / "bare"
+    write_pair(bare, "train", "aachen_000000_000000", road_and_car())
+    with pytest.raises(DatasetError, match=f"has no {SUBSET_MANIFEST}"):
+        write_subset_view(bare, tmp_path / "v", subset=0)

@@ -1,0 +1,130 @@
+"""The controlled study's oracle (DivDR sec. 5): one expert per *known* subset, against DivDR.
+
+``python pipeline/oracle.py [--out runs/oracle] [--preset DR-A] [--set key=value ...] [--compare MODEL.pt ...]``
+
+For every subset s of the dataset's manifest, a network of the same size as the main job's is
+trained on the images of s only (a symlinked view of the dataset, ``divdr.data.cityscapes.write_subset_view``)
+with the same configuration and number of steps, and evaluated on the val images of s. The oracle's
+mIoU comes from the experts' confusion matrices summed over subsets (each val image seen by its own
+expert: the hypothetical perfect router), its GFLOPs are the mean real GFLOPs per val image.
+
+``--compare`` evaluates other trained models (``<run>/artifacts/model.pt``, e.g. the main job's
+DivDR-A) on the same val images, per subset, so they appear in the same table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import torch
+
+from divdr.config import PRESETS
+from divdr.data.cityscapes import SUBSET_MANIFEST, CityscapesSegmentation, read_subset_manifest, write_subset_view
+from divdr.evaluation import InferenceResult, run_inference
+from divdr.heads import DynamicRoutingSegmenter
+from divdr.metrics import scores_from_confusion
+from pipeline.config import resolve, with_smoke
+from pipeline.main_job import MAIN_JOB
+from pipeline.train import dataset_root, init_ray, run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline/oracle.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/oracle"), help="output folder (default runs/oracle)")
+    parser.add_argument("--preset", default="DR-A", choices=sorted(PRESETS),
+                        help="preset of the experts (default DR-A: the budget of the main job, no clustering)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a value of every expert (repeatable; the main job's values are the base)")
+    parser.add_argument("--compare", nargs="*", type=Path, default=[], metavar="MODEL_PT",
+                        help="trained models (<run>/artifacts/model.pt) to evaluate per subset beside the oracle")
+    parser.add_argument("--smoke", action="store_true", help="tiny everything, to check the path")
+    return parser
+
+
+def subset_names(root: Path) -> dict[int, str]:
+    manifest = root / SUBSET_MANIFEST
+    if not manifest.exists():
+        raise SystemExit(f"pipeline/oracle.py: error: {root} has no {SUBSET_MANIFEST}; the oracle needs known subsets")
+    return {e.subset: e.subset_name or str(e.subset) for e in read_subset_manifest(manifest).values()}
+
+
+def load_model(path: Path) -> DynamicRoutingSegmenter:
+    """A model written by the pipeline's analysis (``{"config": ModelConfig, "state_dict": ...}``)."""
+    if not path.is_file():
+        raise SystemExit(f"pipeline/oracle.py: error: model file {path} does not exist")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    net = DynamicRoutingSegmenter(saved["config"])
+    net.load_state_dict(saved["state_dict"])
+    return net.eval()
+
+
+def combine(parts: list[InferenceResult]) -> dict[str, float]:
+    """mIoU from the summed confusion matrices, mean real GFLOPs per image."""
+    matrix = sum(p.confusion.matrix.cpu().numpy().astype(np.int64) for p in parts)
+    names = parts[0].confusion.class_names
+    gflops = np.concatenate([p.real_gflops for p in parts])
+    gflops_ref = np.concatenate([p.real_gflops_reference for p in parts])
+    return {"miou": scores_from_confusion(matrix, names).miou, "gflops_real": float(gflops.mean()),
+            "gflops_real_1024x2048": float(gflops_ref.mean()), "images": int(gflops.size)}
+
+
+def evaluate_per_subset(net: DynamicRoutingSegmenter, views: dict[int, Path]) -> dict[str, Any]:
+    parts = {s: run_inference(net, CityscapesSegmentation(view, "val")) for s, view in views.items()}
+    row = combine(list(parts.values()))
+    row["per_subset_miou"] = {s: p.scores.miou for s, p in parts.items()}
+    return row
+
+
+def format_rows(rows: dict[str, dict[str, Any]], names: dict[int, str]) -> str:
+    subsets = sorted(names)
+    header = ("| model | mIoU (all val) | " + " | ".join(f"mIoU {names[s]}" for s in subsets)
+              + " | GFLOPs (eval size) | GFLOPs @1024x2048 |")
+    lines = [header, "|" + "---|" * (4 + len(subsets))]
+    for label, r in rows.items():
+        per = " | ".join(f"{r['per_subset_miou'][s]:.3f}" for s in subsets)
+        lines.append(f"| {label} | {r['miou']:.3f} | {per} | {r['gflops_real']:.3f} | "
+                     f"{r['gflops_real_1024x2048']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    args = build_parser().parse_args(argv)
+    base = with_smoke(MAIN_JOB) if args.smoke else MAIN_JOB
+    probe = resolve(args.preset, None, args.overrides, base=base)
+    root = dataset_root(probe)
+    names = subset_names(root)
+    out = args.out.resolve()
+    views = {s: write_subset_view(root, out / "views" / f"subset-{s}-{names[s]}", s) for s in sorted(names)}
+    started = time.perf_counter()
+    init_ray()
+    experts: dict[int, DynamicRoutingSegmenter] = {}
+    for s, view in views.items():
+        cfg = resolve(args.preset, None, [*args.overrides, f"name=oracle-{names[s]}", f"data.root={view}"], base=base)
+        metrics = run(cfg, out, view, fresh=True)
+        experts[s] = load_model(Path(metrics["run_dir"]) / "artifacts" / "model.pt")
+    parts = {s: run_inference(experts[s], CityscapesSegmentation(views[s], "val")) for s in views}
+    oracle = combine(list(parts.values()))
+    oracle["per_subset_miou"] = {s: p.scores.miou for s, p in parts.items()}
+    rows = {f"oracle ({args.preset} expert per subset)": oracle}
+    for path in args.compare:
+        rows[str(path)] = evaluate_per_subset(load_model(path), views)
+    table = format_rows(rows, names)
+    wall = time.perf_counter() - started
+    print(f"\n{table}\n\nwall time: {wall / 60:.1f} min")
+    (out / "oracle.md").write_text(table + "\n")
+    (out / "oracle.json").write_text(json.dumps({"wall_seconds": wall, "subsets": names, "rows": rows},
+                                                indent=2, default=float))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
