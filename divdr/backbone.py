@@ -8,11 +8,14 @@ import torch
 from torch import nn
 
 from divdr.cells import Cell, CellOutput
-from divdr.config import NUM_SCALES, ModelConfig
+from divdr.config import ModelConfig
 from divdr.ops import Stem
 from divdr.routing import INIT_LAYER, a_space_slice, routing_space
 
-SIZE_DIVISIBILITY = 32  # coarsest scale is 1/32: inputs are padded to a multiple of it
+# Inputs are padded to a multiple of 32 (1/32 is the coarsest scale with an up path, whose x2
+# must land on the finer map exactly). Layer17's 1/64 cell only receives a stride-2 down path
+# and sends nothing back up, so it needs no more: it is ceil(H/64) x ceil(W/64).
+SIZE_DIVISIBILITY = 32
 
 
 def feature_name(scale: int) -> str:
@@ -23,7 +26,8 @@ def feature_name(scale: int) -> str:
 class BackboneOutput:
     """The one output type of the backbone, in training and evaluation.
 
-    ``features``: the last layer's outputs per scale ("scale0" at 1/4 ... "scale3" at 1/32).
+    ``features``: the last layer's outputs per scale ("scale0" at 1/4 ... "scale3" at 1/32, and
+    "scale4" at 1/64 in Layer17).
     ``gates``: every cell's weights, [B, cells incl. the initial one, 3] in [up, keep, down]
     order; together with a cost table this is all the FLOPs module needs.
     ``activations``: A(x), the DivDR gate activation vector, [B, a_dim].
@@ -49,7 +53,7 @@ class DynamicBackbone(nn.Module):
 
     @property
     def out_channels(self) -> dict[str, int]:
-        return {feature_name(s): self.config.channels * 2**s for s in range(NUM_SCALES)}
+        return {feature_name(s): self.config.channels * 2**s for s in range(self.config.num_scales)}
 
     def forward(self, images: torch.Tensor) -> BackboneOutput:
         if images.shape[-2] % SIZE_DIVISIBILITY or images.shape[-1] % SIZE_DIVISIBILITY:

@@ -14,6 +14,9 @@ ClusterDistance = Literal["l2", "squared_l2"]
 Correctness = Literal["pixels", "image"]
 
 NUM_SCALES = 4  # 1/4, 1/8, 1/16, 1/32 (DR paper, Fig. 2)
+# DivDR's Layer17 (COCO): the last layer gets a fifth cell at 1/64, so the backbone ends in the
+# five levels of FPN's P2-P6 (see ModelConfig.final_scales).
+FPN_SCALES = 5
 
 
 class ConfigError(ValueError):
@@ -93,20 +96,42 @@ class ModelConfig:
     num_classes: int = 19
     gate: GateConfig = field(default_factory=GateConfig)
     # The official code puts one gated cell at 1/4 right after the stem (the "initial layer").
-    # DR's Layer16 A-space (DivDR Fig. 4) has 61 x 3 = 183 dims, i.e. without it; the COCO
-    # Layer17 A-space has 198 = 66 x 3, i.e. with it. The cell exists either way.
+    # DR's Layer16 A-space (DivDR Fig. 4) has 61 x 3 = 183 dims, i.e. without it. The cell exists
+    # either way; this only says whether its 3 gate values are part of A(x).
     init_cell_in_a_space: bool = False
+    # Scales of the last layer. 4: DR's segmentation space. 5: DivDR's Layer17 for COCO ("another
+    # 5-stage layer to keep consistent with FPN, bringing 17 layers in total"): Layer16's 16 layers,
+    # now all with up/down paths, then a 17th layer of 5 cells (1/4 .. 1/64; the 1/64 cell is fed
+    # by the 1/32 cell's down path). Cells: 61 + 5 = 66, A-space 66 x 3 = 198, the paper's figure,
+    # with the same A(x) convention as Layer16 (initial cell left out). The other reading that also
+    # gives 198, 17 four-scale layers (65 cells) plus the initial cell, is
+    # ``layers=17, final_scales=4, init_cell_in_a_space=True``.
+    final_scales: int = NUM_SCALES
 
     def __post_init__(self) -> None:
         _require(self.layers >= 3, f"model.layers must be >= 3 (all four scales appear at layer 2), got {self.layers}")
         _require(self.channels >= 2 and self.channels % 2 == 0,
                  f"model.channels must be an even integer >= 2, got {self.channels}")
         _require(self.num_classes >= 1, f"model.num_classes must be >= 1, got {self.num_classes}")
+        _require(self.final_scales in (NUM_SCALES, FPN_SCALES),
+                 f"model.final_scales must be {NUM_SCALES} (DR) or {FPN_SCALES} (Layer17, FPN levels), "
+                 f"got {self.final_scales}")
+        # the 1/64 cell is fed by the 1/32 cell of the layer before, which exists from layer 2 on
+        _require(self.final_scales == NUM_SCALES or self.layers >= 4,
+                 f"model.final_scales={FPN_SCALES} needs model.layers >= 4 (the layer before the last "
+                 f"must hold the 1/32 cell), got {self.layers}")
 
     @property
     def cells_per_layer(self) -> tuple[int, ...]:
-        """``[2, 3, 4] + [4] * (L - 3)``: layer l has the scales 0 .. min(l + 1, 3)."""
-        return tuple(min(layer + 2, NUM_SCALES) for layer in range(self.layers))
+        """``[2, 3, 4] + [4] * (L - 3)``: layer l has the scales 0 .. min(l + 1, 3); with
+        ``final_scales=5`` the last layer has 5 (1/4 .. 1/64)."""
+        counts = tuple(min(layer + 2, NUM_SCALES) for layer in range(self.layers))
+        return counts[:-1] + (FPN_SCALES,) if self.final_scales == FPN_SCALES else counts
+
+    @property
+    def num_scales(self) -> int:
+        """Scales of the backbone's output features (those of the last layer)."""
+        return self.cells_per_layer[-1]
 
     @property
     def routing_cells(self) -> int:
@@ -232,6 +257,8 @@ def get_preset(name: str) -> Preset:
 MODEL_SIZES: dict[str, ModelConfig] = {
     "layer16": ModelConfig(layers=16, channels=64),
     "layer33": ModelConfig(layers=33, channels=64),
+    # DivDR's COCO backbone (Tables 3-5): 66 cells, A-space 198 (see ModelConfig.final_scales)
+    "layer17": ModelConfig(layers=17, channels=64, final_scales=FPN_SCALES),
     "small": ModelConfig(layers=8, channels=32),
     "tiny": ModelConfig(layers=6, channels=16),
     "micro": ModelConfig(layers=3, channels=8),

@@ -55,13 +55,19 @@ OFFICIAL = Convention()
 CONVS_ONLY = Convention(bn=0, relu=0, pool=0)
 
 
+def strided(n: int, stride: int) -> int:
+    """Output side of a padded convolution: ceil(n / stride). The official code floors, which is
+    the same on the padded sizes of a four-scale space; Layer17's 1/64 maps can be odd-sized."""
+    return -(-n // stride)
+
+
 def conv(h: int, w: int, c_in: int, c_out: int, k: int, stride: int = 1, groups: int = 1) -> int:
-    """Multiply-adds of a bias-free convolution (output size = input // stride, as the official)."""
-    return k * k * (c_in // groups) * c_out * (h // stride) * (w // stride)
+    """Multiply-adds of a bias-free convolution."""
+    return k * k * (c_in // groups) * c_out * strided(h, stride) * strided(w, stride)
 
 
 def conv_bn_relu(h: int, w: int, c_in: int, c_out: int, k: int, cv: Convention, stride: int = 1) -> int:
-    out_elements = (h // stride) * (w // stride) * c_out
+    out_elements = strided(h, stride) * strided(w, stride) * c_out
     return conv(h, w, c_in, c_out, k, stride) + (cv.bn + cv.relu) * out_elements
 
 
@@ -124,11 +130,11 @@ def gate_cost(h: int, w: int, spec: CellSpec, config: ModelConfig, cv: Conventio
     return soft_gate_cost(h, w, spec.channels, n_paths, gate.small_gate, cv)
 
 
-def decoder_cost(h4: int, w4: int, c: int, num_classes: int, cv: Convention) -> int:
+def decoder_cost(h4: int, w4: int, c: int, num_classes: int, cv: Convention, num_scales: int = NUM_SCALES) -> int:
     total = 0
-    for s in range(NUM_SCALES):
+    for s in range(num_scales):
         cs = c * 2**s
-        total += conv_bn_relu(h4 >> s, w4 >> s, cs, cs if s == 0 else cs // 2, 1, cv)
+        total += conv_bn_relu(strided(h4, 2**s), strided(w4, 2**s), cs, cs if s == 0 else cs // 2, 1, cv)
     return total + conv(h4, w4, c, num_classes, 3)
 
 
@@ -159,13 +165,23 @@ class CostTable:
         return self.stem + self.decoder + self.routing_all_open
 
     @property
+    def backbone_all_open(self) -> float:
+        """Stem and routing space with everything open, no decoder and no gates: the backbone
+        figure of DivDR Tables 4-5 (detection heads are not counted there)."""
+        return self.stem + self.routing_all_open
+
+    @property
     def fixed(self) -> float:
         """What every image pays whatever its route: stem, decoder, and every gate."""
         return self.stem + self.decoder + float(self.gate.sum())
 
 
-def cost_table(config: ModelConfig, height: int, width: int, convention: Convention = OFFICIAL) -> CostTable:
-    """The cost table for an input of ``height`` x ``width`` pixels."""
+def cost_table(config: ModelConfig, height: int, width: int, convention: Convention = OFFICIAL,
+               with_decoder: bool = True) -> CostTable:
+    """The cost table for an input of ``height`` x ``width`` pixels.
+
+    ``with_decoder=False`` for the backbone under other heads (detection: FPN and R-CNN heads are
+    not counted, as DivDR Tables 4-5 count backbone FLOPs); the decoder cost is then 0."""
     cv = convention
     if height < 1 or width < 1:
         raise ValueError(f"input size must be positive, got {height}x{width}")
@@ -173,14 +189,15 @@ def cost_table(config: ModelConfig, height: int, width: int, convention: Convent
     h4, w4 = h // STEM_STRIDE, w // STEM_STRIDE
     cells, paths, gates = [], [], []
     for spec in routing_space(config):
-        hs, ws = h4 >> spec.scale, w4 >> spec.scale
+        hs, ws = strided(h4, 2**spec.scale), strided(w4, 2**spec.scale)
         cells.append(sepconv3x3x2_cost(hs, ws, spec.channels, cv))
         paths.append(path_costs(hs, ws, spec, cv))
         gates.append(gate_cost(hs, ws, spec, config, cv))
     return CostTable(
         height=h, width=w,
         stem=float(stem_cost(h, w, config.channels, cv)),
-        decoder=float(decoder_cost(h4, w4, config.channels, config.num_classes, cv)),
+        decoder=float(decoder_cost(h4, w4, config.channels, config.num_classes, cv, config.num_scales))
+        if with_decoder else 0.0,
         cell=torch.tensor(cells, dtype=torch.float64),
         paths=torch.tensor(paths, dtype=torch.float64),
         gate=torch.tensor(gates, dtype=torch.float64),

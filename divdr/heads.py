@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from divdr.backbone import SIZE_DIVISIBILITY, BackboneOutput, DynamicBackbone, feature_name
-from divdr.config import NUM_SCALES, ModelConfig
+from divdr.config import ModelConfig
 from divdr.ops import conv_bn, kaiming_init
 
 
@@ -17,9 +17,9 @@ class NaiveDecoder(nn.Module):
     """Per scale a 1x1 conv + BN + ReLU (halving the width, except at 1/4), summed coarse to fine
     with bilinear x2 up-sampling, then a 3x3 conv to the classes at 1/4 and bilinear x4."""
 
-    def __init__(self, channels: int, num_classes: int) -> None:
+    def __init__(self, channels: int, num_classes: int, num_scales: int = 4) -> None:
         super().__init__()
-        widths = [channels * 2**s for s in range(NUM_SCALES)]
+        widths = [channels * 2**s for s in range(num_scales)]
         self.lateral = nn.ModuleList(
             conv_bn(w, w if s == 0 else w // 2, 1) for s, w in enumerate(widths)
         )
@@ -28,13 +28,14 @@ class NaiveDecoder(nn.Module):
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         pred: torch.Tensor | None = None
-        for scale in reversed(range(NUM_SCALES)):
+        for scale in reversed(range(len(self.lateral))):
             x = features[feature_name(scale)]
             if pred is not None:
                 x = x + pred
             pred = self.lateral[scale](x)
-            if scale > 0:
-                pred = F.interpolate(pred, scale_factor=2, mode="bilinear", align_corners=False)
+            if scale > 0:  # to the finer map's size: Layer17's 1/64 map is ceil(H/64), not H/64
+                pred = F.interpolate(pred, size=features[feature_name(scale - 1)].shape[-2:], mode="bilinear",
+                                     align_corners=False)
         logits = self.predictor(pred)
         return F.interpolate(logits, scale_factor=4, mode="bilinear", align_corners=False)
 
@@ -56,7 +57,7 @@ class DynamicRoutingSegmenter(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = DynamicBackbone(config)
-        self.decoder = NaiveDecoder(config.channels, config.num_classes)
+        self.decoder = NaiveDecoder(config.channels, config.num_classes, config.num_scales)
 
     def forward(self, images: torch.Tensor) -> SegmentationOutput:
         height, width = images.shape[-2:]

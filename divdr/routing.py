@@ -18,7 +18,7 @@ INIT_LAYER = -1  # the official code's initial cell right after the stem
 @dataclass(frozen=True)
 class CellSpec:
     layer: int  # INIT_LAYER for the initial cell, else 0 .. L-1
-    scale: int  # 0 .. 3 for 1/4 .. 1/32
+    scale: int  # 0 .. 3 for 1/4 .. 1/32 (4 for Layer17's 1/64)
     channels: int  # C * 2^scale
     allow_up: bool
     allow_down: bool
@@ -38,11 +38,15 @@ def routing_space(config: ModelConfig) -> list[CellSpec]:
     """Every gated cell, the initial cell first, then layer by layer from fine to coarse.
 
     Official rules (dynamic_backbone.py): a cell has no up path at the finest scale, no down path
-    at the coarsest, and the last layer only keeps its scale (its outputs feed the decoder).
+    at the coarsest, and the last layer only keeps its scale (its outputs feed the decoder). "The
+    coarsest" is that of the next layer: in Layer17 the 1/32 cells of the layer before the last
+    go down into the last layer's 1/64 cell.
     """
     cells = [CellSpec(INIT_LAYER, 0, config.channels, allow_up=False, allow_down=True)]
+    counts = config.cells_per_layer
     last = config.layers - 1
-    for layer, n_scales in enumerate(config.cells_per_layer):
+    for layer, n_scales in enumerate(counts):
+        next_scales = counts[layer + 1] if layer < last else 0
         for scale in range(n_scales):
             cells.append(
                 CellSpec(
@@ -50,7 +54,7 @@ def routing_space(config: ModelConfig) -> list[CellSpec]:
                     scale=scale,
                     channels=config.channels * 2**scale,
                     allow_up=scale > 0 and layer != last,
-                    allow_down=scale < 3 and layer != last,
+                    allow_down=scale + 1 < next_scales,
                 )
             )
     return cells
