@@ -24,8 +24,10 @@ from divdr.config import (
     get_model_config,
     get_preset,
 )
+from divdr.detection import DETECTION_TASKS, DetectionConfig
 
 StoreMode = Literal["streaming", "refresh"]
+TASKS = ("segmentation", *DETECTION_TASKS)  # detection: Faster R-CNN; instance: Mask R-CNN (issue 6)
 
 
 def _require(condition: bool, message: str) -> None:
@@ -117,6 +119,10 @@ class DataConfig:
     eval_batch_size: int = 4
     max_train_images: int = 0  # 0 = all (smoke runs use a few)
     max_val_images: int = 0
+    # COCO layout (detection tasks): images in {root}/{split}, annotations/instances_{split}.json;
+    # "train" / "val" for the generated study, "train2017" / "val2017" for COCO itself
+    train_split: str = "train"
+    val_split: str = "val"
 
     def __post_init__(self) -> None:
         _require(self.eval_batch_size >= 1, f"data.eval_batch_size must be >= 1, got {self.eval_batch_size}")
@@ -143,6 +149,7 @@ class ExperimentConfig:
     name: str = ""  # run name; "" = derived from the preset
     preset: str = "DivDR-A"
     model_size: str = "small"
+    task: str = "segmentation"  # or "detection" / "instance" (COCO layout, torchvision heads)
     model: ModelConfig = field(default_factory=lambda: get_model_config("small"))
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
@@ -153,6 +160,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)  # FPN and R-CNN heads (detection tasks)
 
     @property
     def run_name(self) -> str:
@@ -270,11 +278,17 @@ def from_dict(tree: dict[str, Any]) -> ExperimentConfig:
     _require(parts["store"].enabled or parts["clustering"].weight == 0,
              f"store.enabled=false needs clustering.weight (lambda2) = 0, got {parts['clustering'].weight}: "
              "the clustering loss trains against the store's centres")
-    return ExperimentConfig(name=str(tree.get("name", "")), preset=preset.name, model_size=size, model=model, **parts)
+    task = tree.get("task", ExperimentConfig.task)
+    _require(task in TASKS, f"task must be one of {list(TASKS)}, got {task!r}")
+    _require(task == "segmentation" or parts["resource"].weight == 0,
+             f"resource.weight (DRNets eq. 8) must be 0 for task {task!r}: its 1[correct] is defined for "
+             f"segmentation pixels only; got {parts['resource'].weight} (preset {preset.name})")
+    return ExperimentConfig(name=str(tree.get("name", "")), preset=preset.name, model_size=size, task=task,
+                            model=model, **parts)
 
 
 _SECTION_TYPES = {"train": TrainConfig, "scaling": ScalingConfig, "store": StoreConfig, "data": DataConfig,
-                  "tracking": TrackingConfig, "storage": StorageConfig}
+                  "tracking": TrackingConfig, "storage": StorageConfig, "detection": DetectionConfig}
 
 
 
