@@ -55,10 +55,13 @@ class StoreLink:
 
 
 class Trainer:
-    def __init__(self, cfg: ExperimentConfig, link: StoreLink | None = None, seed: int = 0) -> None:
+    def __init__(self, cfg: ExperimentConfig, link: StoreLink | None = None, seed: int = 0,
+                 wrap: Any = None) -> None:
+        """``wrap``: e.g. ``ray.train.torch.prepare_model`` (DDP) applied to the network."""
         torch.manual_seed(seed)
         self.cfg = cfg
         self.net = DynamicRoutingSegmenter(cfg.model)
+        self.model = wrap(self.net) if wrap is not None else self.net
         self.optimizer = torch.optim.SGD(self.net.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
                                          weight_decay=cfg.train.weight_decay)
         total = cfg.train.steps
@@ -74,8 +77,8 @@ class Trainer:
         cfg, link, step = self.cfg, self.link, self.step_index
         if link is not None:
             worker._maybe_switch(link.centres, link.store, link.triggers, cfg, step, 0, 1, None)
-        self.net.train()
-        out = self.net(batch["image"])
+        self.model.train()
+        out = self.model(batch["image"])
         task = F.cross_entropy(out.logits, batch["label"], ignore_index=IGNORE_INDEX)
         ratio = budget_ratio(out.backbone.gates, self.table)
         acts = out.backbone.activations

@@ -10,6 +10,11 @@ Protocol (SPEC section 5):
   broadcasts it, so all DDP ranks switch at the same step;
 - after every ``snapshot_every``-th update the state (activations, centres, sigma^2, version,
   history) is written as Parquet/NumPy/JSON into the run folder; a restarted actor restores it.
+  The actor copies the state on its event loop and writes it in a thread, so a snapshot (3.6 s at
+  118k x 198) never stalls ingestion;
+- the actor's OpenMP threads (FAISS) wait passively: Ray gives a ``num_cpus=0`` actor one OpenMP
+  thread, but where it is given more, spinning waits on a node shared with training workers made
+  FAISS K-means 20x slower on 2 cores (bench/kmeans.py, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import asyncio
 import json
 import logging
 import os
+import resource
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -38,6 +44,9 @@ log = logging.getLogger(__name__)
 ACTIVATIONS_FILE = "activations.parquet"
 STATE_FILE = "state.json"
 CENTRES_FILE = "centres.npy"
+# Environment of the store's process: FAISS's OpenMP threads sleep instead of spinning while they
+# wait (read by the OpenMP runtime when it loads, hence set for the actor's process, not at run time).
+STORE_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def store_name(run_name: str) -> str:
@@ -121,6 +130,7 @@ class CentroidStoreImpl:
         start = time.perf_counter()
         result = clustering.kmeans(points, self.k, init_centres=self.centres, seed=self.seed + self.version,
                                    niter=self.config.kmeans_iterations)
+        kmeans_seconds = time.perf_counter() - start
         previous = None
         if self.assignments is not None:
             previous = self.assignments[ids]
@@ -133,25 +143,33 @@ class CentroidStoreImpl:
             "sigma2": float(result.sigma2),
             "objective": float(result.objective),
             "inter": float(clustering.inter_distance(result.centres)),
-            "intra": float(clustering.intra_distance(points, result.assignments)),
+            "intra": float(clustering.intra_distance(points, result.assignments,
+                                                     max_points_per_cluster=self.config.intra_sample or None,
+                                                     seed=self.seed + self.version)),
             "cluster_sizes": result.sizes.tolist(),
             "reseeded": int(result.reseeded),
             "changed": (float(clustering.assignment_change(previous[previous >= 0],
                                                            result.assignments[previous >= 0]))
                         if previous is not None and (previous >= 0).any() else None),
+            "kmeans_seconds": kmeans_seconds,
             "seconds": time.perf_counter() - start,
         }
         return {"centres": np.array(result.centres), "sigma2": float(result.sigma2), "assignments": assignments,
                 "stats": stats}
 
-    def publish(self, update: dict[str, Any]) -> None:
+    def publish(self, update: dict[str, Any], snapshot: bool = True) -> None:
+        """Adopt an update; with ``snapshot`` write the snapshot now if one is due (the actor
+        passes False and writes it in a thread, see ``snapshot_due``)."""
         self.centres = update["centres"]
         self.sigma2 = update["sigma2"]
         self.assignments = update["assignments"]
         self.version += 1
         self.history.append(update["stats"])
-        if self.snapshot_dir and self.version % self.config.snapshot_every == 0:
+        if snapshot and self.snapshot_due():
             self.snapshot()
+
+    def snapshot_due(self) -> bool:
+        return bool(self.snapshot_dir) and self.version % self.config.snapshot_every == 0
 
     def centres_payload(self) -> dict[str, Any]:
         return {"version": self.version, "centres": self.centres, "sigma2": self.sigma2,
@@ -178,22 +196,30 @@ class CentroidStoreImpl:
     # ---- snapshots -----------------------------------------------------------------------------
 
     def snapshot(self) -> None:
-        """Write the state atomically: files go to a temporary folder renamed over the old one."""
+        self.write_snapshot(self.snapshot_state())
+
+    def snapshot_state(self) -> dict[str, Any]:
+        """A consistent copy of what a snapshot holds (fast: one copy of the held rows), so the
+        files can be written while ingestion goes on."""
+        ids = np.flatnonzero(self.seen)
+        return {"ids": ids, "activations": self.activations[ids], "centres": self.centres,
+                "state": {"version": self.version, "sigma2": self.sigma2, "history": list(self.history),
+                          "num_samples": len(self.seen), "dim": self.dim, "config": asdict(self.config),
+                          "assignments": self.assignments.tolist() if self.assignments is not None else None}}
+
+    def write_snapshot(self, data: dict[str, Any]) -> None:
+        """Write a ``snapshot_state`` atomically: files go to a temporary folder renamed over the old one."""
         assert self.snapshot_dir is not None
         tmp = self.snapshot_dir.with_name(self.snapshot_dir.name + ".tmp")
         tmp.mkdir(parents=True, exist_ok=True)
-        ids = np.flatnonzero(self.seen)
         table = pa.table({
-            "sample_id": pa.array(ids, pa.int64()),
-            "a": pa.FixedSizeListArray.from_arrays(pa.array(self.activations[ids].reshape(-1)), self.dim),
+            "sample_id": pa.array(data["ids"], pa.int64()),
+            "a": pa.FixedSizeListArray.from_arrays(pa.array(data["activations"].reshape(-1)), self.dim),
         })
         pq.write_table(table, tmp / ACTIVATIONS_FILE)
-        if self.centres is not None:
-            np.save(tmp / CENTRES_FILE, self.centres)
-        state = {"version": self.version, "sigma2": self.sigma2, "history": self.history,
-                 "num_samples": len(self.seen), "dim": self.dim, "config": asdict(self.config),
-                 "assignments": self.assignments.tolist() if self.assignments is not None else None}
-        (tmp / STATE_FILE).write_text(json.dumps(state))
+        if data["centres"] is not None:
+            np.save(tmp / CENTRES_FILE, data["centres"])
+        (tmp / STATE_FILE).write_text(json.dumps(data["state"]))
         old = self.snapshot_dir.with_name(self.snapshot_dir.name + ".old")
         if self.snapshot_dir.exists():
             os.replace(self.snapshot_dir, old)
@@ -231,14 +257,15 @@ class CentroidStoreImpl:
         return True
 
 
-@ray.remote(max_restarts=-1, max_task_retries=-1)
+@ray.remote(max_restarts=-1, max_task_retries=-1, runtime_env={"env_vars": STORE_ENV})
 class CentroidStore:
-    """The Ray actor around ``CentroidStoreImpl``: async, K-means in a worker thread."""
+    """The Ray actor around ``CentroidStoreImpl``: async, K-means and snapshot writes in worker threads."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.impl = CentroidStoreImpl(*args, **kwargs)
         self._published = asyncio.Condition()
         self._task: asyncio.Task | None = None
+        self._writing = asyncio.Lock()  # one snapshot written at a time
 
     async def ingest(self, rank: int, step: int, sample_ids: np.ndarray, activations: np.ndarray,
                      complete: bool = True) -> None:
@@ -258,12 +285,14 @@ class CentroidStore:
         try:
             ids, points = self.impl.take_batch()
             update = await asyncio.to_thread(self.impl.cluster, ids, points)
-            self.impl.publish(update)
+            self.impl.publish(update, snapshot=False)
         finally:
             self.impl.running = False
         async with self._published:
             self._published.notify_all()
         self._maybe_cluster()  # a later version may already be due
+        if self.impl.snapshot_due():
+            await self.snapshot()
 
     async def get_centres(self, version: int, rank: int, step: int, timeout: float) -> dict[str, Any] | None:
         """Centres of ``version`` (or newer); None if not ready within ``timeout`` seconds.
@@ -288,4 +317,15 @@ class CentroidStore:
 
     async def snapshot(self) -> None:
         if self.impl.snapshot_dir:
-            await asyncio.to_thread(self.impl.snapshot)
+            async with self._writing:
+                await asyncio.to_thread(self.impl.write_snapshot, self.impl.snapshot_state())
+
+    async def process_info(self) -> dict[str, Any]:
+        """The store's process, for monitoring and benchmarks: pid, memory, CPU time, threads."""
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        import faiss
+
+        return {"pid": os.getpid(), "peak_rss_mib": usage.ru_maxrss / 1024,
+                "cpu_seconds": usage.ru_utime + usage.ru_stime, "faiss_threads": faiss.omp_get_max_threads(),
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                "activation_bytes": int(self.impl.activations.nbytes)}

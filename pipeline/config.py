@@ -99,6 +99,9 @@ class StoreConfig:
     max_in_flight: int = 8  # activation sends a worker may have unanswered before it waits
     float16: bool = True  # store A(x) in half precision (values lie in [0, 1))
     kmeans_iterations: int = 20
+    # Intra (a diagnostic) is O(n^2) per cluster: ~90 s at COCO's 118k images. The store estimates
+    # it from at most this many points per cluster (unbiased; 0 = exact over every point).
+    intra_sample: int = 2048
     snapshot_every: int = 1  # snapshot after every n-th K-means update
     # optional annealing of the K-means period: update_every grows linearly to this by the end
     update_every_final: int = 0  # 0 = fixed period
@@ -109,6 +112,8 @@ class StoreConfig:
         _require(self.switch_lag >= 1, f"store.switch_lag must be >= 1, got {self.switch_lag}")
         _require(self.max_in_flight >= 1, f"store.max_in_flight must be >= 1, got {self.max_in_flight}")
         _require(self.kmeans_iterations >= 1, f"store.kmeans_iterations must be >= 1, got {self.kmeans_iterations}")
+        _require(self.intra_sample == 0 or self.intra_sample >= 2,
+                 f"store.intra_sample must be 0 (exact) or >= 2, got {self.intra_sample}")
         _require(self.snapshot_every >= 1, f"store.snapshot_every must be >= 1, got {self.snapshot_every}")
         _require(self.update_every_final >= 0, f"store.update_every_final must be >= 0, got {self.update_every_final}")
 
@@ -273,13 +278,16 @@ def from_dict(tree: dict[str, Any]) -> ExperimentConfig:
         "clustering": _override(preset.clustering, tree.get("clustering"), "clustering"),
         "resource": _override(preset.resource, tree.get("resource"), "resource"),
     }
+    task = tree.get("task", ExperimentConfig.task)
+    _require(task in TASKS, f"task must be one of {list(TASKS)}, got {task!r}")
     for name, cls in _SECTION_TYPES.items():
-        parts[name] = config_from_dict(cls, tree.get(name) or {}, where=name)
+        section = tree.get(name) or {}
+        if name == "detection" and task != "segmentation" and not (tree.get("data") or {}).get("root"):
+            section = _deep_merge(EMBEDDED_STUDY_DETECTION, section)  # the embedded study's scale
+        parts[name] = config_from_dict(cls, section, where=name)
     _require(parts["store"].enabled or parts["clustering"].weight == 0,
              f"store.enabled=false needs clustering.weight (lambda2) = 0, got {parts['clustering'].weight}: "
              "the clustering loss trains against the store's centres")
-    task = tree.get("task", ExperimentConfig.task)
-    _require(task in TASKS, f"task must be one of {list(TASKS)}, got {task!r}")
     _require(task == "segmentation" or parts["resource"].weight == 0,
              f"resource.weight (DRNets eq. 8) must be 0 for task {task!r}: its 1[correct] is defined for "
              f"segmentation pixels only; got {parts['resource'].weight} (preset {preset.name})")
@@ -290,6 +298,17 @@ def from_dict(tree: dict[str, Any]) -> ExperimentConfig:
 _SECTION_TYPES = {"train": TrainConfig, "scaling": ScalingConfig, "store": StoreConfig, "data": DataConfig,
                   "tracking": TrackingConfig, "storage": StorageConfig, "detection": DetectionConfig}
 
+
+
+# Detection heads for the embedded study (128x256 images, objects of 5-70 px, median 8 px), used for
+# task detection / instance when no data.root is given; with a data.root (COCO) DetectionConfig's
+# defaults are the paper's and torchvision's (shorter edge 800, anchors 32-512, FPN 256). Images stay
+# at their own size; anchors 8-128 on P2-P6; narrower FPN and heads keep a CPU step under a second.
+EMBEDDED_STUDY_DETECTION: dict[str, Any] = {
+    "anchor_sizes": [8, 16, 32, 64, 128], "min_size": 128, "max_size": 256, "fpn_channels": 64,
+    "representation_size": 256, "mask_head_layers": [64, 64], "rpn_batch_size_per_image": 128,
+    "box_batch_size_per_image": 128,
+}
 
 
 def _override(default: Any, section: dict[str, Any] | None, where: str) -> Any:

@@ -149,6 +149,20 @@ def test_sigma2_inter_intra_by_hand():
     assert math.isnan(intra_distance(points, [0, 1, 2, 3, 4, 5]))
 
 
+def test_intra_on_a_sample_is_exact_for_small_clusters_and_close_for_large_ones():
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.normal(0, 1, (3000, 6)), rng.normal(5, 2, (40, 6))]).astype(np.float32)
+    labels = np.array([0] * 3000 + [1] * 40)
+    exact = intra_distance(x, labels)
+    # the 40-point cluster is below the cap: exact; the 3000-point one estimated from 500 points
+    sampled = intra_distance(x, labels, max_points_per_cluster=500, seed=1)
+    assert sampled == pytest.approx(exact, rel=0.02)
+    assert intra_distance(x, labels, max_points_per_cluster=5000) == pytest.approx(exact, rel=1e-12)
+    assert intra_distance(x, labels, max_points_per_cluster=500, seed=1) == sampled  # deterministic per seed
+    with pytest.raises(ClusteringError, match="max_points_per_cluster must be >= 2"):
+        intra_distance(x, labels, max_points_per_cluster=1)
+
+
 def test_blocked_pairwise_distance_matches_pdist(monkeypatch):
     x = np.random.default_rng(3).normal(size=(300, 7))
     expected = pdist(x).mean()
