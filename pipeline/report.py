@@ -28,6 +28,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for setting, runs in settings.items():
         entry: dict[str, Any] = {"setting": setting, "seeds": len(runs)}
         entry.update({k: v for k, v in runs[0].items() if k.startswith("param:")})
+        entry["cluster_sizes"] = " ".join(str(r.get("cluster_sizes", "")).replace(" ", "") for r in runs)
         for metric in REPORT_METRICS:
             values = np.array([float(r.get(metric, math.nan)) for r in runs], dtype=float)
             entry[f"{metric}_mean"] = float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
@@ -39,12 +40,14 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def markdown(space: TuneSpace, table: list[dict[str, Any]]) -> str:
     key = f"{space.metric}_mean"
     ordered = sorted(table, key=lambda r: -r[key] if math.isfinite(r[key]) else math.inf)
-    header = "| setting | seeds | " + " | ".join(LABELS[m] for m in REPORT_METRICS) + " |"
+    header = ("| setting | seeds | " + " | ".join(LABELS[m] for m in REPORT_METRICS)
+              + " | val cluster sizes (per seed) |")
     lines = [f"## {space.name}: {space.description}".rstrip(": "), "", header,
-             "|" + "---|" * (2 + len(REPORT_METRICS))]
+             "|" + "---|" * (3 + len(REPORT_METRICS))]
     for row in ordered:
         cells = [f"{row[f'{m}_mean']:.3f} ± {row[f'{m}_std']:.3f}" for m in REPORT_METRICS]
-        lines.append(f"| {row['setting']} | {row['seeds']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row['setting']} | {row['seeds']} | " + " | ".join(cells)
+                     + f" | {row.get('cluster_sizes', '')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -24,7 +24,7 @@ from divdr.config import ConfigError
 from pipeline import tracking
 from pipeline.report import write_report
 from pipeline.train import check_output_folder, dataset_root, init_ray, run
-from pipeline.tune_space import TuneSpace, load_space, trial_config
+from pipeline.tune_space import VARIANT_KEY, TuneSpace, load_space, trial_config
 
 
 def setting_name(params: dict[str, Any]) -> str:
@@ -33,6 +33,8 @@ def setting_name(params: dict[str, Any]) -> str:
 
 def _search_space(space: TuneSpace) -> dict[str, Any]:
     params: dict[str, Any] = {key: tune.grid_search(values) for key, values in space.grid.items()}
+    if space.variants:
+        params[VARIANT_KEY] = tune.grid_search(list(space.variants))
     for key, spec in space.sample.items():
         kind, args = next(iter(spec.items()))
         params[key] = {"uniform": lambda a: tune.uniform(*a), "loguniform": lambda a: tune.loguniform(*a),
@@ -76,7 +78,8 @@ def run_sweep(space: TuneSpace, out: Path, data: Path | None = None, tracking_ur
                                           tags={"sweep": space.name, "description": space.description})
     logger = tracking.RunLogger(uri, parent, sweep_dir)
     logger.params({"space.name": space.name, "space.preset": space.preset, "space.seeds": space.seeds,
-                   "space.grid": space.grid, "space.sample": space.sample, "space.metric": space.metric})
+                   "space.grid": space.grid, "space.sample": space.sample, "space.variants": space.variants,
+                   "space.metric": space.metric})
     trainable = tune.with_parameters(_trial, space=space, root=str(root), out=str(out), uri=uri,
                                      parent_run_id=parent)
     tuner = tune.Tuner(

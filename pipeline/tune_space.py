@@ -13,6 +13,9 @@ grid:                        # every combination of these values is a setting
   clustering.k: [2, 3, 4]
 sample:                      # optional: random draws, `num_samples` settings
   clustering.alpha: {loguniform: [0.01, 1.0]}   # or {uniform: [lo, hi]} or {choice: [a, b]}
+variants:                    # optional: named bundles of overrides, one setting each (x grid x sample):
+  default: {}                #   one-lever-at-a-time ablations ("each lever on and off")
+  no-budget: {budget.weight: 0.0}
 num_samples: 1
 max_concurrent: 0            # 0 = as many as the cluster's CPUs allow
 ```
@@ -31,8 +34,9 @@ from pipeline.config import from_dict, load_yaml
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice")
 REPORT_METRICS = ("miou", "gflops_real", "gflops_real_1024x2048", "inter", "intra", "recovery")
-TOP_KEYS = {"name", "description", "preset", "seeds", "metric", "base", "grid", "sample", "num_samples",
-            "max_concurrent"}
+TOP_KEYS = {"name", "description", "preset", "seeds", "metric", "base", "grid", "sample", "variants",
+            "num_samples", "max_concurrent"}
+VARIANT_KEY = "variant"  # the swept parameter that names a variant
 
 
 @dataclass(frozen=True)
@@ -45,12 +49,13 @@ class TuneSpace:
     base: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, list[Any]] = field(default_factory=dict)
     sample: dict[str, dict[str, Any]] = field(default_factory=dict)
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     num_samples: int = 1
     max_concurrent: int = 0
 
     @property
     def swept(self) -> list[str]:
-        return [*self.grid, *self.sample]
+        return [*([VARIANT_KEY] if self.variants else []), *self.grid, *self.sample]
 
 
 def _fail(source: str, message: str) -> None:
@@ -81,6 +86,12 @@ def parse_space(data: Any, source: str = "<dict>") -> TuneSpace:
             _fail(source, f"grid.{key} must be a non-empty list, got {values!r}")
     for key, spec in space.sample.items():
         _check_distribution(source, key, spec)
+    for variant, overrides in space.variants.items():
+        if not isinstance(overrides, dict):
+            _fail(source, f"variants.{variant} must be a mapping of dotted keys to values, got {overrides!r}")
+        swept = sorted(set(overrides) & (set(space.grid) | set(space.sample)))
+        if swept:
+            _fail(source, f"variants.{variant} sets {swept}, which the grid or sample also sweeps")
     overlap = set(space.grid) & set(space.sample)
     if overlap:
         _fail(source, f"{sorted(overlap)} appear in both grid and sample")
@@ -107,7 +118,7 @@ def _check_distribution(source: str, key: str, spec: Any) -> None:
 def _check_trials(source: str, space: TuneSpace) -> None:
     """Resolve one trial per grid value (and each distribution's bounds) so a bad key or value
     fails at load time, naming the key, not hours into the sweep."""
-    probes: list[dict[str, Any]] = [{}]
+    probes: list[dict[str, Any]] = [{}, *({VARIANT_KEY: v} for v in space.variants)]
     for key, values in space.grid.items():
         probes += [{key: v} for v in values]
     for key, spec in space.sample.items():
@@ -129,9 +140,16 @@ def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def trial_config(space: TuneSpace, params: dict[str, Any], seed: int, name: str = ""):
-    """The ExperimentConfig of one trial: preset <- base <- swept values <- seed."""
+    """The ExperimentConfig of one trial: preset <- base <- variant <- swept values <- seed."""
     tree = yaml.safe_load(yaml.safe_dump(space.base)) or {}
     tree.setdefault("preset", space.preset)
+    params = dict(params)
+    if VARIANT_KEY in params:
+        variant = params.pop(VARIANT_KEY)
+        if variant not in space.variants:
+            raise ConfigError(f"unknown variant {variant!r}; the space has {sorted(space.variants)}")
+        for key, value in space.variants[variant].items():
+            _set(tree, key, value)
     for key, value in params.items():
         _set(tree, key, value)
     _set(tree, "train.seed", seed)

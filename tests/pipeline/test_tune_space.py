@@ -38,6 +38,9 @@ def test_trial_config_applies_base_params_and_seed():
     ({"name": "x", "sample": {"clustering.alpha": {"uniform": [2, 1]}}}, "low < high"),
     ({"name": "x", "sample": {"clustering.alpha": {"uniform": [-2, 1]}}}, "clustering.alpha must be >= 0"),
     ({"name": "x", "base": {"train": {"stepz": 3}}}, "stepz"),
+    ({"name": "x", "variants": {"v": 3}}, "variants.v must be a mapping"),
+    ({"name": "x", "variants": {"v": {"clustering.alpha": -1}}}, "variant.: 'v'.*clustering.alpha must be >= 0"),
+    ({"name": "x", "variants": {"v": {"clustering.k": 2}}, "grid": {"clustering.k": [3]}}, "also sweeps"),
 ])
 def test_invalid_spaces_rejected_with_the_culprit(space, message):
     with pytest.raises(ConfigError, match=message):
@@ -69,3 +72,20 @@ def test_gates_space_compares_both_families_with_and_without_clustering():
         kinds[(cfg.model.gate.kind, cfg.clustering.weight > 0)] = preset
         assert (cfg.resource.weight > 0) == (cfg.model.gate.kind == "gumbel")
     assert set(kinds) == {("soft", False), ("soft", True), ("gumbel", False), ("gumbel", True)}
+
+
+def test_variants_are_named_bundles_of_overrides_crossed_with_the_grid(tmp_path):
+    space = parse_space({"name": "v", "preset": "DivDR-A", "grid": {"clustering.k": [2, 3]},
+                         "variants": {"default": {}, "dr": {"preset": "DR-A"},
+                                      "refresh": {"store.mode": "refresh", "clustering.alpha": 1.0}}})
+    assert space.swept == ["variant", "clustering.k"]
+    cfg = trial_config(space, {"variant": "refresh", "clustering.k": 3}, seed=1)
+    assert cfg.store.mode == "refresh" and cfg.clustering.alpha == 1.0 and cfg.clustering.k == 3
+    assert trial_config(space, {"variant": "dr", "clustering.k": 2}, seed=0).clustering.weight == 0
+    assert trial_config(space, {"variant": "default", "clustering.k": 2}, seed=0).store.mode == "streaming"
+    with pytest.raises(ConfigError, match="unknown variant 'nope'"):
+        trial_config(space, {"variant": "nope"}, seed=0)
+    rows = [{"setting": f"variant={v}", "param:variant": v, "miou": 0.5, "cluster_sizes": "[1, 2]"}
+            for v in ("default", "dr")]
+    report = write_report(space, rows, tmp_path)
+    assert "| variant=dr | 1 |" in report["markdown"] and "[1,2]" in report["markdown"]
