@@ -1,0 +1,50 @@
+"""The per-image skipping of ``divdr.cells.Cell`` as it was before the benchmarks (gather every
+cell's images and every path's, scatter back with ``index_add``, even when nothing is skipped):
+the reference that ``bench/inference_latency.py --before`` times side by side with the current
+one, and that ``tests/bench`` checks the current one against (same outputs)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from divdr.cells import Cell, CellOutput, cell_active, path_active
+from divdr.routing import DOWN, KEEP, UP
+
+
+def forward_skipping_before(self: Cell, x: torch.Tensor, weights: torch.Tensor,
+                            skip: torch.Tensor | None = None) -> CellOutput:
+    active_cell = cell_active(weights)
+    out: dict[int, torch.Tensor | None] = {slot: None for slot in self.transforms()}
+    out[KEEP] = torch.where(active_cell.view(-1, 1, 1, 1), torch.zeros_like(x), x)
+    if skip is not None:
+        kept = torch.where(active_cell, skip, torch.zeros_like(skip))
+        out[KEEP] = out[KEEP] + kept.view(-1, 1, 1, 1) * x
+    cell_idx = active_cell.nonzero().flatten()
+    if cell_idx.numel() > 0:
+        h = self.op(x[cell_idx]) + x[cell_idx]
+        for slot, transform in self.transforms().items():
+            on = path_active(weights[cell_idx, slot])
+            if not bool(on.any()):
+                continue
+            y = weights[cell_idx[on], slot].view(-1, 1, 1, 1) * transform(h[on])
+            if out[slot] is None:
+                out[slot] = y.new_zeros((x.shape[0], *y.shape[1:]))
+            out[slot] = out[slot].index_add(0, cell_idx[on], y)
+    for slot, shape in self._closed_shapes(x).items():
+        if out[slot] is None:
+            out[slot] = x.new_zeros(shape)
+    return CellOutput(out.get(UP), out[KEEP], out.get(DOWN), weights)
+
+
+@contextlib.contextmanager
+def skipping_before() -> Iterator[None]:
+    """Within this block every ``Cell`` skips as before the benchmarks."""
+    current = Cell._forward_skipping
+    Cell._forward_skipping = forward_skipping_before
+    try:
+        yield
+    finally:
+        Cell._forward_skipping = current
