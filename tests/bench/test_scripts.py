@@ -1,0 +1,77 @@
+"""Every benchmark script runs in its tiny mode and writes valid JSON (so the scripts don't rot).
+Nothing here is timing-based: only the shape of what the scripts report is checked."""
+
+import json
+
+import pytest
+
+from bench import inference_latency, kmeans, memory, ray_vs_plain, step_time, store_scale
+
+
+def _run(module, tmp_path, *extra):
+    path = tmp_path / "out.json"
+    returned = module.main(["--tiny", "--json", str(path), *extra])
+    written = json.loads(path.read_text())
+    assert written["benchmark"] == returned["benchmark"]
+    assert written["machine"]["versions"]["torch"] and written["wall_seconds"] > 0
+    return written
+
+
+def test_kmeans(tmp_path):
+    out = _run(kmeans, tmp_path)
+    (row,) = out["rows"]
+    assert row["faiss_s"] > 0 and row["sklearn_s"] > 0 and row["faiss_objective"] > 0
+    assert row["sklearn_objective"] > 0
+
+
+def test_inference_latency(tmp_path):
+    out = _run(inference_latency, tmp_path)
+    rows = {r["network"]: r for r in out["rows"]}
+    assert rows["closed 0.00"]["flops_ratio"] == 1.0
+    # closing every path leaves only the stem, the gates and the decoder
+    assert rows["closed 1.00"]["gflops"] == pytest.approx(out["gflops_fixed"])
+    assert "closed 0.50 [before]" in rows and "speedup_vs_before_b1" in rows["closed 0.50"]
+
+
+def test_memory(tmp_path):
+    out = _run(memory, tmp_path)
+    (store,) = out["store"]
+    assert store["buffer_mib"] > 0 and store["peak_mib"] >= store["after_imports_mib"]
+    (worker,) = out["worker"]
+    assert worker["peak_mib"] > worker["after_imports_mib"]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_step_time(tmp_path, ray_session):
+    out = _run(step_time, tmp_path)
+    assert set(out["step_seconds"]) == {"DR", "DR+store", "DivDR"}
+    assert out["divdr_over_dr"]["median"] > 0 and out["streaming_overhead"]["median"] > 0
+    assert out["kmeans_updates"]["DivDR"] >= 1 and out["store_ingested_rows"]["DivDR"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ray_vs_plain(tmp_path, ray_session):
+    out = _run(ray_vs_plain, tmp_path)
+    assert out["images_per_s"]["ray"]["median"] > 0 and out["images_per_s"]["plain"]["median"] > 0
+    assert out["ray_worker_peak_rss_mib"][0] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_store_scale(tmp_path, ray_session):
+    out = _run(store_scale, tmp_path)
+    paced = out["paced"]
+    assert paced["rows_ingested"] == paced["rows_expected"]
+    assert len(paced["updates"]) >= 1 and out["flood"]["store_cpu_per_call_us"] > 0
+    assert out["limits"] and out["in_process"]["intra_sampled_s"] > 0
