@@ -31,6 +31,19 @@ if __package__ in (None, ""):
 from bench.common import cap_threads, finish, median, parser, table
 
 TRACKING_TARGET = 0.15
+# Where the time goes (torch.profiler self CPU time), grouped: what FLOPs count and what they do not.
+OP_GROUPS = {
+    "convolution": ("conv", "mkldnn", "addmm", "mm"),
+    "bilinear interpolation (not counted in FLOPs)": ("upsample", "interpolate", "grid_sampler"),
+    "batch norm": ("batch_norm",),
+    "gather/scatter/copies (skipping)": ("index", "copy_", "clone", "where", "nonzero", "cat", "stack", "scatter",
+                                         "zeros", "fill_", "masked"),
+    "element-wise (ReLU, weights, sums, pooling)": ("relu", "clamp", "mul", "add", "sum", "tanh", "mean", "div",
+                                                    "sub", "pool", "pad"),
+    "tensor bookkeeping (empty, views, ...)": ("empty", "view", "as_strided", "reshape", "slice", "select",
+                                               "expand", "unsqueeze", "squeeze", "resolve", "detach", "item",
+                                               "to", "contiguous", "_local_scalar"),
+}
 
 
 class ForcedClosure:
@@ -173,6 +186,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  f"ms_b{b}": ".2f", f"latency_ratio_b{b}": ".3f", f"tracking_b{b}": "+.1%"}))
     current = [r for r in rows if not r["network"].endswith("[before]")]
     worst = {bs: max(abs(r[f"tracking_b{bs}"]) for r in current) for bs in (1, b)}
+    breakdown = {}
+    for name in [f"closed {args.rates[0]:.2f}", f"closed {max(args.rates):.2f}"]:
+        for bs in (1, b):
+            breakdown[f"{name} b{bs}"] = _profile(lambda name=name, bs=bs: forward_all(name, bs))
+    print("share of self CPU time by kind of op:")
+    for key, shares in breakdown.items():
+        print(f"  {key}: " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))
     if args.before:
         for r in current:
             old = next(o for o in rows if o["network"] == r["network"] + " [before]")
@@ -184,8 +204,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "images": n, "batch": b, "threads": args.threads, "repeats": args.repeats, "rows": rows,
               "worst_tracking": {f"b{k}": v for k, v in worst.items()}, "target": TRACKING_TARGET,
               "gflops_all_open_no_gates": table_.all_open / 1e9, "gflops_fixed": table_.fixed / 1e9,
-              "checkpoints": args.checkpoint}
+              "checkpoints": args.checkpoint, "time_by_op_kind": breakdown}
     return finish(result, args.json, started)
+
+
+def _profile(run: Any) -> dict[str, float]:
+    import torch.profiler
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run()
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        if not event.key.startswith("aten::"):
+            continue
+        group = next((g for g, keys in OP_GROUPS.items() if any(k in event.key for k in keys)), "other")
+        totals[group] = totals.get(group, 0.0) + event.self_cpu_time_total
+    whole = sum(totals.values()) or 1.0
+    return {g: v / whole for g, v in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ float64 on all points for both, with the same function.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -70,8 +71,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--k", type=int, nargs="+", default=[2, 3, 4])
     p.add_argument("--niter", type=int, default=20, help="iteration cap for both (the store's default: 20)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--omp-wait-policy", choices=["passive", "active", "default"], default="default",
+                   help="OMP_WAIT_POLICY for both libraries' OpenMP threads (read when OpenMP loads: "
+                        "only effective if FAISS and scikit-learn are not imported yet)")
     p.set_defaults(threads=2)
     args = p.parse_args(argv)
+    if args.omp_wait_policy != "default":
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
     if args.tiny:
         args.n, args.d, args.k, args.repeats = [300], [16], [2], 1
     started = time.perf_counter()
@@ -108,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        "objective_gap"],
                 {"faiss_s": ".3f", "sklearn_s": ".3f", "speedup": ".1f", "faiss_objective": ".6g",
                  "sklearn_objective": ".6g", "objective_gap": "+.2e"}))
-    result = {"benchmark": "kmeans", "threads": args.threads, "niter": args.niter, "repeats": args.repeats,
+    result = {"benchmark": "kmeans", "threads": args.threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "niter": args.niter, "repeats": args.repeats,
               "rows": rows}
     return finish(result, args.json, started)
 

@@ -128,7 +128,9 @@ class Cell(nn.Module):
         # Images whose cell is dropped pass their input through unchanged; with a fast-forward
         # branch the images whose cell runs add their input times its weight.
         passthrough = None
-        if not every_cell:
+        if cell_idx.numel() == 0:
+            passthrough = x  # the cell is dropped for the whole batch: no copy (nothing edits x in place)
+        elif not every_cell:
             passthrough = torch.where(active_cell.view(-1, 1, 1, 1), torch.zeros_like(x), x)
         if skip is not None:
             kept = torch.where(active_cell, skip, torch.zeros_like(skip)).view(-1, 1, 1, 1) * x
