@@ -35,6 +35,13 @@ DEFAULT_SEED = 1234  # faiss's default seed
 NEAR_DUPLICATE_FRACTION = 1e-2
 # Re-seed, then run K-means again, at most this many times; what is left is reported, not hidden.
 MAX_RESEED_ROUNDS = 3
+# Balanced K-means (SwAV's Sinkhorn-Knopp equipartition): the entropic temperature as a fraction of
+# the mean squared point-centre distance (small = close to the exact balanced transport), the
+# Sinkhorn iterations per assignment, and the balanced Lloyd rounds after the plain K-means.
+SINKHORN_EPS_FRACTION = 0.02
+SINKHORN_ITERATIONS = 50
+SINKHORN_FLOOR = 1e-300
+BALANCED_ROUNDS = 10
 # Blocked pairwise distances hold at most this many float64 values at once (32 MB).
 BLOCK_ELEMENTS = 1 << 22
 _INIT_METHODS = {
@@ -62,6 +69,7 @@ class KMeansResult:
     empty_clusters: int  # still empty at the end (e.g. fewer distinct points than K)
     objective_history: tuple[float, ...]  # FAISS's per-iteration objective, last round
     warm_started: bool
+    balanced: bool = False  # assignments from balanced_assign (equal sizes), not the nearest centre
 
 
 # ---------------------------------------------------------------- input checks
@@ -288,6 +296,59 @@ def _faiss_round(x: np.ndarray, init: np.ndarray | None, k: int, niter: int, see
     return centres, stats
 
 
+def _sq_distances(x: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """[N, K] squared distances (float32 products, float64 result; K is small, N x K fits)."""
+    cross = (x @ centres.T).astype(np.float64)
+    x_sq = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+    c_sq = np.einsum("ij,ij->i", centres, centres, dtype=np.float64)
+    return np.maximum(x_sq[:, None] - 2 * cross + c_sq[None, :], 0.0)
+
+
+def balanced_assign(activations: object, centres: object, iterations: int = SINKHORN_ITERATIONS) -> np.ndarray:
+    """Assignments of N points to K centres with (near-)equal cluster sizes: SwAV's Sinkhorn-Knopp
+    equipartition of exp(-d^2 / eps), then each point's most probable centre.
+
+    Against collapse (one centre taking nearly everything, DeepCluster/SwAV's degenerate solution),
+    it assumes the hidden subsets are of similar size, the assumption DivDR states in its
+    limitations; plain nearest-centre assignment is ``assign``.
+    """
+    x = as_activations(activations)
+    c = as_activations(centres, "centres")
+    if c.shape[1] != x.shape[1]:
+        raise ClusteringError(f"centres have dimension {c.shape[1]}, activations {x.shape[1]}")
+    if iterations < 1:
+        raise ClusteringError(f"iterations must be >= 1, got {iterations}")
+    sq = _sq_distances(x, c)
+    eps = SINKHORN_EPS_FRACTION * max(float(sq.mean()), np.finfo(np.float64).tiny)
+    # Scaling form (matrix-vector products only); each row is shifted by its minimum so that every
+    # point keeps at least its nearest centre, and the floor keeps far entries from underflowing to 0.
+    q = np.maximum(np.exp(-(sq - sq.min(axis=1, keepdims=True)) / eps), SINKHORN_FLOOR)
+    n, k = q.shape
+    row = np.ones(n)
+    for _ in range(iterations):
+        col = (n / k) / (q.T @ row)  # every centre receives N / K points
+        row = 1.0 / (q @ col)  # every point sends one unit
+    return (q * col[None, :]).argmax(axis=1).astype(np.int64)
+
+
+def _balanced_lloyd(x: np.ndarray, centres: np.ndarray, rounds: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lloyd iterations whose assignment step is ``balanced_assign``; stops when assignments settle."""
+    assignments = balanced_assign(x, centres)
+    for _ in range(rounds):
+        one_hot = np.zeros((x.shape[0], centres.shape[0]), np.float32)
+        one_hot[np.arange(x.shape[0]), assignments] = 1.0
+        sums = (one_hot.T @ x).astype(np.float64)
+        counts = np.bincount(assignments, minlength=centres.shape[0])
+        filled = counts > 0
+        centres = centres.copy()
+        centres[filled] = (sums[filled] / counts[filled, None]).astype(np.float32)
+        updated = balanced_assign(x, centres)
+        if np.array_equal(updated, assignments):
+            break
+        assignments = updated
+    return centres, assignments
+
+
 def _readonly(array: np.ndarray) -> np.ndarray:
     array.setflags(write=False)
     return array
@@ -301,6 +362,7 @@ def kmeans(
     niter: int = DEFAULT_NITER,
     seed: int = DEFAULT_SEED,
     init_method: InitMethod = "kmeans++",
+    balanced: bool = False,
 ) -> KMeansResult:
     """K-means of all N activations [N, D] into k clusters with FAISS (deterministic for a seed).
 
@@ -308,6 +370,9 @@ def kmeans(
     FAISS initialises with ``init_method``: "kmeans++" (D^2 sampling; the default here, since random
     starts often land in a poor local optimum, e.g. two centres in one blob) or "random" (k random
     points, FAISS's own default).
+
+    ``balanced``: after FAISS, Lloyd rounds with equal-size assignments (``balanced_assign``), so no
+    cluster collapses; ``assignments``/``sizes``/``objective``/``sigma2`` are then the balanced ones.
     """
     x = as_activations(activations)
     _check_k(k, x.shape[0])
@@ -334,7 +399,10 @@ def kmeans(
             break
         centres, reseeded = candidate, reseeded + len(moved)
 
-    assignments = assign(x, centres)
+    if balanced and k > 1:
+        centres, assignments = _balanced_lloyd(x, centres, BALANCED_ROUNDS)
+    else:
+        assignments = assign(x, centres)
     sizes = np.bincount(assignments, minlength=k).astype(np.int64)
     objective = float(_own_sq_distances(x, centres, assignments).sum())
     return KMeansResult(
@@ -349,4 +417,5 @@ def kmeans(
         empty_clusters=int(np.count_nonzero(sizes == 0)),
         objective_history=tuple(float(s.obj) for s in stats),
         warm_started=init is not None,
+        balanced=balanced and k > 1,
     )

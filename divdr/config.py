@@ -126,7 +126,7 @@ class ModelConfig:
         """``[2, 3, 4] + [4] * (L - 3)``: layer l has the scales 0 .. min(l + 1, 3); with
         ``final_scales=5`` the last layer has 5 (1/4 .. 1/64)."""
         counts = tuple(min(layer + 2, NUM_SCALES) for layer in range(self.layers))
-        return counts[:-1] + (FPN_SCALES,) if self.final_scales == FPN_SCALES else counts
+        return (*counts[:-1], FPN_SCALES) if self.final_scales == FPN_SCALES else counts
 
     @property
     def num_scales(self) -> int:
@@ -174,6 +174,9 @@ class ClusteringConfig:
     # squared distance; the magnet loss it adapts uses squared distances in both places.
     distance: ClusterDistance = "l2"
     update_every: int = 50  # K-means every N iterations (paper: 50; <= 100 works)
+    # Not in the paper: equal-size clusters (SwAV's Sinkhorn-Knopp equipartition inside K-means)
+    # against collapse onto one dominant cluster; assumes subsets of similar size.
+    balanced: bool = False
 
     def __post_init__(self) -> None:
         _require(self.weight >= 0, f"clustering.weight (lambda2) must be >= 0, got {self.weight}")

@@ -48,7 +48,8 @@ def summarize_run(cfg: Any, root: Path, train: InferenceResult, val: InferenceRe
     """Metrics dict (flat floats plus lists) and artifacts {relative path: bytes}."""
     k = cfg.clustering.k
     init = centres.centres.numpy() if centres.centres is not None else None
-    final = clustering.kmeans(train.activations, k, init_centres=init, seed=cfg.train.seed)
+    final = clustering.kmeans(train.activations, k, init_centres=init, seed=cfg.train.seed,
+                              balanced=cfg.clustering.balanced)
     val_assign = clustering.assign(val.activations, final.centres)
     scores = val.scores
     metrics: dict[str, Any] = {

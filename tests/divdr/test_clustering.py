@@ -10,6 +10,7 @@ from divdr.clustering import (
     ClusteringError,
     assign,
     assignment_change,
+    balanced_assign,
     cluster_sizes,
     inter_distance,
     intra_distance,
@@ -187,3 +188,28 @@ def test_sizes_and_changes():
     with pytest.raises(ClusteringError, match="0-1"):
         cluster_sizes([0, 2], 2)
     assert assignment_change([0, 1, 2, 2], [0, 1, 1, 2]) == pytest.approx(0.25)
+
+
+def test_balanced_assign_splits_one_blob_evenly_and_keeps_separated_blobs():
+    rng = np.random.default_rng(5)
+    one_blob = rng.normal(0, 1, (300, 8)).astype(np.float32)
+    centres = one_blob[:3] * 0.1  # all near the middle: nearest-centre assignment is lopsided
+    sizes = np.bincount(balanced_assign(one_blob, centres), minlength=3)
+    assert sizes.min() >= 90  # near 100 each (entropic transport: near-equal, not exactly equal)
+    blobs, labels = _blobs(60)
+    true_centres = np.stack([blobs[labels == j].mean(0) for j in range(3)])
+    assert np.array_equal(balanced_assign(blobs, true_centres), assign(blobs, true_centres))
+
+
+def test_balanced_kmeans_prevents_collapse_onto_a_dominant_blob():
+    rng = np.random.default_rng(6)
+    x = np.concatenate([rng.normal(0, 1, (200, 10)), rng.normal(4, 1, (20, 10)),
+                        rng.normal(-4, 1, (20, 10))]).astype(np.float32)
+    plain = kmeans(x, 3)
+    balanced = kmeans(x, 3, balanced=True)
+    assert sorted(plain.sizes.tolist()) == [20, 20, 200] and not plain.balanced
+    assert balanced.balanced and balanced.sizes.min() >= 60 and balanced.sizes.sum() == 240
+    own = ((x - balanced.centres[balanced.assignments]) ** 2).sum()
+    assert balanced.objective == pytest.approx(float(own), rel=1e-5)  # of the balanced assignments
+    with pytest.raises(ClusteringError, match="dimension"):
+        balanced_assign(x, balanced.centres[:, :5])
