@@ -99,12 +99,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--before", action="store_true",
                    help="also time every network with the skipping as it was before the fix (side by side)")
+    p.add_argument("--dense", type=float, nargs="*", default=[],
+                   help="also time every network with divdr.cells.set_dense_fraction(F) (side by side)")
     p.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
                    help="a trained network (state.pt of a pipeline checkpoint, its config.yaml beside the run)")
     args = p.parse_args(argv)
     if args.tiny:
         args.model_size, args.height, args.width, args.images, args.batch = "micro", 64, 64, 4, 2
-        args.rates, args.repeats, args.before = [0.0, 0.5, 1.0], 1, True
+        args.rates, args.repeats, args.before, args.dense = [0.0, 0.5, 1.0], 1, True, [0.5]
     started = time.perf_counter()
     cap_threads(args.threads)
     import torch
@@ -126,19 +128,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         net = DynamicRoutingSegmenter(get_model_config(args.model_size)).eval()
         net.load_state_dict(state)
         nets[name] = (net, None)
-    if args.before:
-        nets.update({f"{name} [before]": spec for name, spec in list(nets.items())})
+    variants = (["before"] if args.before else []) + [f"dense {f:g}" for f in args.dense]
+    nets.update({f"{name} [{v}]": spec for v in variants for name, spec in list(nets.items())})
     table_ = cost_table(base.config, args.height, args.width)
 
     from bench.reference_skipping import skipping_before
+    from divdr.cells import STRICT_PER_IMAGE, set_dense_fraction
+
+    @contextlib.contextmanager
+    def variant(name: str, net: Any):
+        tag = name.rsplit("[", 1)[-1].rstrip("]") if name.endswith("]") else ""
+        if tag == "before":
+            with skipping_before():
+                yield
+        elif tag.startswith("dense "):
+            set_dense_fraction(net, float(tag.split()[1]))
+            try:
+                yield
+            finally:
+                set_dense_fraction(net, STRICT_PER_IMAGE)
+        else:
+            yield
 
     def forward_all(name: str, batch: int) -> tuple[float, Any]:
         net, rate = nets[name]
         hooks = ForcedClosure(net, rate, n) if rate is not None else None
         gates = []
-        before = skipping_before() if name.endswith("[before]") else contextlib.nullcontext()
         try:
-            with torch.inference_mode(), before:
+            with torch.inference_mode(), variant(name, net):
                 t = time.perf_counter()
                 for start in range(0, n, batch):
                     ids = torch.arange(start, min(n, start + batch))
@@ -162,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             latency[key].append(forward_all(*key)[0])
     rows = []
     for name in nets:
-        tag = " [before]" if name.endswith("[before]") else ""
+        tag = " [" + name.rsplit("[", 1)[-1] if name.endswith("]") else ""
         reference = f"closed {args.rates[0]:.2f}{tag}"
         floor = f"closed {max(args.rates):.2f}{tag}" if max(args.rates) == 1.0 else None
         row: dict[str, Any] = {"network": name, "gflops": gflops[name],
@@ -184,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        f"latency_ratio_b{b}", f"tracking_b{b}"],
                 {"gflops": ".4f", "flops_ratio": ".3f", "ms_b1": ".2f", "latency_ratio_b1": ".3f", "tracking_b1": "+.1%",
                  f"ms_b{b}": ".2f", f"latency_ratio_b{b}": ".3f", f"tracking_b{b}": "+.1%"}))
-    current = [r for r in rows if not r["network"].endswith("[before]")]
+    current = [r for r in rows if not r["network"].endswith("]")]
     worst = {bs: max(abs(r[f"tracking_b{bs}"]) for r in current) for bs in (1, b)}
     breakdown = {}
     for name in [f"closed {args.rates[0]:.2f}", f"closed {max(args.rates):.2f}"]:
@@ -193,16 +210,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("share of self CPU time by kind of op:")
     for key, shares in breakdown.items():
         print(f"  {key}: " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()))
+    for v in variants:
+        worst[f"{v} b{b}"] = max(abs(r[f"tracking_b{b}"]) for r in rows if r["network"].endswith(f"[{v}]"))
     if args.before:
         for r in current:
             old = next(o for o in rows if o["network"] == r["network"] + " [before]")
             for bs in (1, b):
                 r[f"speedup_vs_before_b{bs}"] = old[f"ms_b{bs}"] / r[f"ms_b{bs}"]
-    print(f"worst |latency ratio / FLOPs ratio - 1|: batch 1 {worst[1]:.1%}, batch {b} {worst[b]:.1%} "
-          f"(target {TRACKING_TARGET:.0%})")
+    print("worst |latency ratio / FLOPs ratio - 1|: " + ", ".join(
+        f"{k if isinstance(k, str) else f'batch {k}'} {v:.1%}" for k, v in worst.items()) +
+        f" (target {TRACKING_TARGET:.0%})")
     result = {"benchmark": "inference_latency", "model_size": args.model_size, "size": [args.height, args.width],
               "images": n, "batch": b, "threads": args.threads, "repeats": args.repeats, "rows": rows,
-              "worst_tracking": {f"b{k}": v for k, v in worst.items()}, "target": TRACKING_TARGET,
+              "worst_tracking": {(f"b{k}" if isinstance(k, int) else k): v for k, v in worst.items()}, "target": TRACKING_TARGET,
               "gflops_all_open_no_gates": table_.all_open / 1e9, "gflops_fixed": table_.fixed / 1e9,
               "checkpoints": args.checkpoint, "time_by_op_kind": breakdown}
     return finish(result, args.json, started)

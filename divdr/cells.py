@@ -12,6 +12,13 @@ from divdr.gates import build_gate, has_skip_branch
 from divdr.ops import DownTransform, SepConv3x3x2, UpTransform
 from divdr.routing import DOWN, KEEP, UP, CellSpec
 
+# Batched inference: a cell or path open for at least this fraction of a batch's images may run on
+# the whole batch (the closed images weighted 0, so the outputs are the same), because gathering and
+# scattering the images can cost more than computing the few closed ones (bench/inference_latency.py,
+# BENCHMARKS.md). The default, 1.0, is strict per-image skipping: only a cell or path open for every
+# image runs on the batch as it is. ``set_dense_fraction`` changes it for a whole model.
+STRICT_PER_IMAGE = 1.0
+
 # Official threshold (dynamic_cell.py): a path whose weight is at most this is not computed at
 # inference, and a cell whose weights sum to less than it is dropped (its input passes through).
 ACTIVE_THRESHOLD = 1e-4
@@ -56,6 +63,7 @@ class Cell(nn.Module):
         self.gate = build_gate(gate, spec.channels, len(self.slots))
         self.skip_branch = has_skip_branch(gate)
         self.keep = nn.ReLU()
+        self.dense_fraction = STRICT_PER_IMAGE
         self.up = UpTransform(spec.channels) if spec.allow_up else None
         self.down = DownTransform(spec.channels) if spec.allow_down else None
 
@@ -100,30 +108,35 @@ class Cell(nn.Module):
 
     def _forward_skipping(self, x: torch.Tensor, weights: torch.Tensor,
                           skip: torch.Tensor | None = None) -> CellOutput:
-        """Only the open cells and paths of each image are computed. Images are gathered (and the
-        results scattered back) only when some of the batch skips: a cell or path open for every
-        image runs on the batch as it is, with no copies (bench/inference_latency.py measured the
-        gathers at ~20% of batched inference with every path open)."""
+        """Only the open cells and paths of each image are computed. A cell or path open for every
+        image of the batch (or for at least ``dense_fraction`` of it, closed images weighted 0) runs
+        on the batch as it is; otherwise its images are gathered and the results scattered back.
+        At batch 1, or with the default fraction 1.0, no closed path of any image is computed."""
         batch = x.shape[0]
         active_cell = cell_active(weights)
         cell_idx = active_cell.nonzero().flatten()
         every_cell = cell_idx.numel() == batch
+        whole = cell_idx.numel() > 0 and (every_cell or cell_idx.numel() >= self.dense_fraction * batch)
         out: dict[int, torch.Tensor | None] = {slot: None for slot in self.transforms()}
         if cell_idx.numel() > 0:
-            xa = x if every_cell else x[cell_idx]
-            wa = weights if every_cell else weights[cell_idx]
+            # dropped images computed along (whole batch) have every path closed: weighted 0 below
+            xa = x if whole else x[cell_idx]
+            wa = weights if whole else weights[cell_idx]
             h = self.op(xa) + xa
             for slot, transform in self.transforms().items():
                 on = path_active(wa[:, slot])
                 count = int(on.sum())
                 if count == 0:
                     continue
-                if count == on.numel():  # open for every image whose cell runs
+                if count == on.numel():  # open for every image computed
                     y = wa[:, slot].view(-1, 1, 1, 1) * transform(h)
-                    rows = None if every_cell else cell_idx
+                    rows = None if whole else cell_idx
+                elif count >= self.dense_fraction * on.numel():  # most of them: closed ones weighted 0
+                    y = torch.where(on, wa[:, slot], 0.0).view(-1, 1, 1, 1) * transform(h)
+                    rows = None if whole else cell_idx
                 else:
                     y = wa[on, slot].view(-1, 1, 1, 1) * transform(h[on])
-                    rows = cell_idx[on]
+                    rows = on.nonzero().flatten() if whole else cell_idx[on]
                 out[slot] = y if rows is None else y.new_zeros((batch, *y.shape[1:])).index_copy_(0, rows, y)
         # Images whose cell is dropped pass their input through unchanged; with a fast-forward
         # branch the images whose cell runs add their input times its weight.
@@ -151,3 +164,14 @@ class Cell(nn.Module):
         if self.down is not None:
             shapes[DOWN] = (b, 2 * c, (h + 1) // 2, (w + 1) // 2)
         return shapes
+
+
+def set_dense_fraction(model: nn.Module, fraction: float) -> None:
+    """Every cell of ``model`` runs a cell or path on the whole batch at inference when at least
+    ``fraction`` of the batch needs it (1.0: strict per-image skipping, the default). The outputs
+    are the same either way; only the work done for closed images and the copies differ."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"dense fraction must be in (0, 1], got {fraction}")
+    for module in model.modules():
+        if isinstance(module, Cell):
+            module.dense_fraction = fraction

@@ -6,6 +6,7 @@ import torch
 
 from bench.inference_latency import ForcedClosure
 from bench.reference_skipping import skipping_before
+from divdr.cells import set_dense_fraction
 from divdr.config import get_model_config, get_preset
 from divdr.heads import DynamicRoutingSegmenter
 
@@ -20,11 +21,13 @@ def _net(kind: str) -> DynamicRoutingSegmenter:
     return DynamicRoutingSegmenter(config).eval()
 
 
+@pytest.mark.parametrize("dense", [1.0, 0.5])
 @pytest.mark.parametrize("kind", ["soft", "gumbel"])
 @pytest.mark.parametrize("rate", [0.0, 0.3, 0.7, 1.0])
-def test_batched_skipping_matches_the_per_image_reference(kind, rate):
+def test_batched_skipping_matches_the_per_image_reference(kind, rate, dense):
     torch.manual_seed(0)
     net = _net(kind)
+    set_dense_fraction(net, dense)
     images = torch.randn(6, 3, 64, 64)
     hooks = ForcedClosure(net, rate, 6, seed=3)
     hooks.set_images(torch.arange(6))
@@ -37,3 +40,8 @@ def test_batched_skipping_matches_the_per_image_reference(kind, rate):
         hooks.remove()
     torch.testing.assert_close(now.backbone.gates, before.backbone.gates, rtol=0, atol=0)
     torch.testing.assert_close(now.logits, before.logits, rtol=1e-6, atol=1e-6)
+
+
+def test_dense_fraction_is_checked():
+    with pytest.raises(ValueError, match="dense fraction must be in"):
+        set_dense_fraction(_net("soft"), 0.0)
