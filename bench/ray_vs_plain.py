@@ -5,7 +5,10 @@ same cores: training images per second.
 
 - plain: one process, ``--workers`` torch threads, batch ``workers x batch``, no DDP, no Ray;
 - Ray: a ``TorchTrainer`` with ``--workers`` workers (1 torch thread each, DDP over gloo), batch
-  ``--batch`` each, so the same global batch on the same cores.
+  ``--batch`` each, so the same global batch on the same cores;
+- plain, 1 thread: one process, 1 torch thread, batch ``--batch``; its rate times ``--workers`` is
+  what perfect data-parallel scaling on these cores would give (a stricter reference: a 2-thread
+  process loses to intra-op synchronisation, more so on a shared machine).
 
 Both run the same step (``bench/training.py``: DR-A, no store) on the same in-memory batches; the
 throughput is taken over the steps after ``--warmup`` (Ray's start-up, the process group and the
@@ -16,6 +19,7 @@ median of the per-round ratios Ray / plain. Each Ray worker also reports its pea
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -73,7 +77,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=40, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--omp-wait-policy", choices=["passive", "active", "default"], default="default",
+                   help="OMP_WAIT_POLICY for torch's OpenMP threads (set before torch and Ray start)")
     args = p.parse_args(argv)
+    if args.omp_wait_policy != "default":
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
     if args.tiny:
         args.model_size, args.batch, args.crop, args.steps, args.warmup, args.rounds = "micro", 2, 64, 2, 1, 1
     started = time.perf_counter()
@@ -97,6 +105,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         trainer = Trainer(cfg)
         return images / _timed_steps(trainer, batches(cfg, 4, 10_000), args.steps, args.warmup)
 
+    def plain_one_thread() -> float:
+        import torch
+
+        torch.set_num_threads(1)
+        try:
+            cfg = experiment("DR-A", args.model_size, args.batch, args.crop, [f"train.steps={args.steps + args.warmup}"])
+            trainer = Trainer(cfg)
+            seconds = _timed_steps(trainer, batches(cfg, 4, 10_000), args.steps, args.warmup)
+        finally:
+            torch.set_num_threads(args.workers)
+        return args.workers * args.steps * args.batch / seconds
+
     def with_ray() -> float:
         out = tempfile.mkdtemp(dir=storage.name)
         trainer = TorchTrainer(
@@ -112,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return images / max(r["seconds"] for r in ranks)
 
     try:
-        rates = interleaved({"plain": plain, "ray": with_ray}, args.rounds)
+        rates = interleaved({"plain": plain, "ray": with_ray, "plain_1thread_x_workers": plain_one_thread},
+                            args.rounds)
     finally:
         if own_ray:
             ray.shutdown()
@@ -122,6 +143,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "crop": args.crop, "workers": args.workers, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
         "images_per_s": {name: {"median": median(v), "runs": v} for name, v in rates.items()},
         "ray_over_plain": ratio_summary(rates["ray"], rates["plain"]),
+        "ray_over_perfect_scaling": ratio_summary(rates["ray"], rates["plain_1thread_x_workers"]),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "ray_fit_seconds": extras["ray_fit_seconds"],
         "ray_fit_overhead_seconds": [f - images / r for f, r in zip(extras["ray_fit_seconds"], rates["ray"],
                                                                      strict=True)],
@@ -130,9 +153,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     for name, v in result["images_per_s"].items():
         print(f"{name:6s} {v['median']:.1f} images/s (runs {[round(x, 1) for x in v['runs']]})")
-    r = result["ray_over_plain"]
-    print(f"Ray / plain: {r['median']:.3f} (per-round min {r['min']:.3f}, max {r['max']:.3f}); "
-          f"fit() takes {median(extras['ray_fit_seconds']):.1f} s in all")
+    for key in ("ray_over_plain", "ray_over_perfect_scaling"):
+        r = result[key]
+        print(f"{key}: {r['median']:.3f} (per-round min {r['min']:.3f}, max {r['max']:.3f})")
+    print(f"fit() takes {median(extras['ray_fit_seconds']):.1f} s in all")
     return finish(result, args.json, started)
 
 
