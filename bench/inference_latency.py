@@ -61,7 +61,7 @@ class ForcedClosure:
         self.handles = [cell.gate.register_forward_hook(self._hook(i)) for i, cell in enumerate(cells)]
 
     def _hook(self, index: int):
-        def hook(module, inputs, output):  # noqa: ANN001, ARG001
+        def hook(module, inputs, output):
             return output * self.mask[self.ids, index, : output.shape[1]]
         return hook
 
@@ -194,12 +194,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 dt0 = median(latency[(reference, b)]) - median(latency[(floor, b)])
                 df = (gflops[name] - gflops[floor]) / (gflops[reference] - gflops[floor])
                 row[f"routing_latency_ratio_b{b}"] = dt / dt0
-                row[f"routing_flops_ratio"] = df
+                row["routing_flops_ratio"] = df
         rows.append(row)
     b = args.batch
     print(table(rows, ["network", "gflops", "flops_ratio", "ms_b1", "latency_ratio_b1", "tracking_b1", f"ms_b{b}",
                        f"latency_ratio_b{b}", f"tracking_b{b}"],
-                {"gflops": ".4f", "flops_ratio": ".3f", "ms_b1": ".2f", "latency_ratio_b1": ".3f", "tracking_b1": "+.1%",
+                {"gflops": ".4f", "flops_ratio": ".3f", "ms_b1": ".2f", "latency_ratio_b1": ".3f",
+                 "tracking_b1": "+.1%",
                  f"ms_b{b}": ".2f", f"latency_ratio_b{b}": ".3f", f"tracking_b{b}": "+.1%"}))
     current = [r for r in rows if not r["network"].endswith("]")]
     worst = {bs: max(abs(r[f"tracking_b{bs}"]) for r in current) for bs in (1, b)}
@@ -222,7 +223,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f" (target {TRACKING_TARGET:.0%})")
     result = {"benchmark": "inference_latency", "model_size": args.model_size, "size": [args.height, args.width],
               "images": n, "batch": b, "threads": args.threads, "repeats": args.repeats, "rows": rows,
-              "worst_tracking": {(f"b{k}" if isinstance(k, int) else k): v for k, v in worst.items()}, "target": TRACKING_TARGET,
+              "worst_tracking": {(f"b{k}" if isinstance(k, int) else k): v for k, v in worst.items()},
+              "target": TRACKING_TARGET,
               "gflops_all_open_no_gates": table_.all_open / 1e9, "gflops_fixed": table_.fixed / 1e9,
               "checkpoints": args.checkpoint, "time_by_op_kind": breakdown}
     return finish(result, args.json, started)

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 objectives: dict[str, list[float]] = {"faiss": [], "sklearn": []}
                 seeds = iter(range(10_000))
 
-                def timed(name: str, fn):  # noqa: ANN001
+                def timed(name: str, fn, seeds=seeds, objectives=objectives):  # noqa: ANN001
                     def call() -> float:
                         seconds, obj = fn(next(seeds))
                         objectives[name].append(obj)
@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        "objective_gap"],
                 {"faiss_s": ".3f", "sklearn_s": ".3f", "speedup": ".1f", "faiss_objective": ".6g",
                  "sklearn_objective": ".6g", "objective_gap": "+.2e"}))
-    result = {"benchmark": "kmeans", "threads": args.threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "niter": args.niter, "repeats": args.repeats,
+    result = {"benchmark": "kmeans", "threads": args.threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+              "niter": args.niter, "repeats": args.repeats,
               "rows": rows}
     return finish(result, args.json, started)
 

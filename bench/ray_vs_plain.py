@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         torch.set_num_threads(1)
         try:
-            cfg = experiment("DR-A", args.model_size, args.batch, args.crop, [f"train.steps={args.steps + args.warmup}"])
+            cfg = experiment("DR-A", args.model_size, args.batch, args.crop,
+                             [f"train.steps={args.steps + args.warmup}"])
             trainer = Trainer(cfg)
             seconds = _timed_steps(trainer, batches(cfg, 4, 10_000), args.steps, args.warmup)
         finally:

@@ -177,7 +177,8 @@ class SimulatedWorkers:
             s.flush()
         return {"send_ms_median": median(send_s) * 1e3, "send_ms_max": max(send_s) * 1e3,
                 "sends_over_10ms": int(sum(s > 0.01 for s in send_s)), "sends": len(send_s),
-                "late_steps": late_steps, "sends_blocked": at_limit, "seconds": sent_end - t0, "flush_s": time.perf_counter() - sent_end,
+                "late_steps": late_steps, "sends_blocked": at_limit, "seconds": sent_end - t0,
+                "flush_s": time.perf_counter() - sent_end,
                 "switch_waits": waits,
                 "dropped": sum(s.failures for s in self.senders.values())}
 

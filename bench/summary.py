@@ -22,7 +22,8 @@ def _load(folder: Path, name: str) -> dict[str, Any] | None:
 
 
 def _ratio(r: dict[str, Any]) -> str:
-    return f"{r['median']:.3f} (rounds {r['rounds']}: {r['min']:.2f}-{r['max']:.2f}; totals {r.get('ratio_of_totals', float('nan')):.3f})"
+    totals = r.get("ratio_of_totals", float("nan"))
+    return f"{r['median']:.3f} (rounds {r['rounds']}: {r['min']:.2f}-{r['max']:.2f}; totals {totals:.3f})"
 
 
 def main(argv: list[str] | None = None) -> None:
