@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 objectives: dict[str, list[float]] = {"faiss": [], "sklearn": []}
                 seeds = iter(range(10_000))
 
-                def timed(name: str, fn, seeds=seeds, objectives=objectives):  # noqa: ANN001
+                def timed(name: str, fn, seeds=seeds, objectives=objectives):
                     def call() -> float:
                         seconds, obj = fn(next(seeds))
                         objectives[name].append(obj)
