@@ -54,12 +54,14 @@ def detections_to_coco(detections: Sequence[Mapping[str, torch.Tensor]], image_i
             binary = (det["masks"].detach().cpu()[:, 0] > mask_threshold).numpy().astype(np.uint8)
         for i, ((x1, y1, x2, y2), label, score) in enumerate(zip(boxes, labels, scores, strict=True)):
             if label not in label_to_category:
-                raise ValueError(f"detector label {label} has no COCO category (labels are 1..{len(label_to_category)})")
+                raise ValueError(f"detector label {label} has no COCO category "
+                                 f"(labels are 1..{len(label_to_category)})")
             result: dict[str, Any] = {"image_id": int(image_id), "category_id": int(label_to_category[label]),
                                       "score": float(score), "bbox": [x1, y1, x2 - x1, y2 - y1]}
             if binary is not None:
                 rle = mask_utils.encode(np.asfortranarray(binary[i]))
-                result["segmentation"] = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+                result["segmentation"] = {"size": [int(v) for v in rle["size"]],
+                                          "counts": rle["counts"].decode("ascii")}
             results.append(result)
     return results
 

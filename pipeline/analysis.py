@@ -24,7 +24,6 @@ from PIL import Image
 
 from divdr import clustering
 from divdr.evaluation import REFERENCE_SIZE, InferenceResult
-from divdr.heads import DynamicRoutingSegmenter
 
 NEAREST_PER_CENTRE = 5  # DivDR Fig. 5: top-5 images nearest each centre
 THUMBNAIL_HEIGHT = 96
@@ -43,9 +42,13 @@ def cluster_metrics(acts: np.ndarray, assignments: np.ndarray, centres: np.ndarr
 
 
 def summarize_run(cfg: Any, root: Path, train: InferenceResult, val: InferenceResult, centres: Any,
-                  store_status: dict[str, Any], net: DynamicRoutingSegmenter, progress: dict[str, int],
-                  ) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """Metrics dict (flat floats plus lists) and artifacts {relative path: bytes}."""
+                  store_status: dict[str, Any], net: torch.nn.Module, progress: dict[str, int],
+                  task_metrics: dict[str, Any] | None = None, task_artifacts: dict[str, bytes] | None = None,
+                  reference_size: tuple[int, int] = REFERENCE_SIZE) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Metrics dict (flat floats plus lists) and artifacts {relative path: bytes}.
+
+    Segmentation scores come from ``val.scores``; other tasks (detection: COCO AP) pass theirs in
+    ``task_metrics`` / ``task_artifacts``, and the size their paper reports GFLOPs at."""
     k = cfg.clustering.k
     init = centres.centres.numpy() if centres.centres is not None else None
     final = clustering.kmeans(train.activations, k, init_centres=init, seed=cfg.train.seed,
@@ -54,10 +57,10 @@ def summarize_run(cfg: Any, root: Path, train: InferenceResult, val: InferenceRe
     scores = val.scores
     metrics: dict[str, Any] = {
         **progress,
-        "miou": scores.miou,
-        "pixel_accuracy": scores.pixel_accuracy,
+        **({"miou": scores.miou, "pixel_accuracy": scores.pixel_accuracy} if scores is not None else {}),
+        **(task_metrics or {}),
         "gflops_real": float(val.real_gflops.mean()),
-        f"gflops_real_{REFERENCE_SIZE[0]}x{REFERENCE_SIZE[1]}": float(val.real_gflops_reference.mean()),
+        f"gflops_real_{reference_size[0]}x{reference_size[1]}": float(val.real_gflops_reference.mean()),
         "gflops_real_std": float(val.real_gflops.std()),
         "distinct_routes_val": len({tuple(r) for r in (val.gates > 1e-4).reshape(len(val.gates), -1)}),
         "centre_version": centres.version,
@@ -77,7 +80,8 @@ def summarize_run(cfg: Any, root: Path, train: InferenceResult, val: InferenceRe
     train_assign = np.asarray(final.assignments)
     artifacts = {
         "final_metrics.json": json.dumps(metrics, indent=2, default=float).encode(),
-        "per_class_iou.json": json.dumps(scores.per_class, indent=2).encode(),
+        **({"per_class_iou.json": json.dumps(scores.per_class, indent=2).encode()} if scores is not None else {}),
+        **(task_artifacts or {}),
         "activations_train.parquet": activations_table(train, train_assign, "train"),
         "activations_val.parquet": activations_table(val, val_assign, "val"),
         "a_space.png": embedding_plot(val.activations, val_assign, val.subsets, final.centres),
@@ -165,7 +169,9 @@ def _thumbnail(path: Path) -> Image.Image:
     return image.resize((max(1, round(image.width * scale)), THUMBNAIL_HEIGHT))
 
 
-def _model_bytes(net: DynamicRoutingSegmenter) -> bytes:
+def _model_bytes(net: torch.nn.Module) -> bytes:
     sink = io.BytesIO()
-    torch.save({"config": net.config, "state_dict": net.state_dict()}, sink)
+    # a detector also needs its heads' config and category count to be rebuilt
+    extra = {name: getattr(net, name) for name in ("detection", "num_categories", "masks") if hasattr(net, name)}
+    torch.save({"config": net.config, **extra, "state_dict": net.state_dict()}, sink)
     return sink.getvalue()

@@ -28,11 +28,11 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from divdr.config import PRESETS, ConfigError
-from divdr.data.cityscapes import CityscapesSegmentation
 from pipeline import tracking
 from pipeline.centroid_store import CentroidStore, store_name
 from pipeline.config import ExperimentConfig, resolve, with_smoke
 from pipeline.faults import faults_from_env
+from pipeline.tasks import make_task
 from pipeline.worker import train_loop_per_worker
 
 MIN_FREE_BYTES = 200 * 2**20  # refuse to start a run with less free disk than this in --out
@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="YAML experiment file of overrides")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one value, e.g. --set clustering.k=4 (repeatable)")
-    parser.add_argument("--data", type=Path, help="dataset root in the Cityscapes layout (default: embedded study)")
+    parser.add_argument("--data", type=Path, help="dataset root: Cityscapes layout, or COCO layout for task "
+                        "detection / instance (default: the embedded study in that layout)")
     parser.add_argument("--out", type=Path, default=Path("runs"), help="output folder (default runs/)")
     parser.add_argument("--name", help="run name (default: <preset>-seed<seed>); the same name resumes")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under --out)")
@@ -86,7 +87,8 @@ def dataset_root(cfg: ExperimentConfig) -> Path:
         return Path(cfg.data.root)
     from divdr.data.synthetic import ensure_default_dataset
 
-    return ensure_default_dataset()
+    # the same generated scenes, as Cityscapes-layout segmentation or COCO-format instances
+    return ensure_default_dataset(kind="seg" if cfg.task == "segmentation" else "det")
 
 
 def init_ray() -> None:
@@ -109,8 +111,9 @@ def run(cfg: ExperimentConfig, out: Path, root: Path, parent_run_id: str | None 
     if fresh and run_dir.exists():
         shutil.rmtree(run_dir)
     check_output_folder(run_dir)
-    train_set = CityscapesSegmentation(root, "train")
-    CityscapesSegmentation(root, "val")  # a missing or empty val split fails here, before training
+    task = make_task(cfg, root)  # missing splits, bad annotation files, mismatched categories fail here
+    train_set = task.train_dataset()
+    task.split_size("val")  # a missing or empty val split fails here, before training
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     uri = cfg.tracking.uri or tracking.local_tracking_uri(out)
@@ -168,6 +171,8 @@ def run(cfg: ExperimentConfig, out: Path, root: Path, parent_run_id: str | None 
 
 
 def format_table(rows: dict[str, dict[str, Any]]) -> str:
+    if any("bbox/AP" in m for m in rows.values()):
+        return format_detection_table(rows)
     header = "| run | mIoU | GFLOPs (eval size) | GFLOPs @1024x2048 | Inter | Intra | recovery | val cluster sizes |"
     lines = [header, "|" + "---|" * 8]
     for name, m in rows.items():
@@ -175,6 +180,20 @@ def format_table(rows: dict[str, dict[str, Any]]) -> str:
                      f"{m.get('gflops_real_1024x2048', float('nan')):.1f} | {m.get('inter', float('nan')):.3f} | "
                      f"{m.get('intra', float('nan')):.3f} | {m.get('recovery', float('nan')):.3f} | "
                      f"{m.get('cluster_sizes')} |")
+    return "\n".join(lines)
+
+
+def format_detection_table(rows: dict[str, dict[str, Any]]) -> str:
+    """Detection / instance runs: COCO AP (fractions, as COCOeval), backbone GFLOPs at 800x800."""
+    header = ("| run | bbox AP | AP50 | AP75 | segm AP | GFLOPs (eval size) | GFLOPs @800x800 | Inter | Intra | "
+              "recovery | val cluster sizes |")
+    lines = [header, "|" + "---|" * 11]
+    nan = float("nan")
+    for name, m in rows.items():
+        lines.append(f"| {name} | {m.get('bbox/AP', nan):.3f} | {m.get('bbox/AP50', nan):.3f} | "
+                     f"{m.get('bbox/AP75', nan):.3f} | {m.get('segm/AP', nan):.3f} | {m.get('gflops_real', nan):.3f} | "
+                     f"{m.get('gflops_real_800x800', nan):.2f} | {m.get('inter', nan):.3f} | "
+                     f"{m.get('intra', nan):.3f} | {m.get('recovery', nan):.3f} | {m.get('cluster_sizes')} |")
     return "\n".join(lines)
 
 

@@ -1,5 +1,8 @@
 """``train_loop_per_worker``: DDP training of a DR network with DivDR's clustering loss.
 
+One loop for every task (segmentation, detection, instance segmentation): what differs (data, model,
+task loss, inference, scores) comes from ``pipeline.tasks``.
+
 Each Ray Train worker trains on its shard, streams its batches' A(x) to the centroid store,
 switches to new centres at the steps the schedule fixes (rank 0 fetches, then broadcasts), checkpoints
 through ``ray.train.report``, and at the end evaluates on the val split.
@@ -22,20 +25,15 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from divdr.data.cityscapes import CityscapesSegmentation
-from divdr.data.labels import IGNORE_INDEX
-from divdr.data.transforms import RandomScaleCropFlip, SegTransformConfig
-from divdr.evaluation import merge_results, run_inference
-from divdr.flops import budget_ratio, cost_table, expected_cost
+from divdr.flops import budget_ratio, expected_cost
 from divdr.gates import anneal_temperature, set_temperature
-from divdr.heads import DynamicRoutingSegmenter
-from divdr.losses import correctness, total_loss
+from divdr.losses import total_loss
 from pipeline.config import ExperimentConfig, from_dict
 from pipeline.faults import FaultPlan
 from pipeline.schedule import kmeans_trigger_steps, switch_step
+from pipeline.tasks import TrainingTask, make_task
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +96,6 @@ class ActivationSender:
                 self._settle(ref)
 
 
-def _collate(batch: list[dict]) -> dict:
-    return {"image": torch.stack([s["image"] for s in batch]), "label": torch.stack([s["label"] for s in batch]),
-            "sample_id": [int(s["sample_id"]) for s in batch]}
-
-
 def _limit(dataset: Any, count: int) -> Any:
     return Subset(dataset, range(min(count, len(dataset)))) if count else dataset
 
@@ -153,21 +146,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tracker = loop_config.get("tracker") if rank == 0 else None
     faults = FaultPlan(loop_config.get("faults"), Path(loop_config["run_dir"]))
 
-    transform = RandomScaleCropFlip(SegTransformConfig(crop_size=tuple(cfg.train.crop),
-                                                       scale_range=(cfg.train.scale_min, cfg.train.scale_max)))
-    full_train = CityscapesSegmentation(root, "train", transform=transform)
-    train_set = _limit(full_train, cfg.data.max_train_images)
+    task = make_task(cfg, root)
+    train_set = _limit(task.train_dataset(), cfg.data.max_train_images)
     sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed,
                                  drop_last=True)
     batch_size = min(cfg.train.batch_size, max(1, len(train_set) // world))
-    loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=_collate)
+    loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=task.collate)
 
-    net = DynamicRoutingSegmenter(cfg.model)
+    net = task.build_model()
     model = ray.train.torch.prepare_model(net)
     optimizer = torch.optim.SGD(net.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
                                 weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _poly(cfg.train.steps, cfg.train.poly_power))
-    table = cost_table(cfg.model, *cfg.train.crop)
     triggers = kmeans_trigger_steps(cfg.train.steps, cfg.clustering.update_every, cfg.store.update_every_final)
     centres = CentreState()
     start_step = _restore(net, optimizer, scheduler, centres)
@@ -184,23 +174,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if step >= cfg.train.steps:
                 break
             if sender is not None and cfg.store.mode == "refresh" and step in triggers:
-                _refresh(net, full_train, cfg, store, sender, rank, world, step)
+                _refresh(net, task, cfg, store, sender, rank, world, step)
             if sender is not None:
                 _maybe_switch(centres, store, triggers, cfg, step, rank, world, tracker)
             _inject_process_faults(faults, store, step, rank)
             model.train()
             tau = anneal_temperature(net, step / cfg.train.steps, cfg.model.gate.temperature)  # no-op: soft
-            out = model(batch["image"])
-            task = F.cross_entropy(out.logits, batch["label"], ignore_index=IGNORE_INDEX)
+            out = task.forward(model, batch)
+            table = out.table
             ratio = budget_ratio(out.backbone.gates, table)
             acts = out.backbone.activations
-            task, acts = _inject_value_faults(faults, task, acts, step, rank)
-            terms = total_loss(task, cost_ratio=ratio, progress=step / cfg.train.steps, budget=cfg.budget,
+            task_loss, acts = _inject_value_faults(faults, out.loss, acts, step, rank)
+            terms = total_loss(task_loss, cost_ratio=ratio, progress=step / cfg.train.steps, budget=cfg.budget,
                                clustering=cfg.clustering, activations=acts,
                                centres=centres.centres if centres.usable() else None, sigma2=centres.sigma2,
-                               resource=cfg.resource,
-                               correct=correctness(out.logits, batch["label"], cfg.resource)
-                               if cfg.resource.weight else None)
+                               resource=cfg.resource, correct=out.correct)
             optimizer.zero_grad(set_to_none=True)
             if not _all_finite(torch.cat([terms.total.detach().view(1), acts.detach().flatten()]), world):
                 skipped += 1
@@ -208,7 +196,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 if skipped > MAX_SKIPPED_STEPS:
                     raise FloatingPointError(
                         f"rank {rank}: loss or gate activations non-finite for {skipped} consecutive steps "
-                        f"(step {step}, task {task.item():.4g}, total {terms.total.item():.4g}); "
+                        f"(step {step}, task {task_loss.item():.4g}, total {terms.total.item():.4g}); "
                         "lower train.lr or check the data")
                 step += 1
                 continue
@@ -231,19 +219,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     "cost/expected_gflops": float(expected_cost(out.backbone.gates.detach(), table).mean()) / 1e9,
                     "lr": scheduler.get_last_lr()[0], "images_per_s": seen_images / max(now - t_last, 1e-9),
                     "centre_version": centres.version,
+                    **{name: value.item() for name, value in out.parts.items()},
                 }
                 tracker.metrics.remote(metrics, step)
                 # printed by the tracker on the driver's node: Ray Train V2 would echo a worker's print twice
                 tracker.progress.remote(progress_line(step, first_step, cfg.train.steps, metrics, now - t_start))
                 seen_images, t_last = 0, now
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-                _periodic_evaluation(net, cfg, root, step, rank, world, tracker)
+                _periodic_evaluation(net, task, step, rank, world, tracker)
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
                 _checkpoint(net, optimizer, scheduler, centres, step, rank, metrics)
     if sender is not None:
         sender.flush()
     set_temperature(net, cfg.model.gate.temperature.final)  # evaluate at the final tau (gumbel gates)
-    final = _final_evaluation(net, cfg, root, store, centres, rank, world, tracker,
+    final = _final_evaluation(net, task, cfg, store, centres, rank, world, tracker,
                               {"step": step, "start_step": start_step, "skipped_steps": skipped_total})
     ray.train.report({**final, "step": step, "done": True})
 
@@ -304,13 +293,12 @@ def _maybe_switch(centres: CentreState, store: Any, triggers: list[int], cfg: Ex
                                | {"kmeans/version": centres.version}, step)
 
 
-def _refresh(net: DynamicRoutingSegmenter, dataset: CityscapesSegmentation, cfg: ExperimentConfig, store: Any,
+def _refresh(net: torch.nn.Module, task: TrainingTask, cfg: ExperimentConfig, store: Any,
              sender: ActivationSender, rank: int, world: int, step: int) -> None:
     """Refresh mode (the paper's exact semantics): A(x) of every training image with the current
     weights, sent before the K-means of this trigger step."""
-    eval_set = CityscapesSegmentation(dataset.root, "train")
-    indices = _shard(len(_limit(eval_set, cfg.data.max_train_images)), rank, world)
-    result = run_inference(net, eval_set, cfg.data.eval_batch_size, indices=indices, score=False)
+    indices = _shard(task.split_size("train"), rank, world)
+    result = task.routing(task.inference(net, "train", indices, score=False))
     acts = torch.from_numpy(result.activations)
     for i in range(0, len(indices), REFRESH_CHUNK):
         sender.send(step - 1, result.sample_ids[i:i + REFRESH_CHUNK].tolist(), acts[i:i + REFRESH_CHUNK],
@@ -354,40 +342,31 @@ def _checkpoint(net: torch.nn.Module, optimizer: Any, scheduler: Any, centres: C
 
 # ---- evaluation -------------------------------------------------------------------------------
 
-def _periodic_evaluation(net: DynamicRoutingSegmenter, cfg: ExperimentConfig, root: Path, step: int, rank: int,
-                         world: int, tracker: Any) -> None:
-    """Val mIoU and real GFLOPs during training (every ``train.eval_every`` steps), sharded over ranks."""
-    val = CityscapesSegmentation(root, "val")
-    part = run_inference(net, val, cfg.data.eval_batch_size,
-                         indices=_shard(len(_limit(val, cfg.data.max_val_images)), rank, world))
-    merged = merge_results(_gather(part, world))
+def _periodic_evaluation(net: torch.nn.Module, task: TrainingTask, step: int, rank: int, world: int,
+                         tracker: Any) -> None:
+    """Val scores (mIoU, or COCO AP) and real GFLOPs during training (every ``train.eval_every``
+    steps), sharded over ranks."""
+    part = task.inference(net, "val", _shard(task.split_size("val"), rank, world))
+    merged = task.merge(_gather(part, world))
     if tracker is not None:
-        tracker.metrics.remote({"val/miou": merged.scores.miou, "val/gflops_real": float(merged.real_gflops.mean())},
-                               step)
+        tracker.metrics.remote(task.val_metrics(merged), step)
 
 
 # ---- final evaluation -------------------------------------------------------------------------
 
-def _final_evaluation(net: DynamicRoutingSegmenter, cfg: ExperimentConfig, root: Path, store: Any,
+def _final_evaluation(net: torch.nn.Module, task: TrainingTask, cfg: ExperimentConfig, store: Any,
                       centres: CentreState, rank: int, world: int, tracker: Any,
                       progress: dict[str, int]) -> dict[str, Any]:
-    """Val mIoU and real GFLOPs; then the clusters measured the same way for DR and DivDR: eval-mode
-    A(x) of the training images clustered (warm-started from the store's last centres), val images
-    assigned to their nearest centre (Inter, Intra, sizes, subset recovery)."""
-    train_eval = CityscapesSegmentation(root, "train")
-    val = CityscapesSegmentation(root, "val")
-    n_train = len(_limit(train_eval, cfg.data.max_train_images))
-    n_val = len(_limit(val, cfg.data.max_val_images))
-    train_part = run_inference(net, train_eval, cfg.data.eval_batch_size, indices=_shard(n_train, rank, world),
-                               score=False)
-    val_part = run_inference(net, val, cfg.data.eval_batch_size, indices=_shard(n_val, rank, world))
+    """Val scores (mIoU, or COCO AP) and real GFLOPs; then the clusters measured the same way for DR
+    and DivDR: eval-mode A(x) of the training images clustered (warm-started from the store's last
+    centres), val images assigned to their nearest centre (Inter, Intra, sizes, subset recovery)."""
+    train_part = task.inference(net, "train", _shard(task.split_size("train"), rank, world), score=False)
+    val_part = task.inference(net, "val", _shard(task.split_size("val"), rank, world))
     train_parts, val_parts = _gather(train_part, world), _gather(val_part, world)
     if rank != 0:
         return {}
-    from pipeline.analysis import summarize_run  # rank 0 only: plotting and Parquet
-
-    summary, artifacts = summarize_run(cfg, root, merge_results(train_parts), merge_results(val_parts), centres,
-                                       ray.get(store.status.remote()) if store is not None else {}, net, progress)
+    summary, artifacts = task.summarize(cfg, task.merge(train_parts), task.merge(val_parts), centres,
+                                        ray.get(store.status.remote()) if store is not None else {}, net, progress)
     if tracker is not None:
         ray.get(tracker.final.remote(summary, artifacts))
     return summary

@@ -203,3 +203,24 @@ def collate_fn(batch: list[tuple[torch.Tensor, DetectionTarget]]) -> tuple[list[
     """Detection batches stay lists: images differ in size and targets in instance count."""
     images, targets = zip(*batch, strict=True) if batch else ((), ())
     return list(images), list(targets)
+
+
+class RandomHorizontalFlip:
+    """Flip an image with its boxes and masks with probability ``probability``: the only augmentation
+    of the DivDR / DR COCO training ("random flip is adopted without random scaling")."""
+
+    def __init__(self, probability: float = 0.5) -> None:
+        if not 0 <= probability <= 1:
+            raise ValueError(f"flip probability must be in [0, 1], got {probability}")
+        self.probability = probability
+
+    def __call__(self, image: torch.Tensor, target: DetectionTarget) -> tuple[torch.Tensor, DetectionTarget]:
+        if float(torch.rand(())) >= self.probability:
+            return image, target
+        width = image.shape[-1]
+        flipped = dict(target)
+        boxes = target["boxes"].clone()
+        boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]  # x1' = W - x2, x2' = W - x1
+        flipped["boxes"] = boxes
+        flipped["masks"] = target["masks"].flip(-1)
+        return image.flip(-1), flipped

@@ -66,9 +66,9 @@ def test_layer16_is_unchanged_by_the_fifth_scale_option():
 
 
 def test_five_scales_need_four_layers():
-    with pytest.raises(ConfigError, match="final_scales=5 needs model.layers >= 4"):
+    with pytest.raises(ConfigError, match=r"final_scales=5 needs model\.layers >= 4"):
         get_model_config("micro", final_scales=5)
-    with pytest.raises(ConfigError, match="model.final_scales must be 4"):
+    with pytest.raises(ConfigError, match=r"model\.final_scales must be 4"):
         get_model_config("micro", final_scales=6)
 
 
@@ -126,7 +126,7 @@ def test_four_scale_backbone_gets_a_pooled_fifth_level():
 
 
 def test_bad_detection_config_is_named():
-    with pytest.raises(ConfigError, match="detection.anchor_sizes must be 5"):
+    with pytest.raises(ConfigError, match=r"detection\.anchor_sizes must be 5"):
         DetectionConfig(anchor_sizes=(8, 16))
     with pytest.raises(ConfigError, match="task must be one of"):
         build_detector(MICRO17, SMALL_HEADS, 2, "segmentation")

@@ -1,0 +1,233 @@
+"""What differs between the tasks the training loop runs: data, model, task loss, inference, scores.
+
+``train_loop_per_worker`` is one loop for every task (budget and clustering losses, the centroid
+store, checkpoints, faults); it asks a ``TrainingTask`` for the rest:
+
+- ``SegmentationTask``: Cityscapes layout, DR network + naive decoder, cross-entropy, mIoU;
+- ``DetectionTask`` (``task: detection | instance``): COCO layout, DR backbone + torchvision FPN and
+  Faster / Mask R-CNN heads, torchvision's losses, COCOeval AP (bbox, and segm for instance).
+
+No Ray here: the worker does the sharding, gathering and reporting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from divdr.backbone import BackboneOutput
+from divdr.config import ConfigError
+from divdr.data.cityscapes import SUBSET_MANIFEST, CityscapesSegmentation, DatasetError, read_subset_manifest
+from divdr.data.coco import CocoDetection, RandomHorizontalFlip, is_degenerate, xywh_to_xyxy_clipped
+from divdr.data.labels import IGNORE_INDEX
+from divdr.data.transforms import RandomScaleCropFlip, SegTransformConfig
+from divdr.detection import build_detector
+from divdr.detection_eval import (
+    REFERENCE_SIZE as DETECTION_REFERENCE_SIZE,
+)
+from divdr.detection_eval import (
+    DetectionInferenceResult,
+    merge_detection_results,
+    run_detection_inference,
+    score_detections,
+)
+from divdr.evaluation import InferenceResult, merge_results, run_inference
+from divdr.flops import CostTable, cost_table
+from divdr.heads import DynamicRoutingSegmenter
+from divdr.losses import correctness
+
+TARGET_KEYS = ("boxes", "labels")  # what torchvision's detectors read from a target (+ masks for instance)
+
+
+@dataclass
+class TaskStep:
+    """One training forward: the task loss, the backbone's routing, the cost table of the batch's
+    size, per-image correctness (DRNets eq. 8; None unless the resource loss is on) and the loss
+    parts worth logging (detached)."""
+
+    loss: torch.Tensor
+    backbone: BackboneOutput
+    table: CostTable
+    correct: torch.Tensor | None
+    parts: dict[str, torch.Tensor]
+
+
+class TrainingTask(Protocol):
+    def train_dataset(self) -> Dataset: ...
+    def collate(self, batch: list[Any]) -> dict[str, Any]: ...
+    def build_model(self) -> nn.Module: ...
+    def forward(self, model: nn.Module, batch: dict[str, Any]) -> TaskStep: ...
+    def split_size(self, split: str) -> int: ...
+    def inference(self, net: nn.Module, split: str, indices: Sequence[int], score: bool = True) -> Any: ...
+    def merge(self, parts: Sequence[Any]) -> Any: ...
+    def routing(self, result: Any) -> InferenceResult: ...
+    def val_metrics(self, merged: Any) -> dict[str, float]: ...
+    def summarize(self, cfg: Any, train: Any, val: Any, centres: Any, store_status: dict[str, Any],
+                  net: nn.Module, progress: dict[str, int]) -> tuple[dict[str, Any], dict[str, bytes]]: ...
+
+
+def _limit(dataset: Any, count: int) -> Any:
+    return Subset(dataset, range(min(count, len(dataset)))) if count else dataset
+
+
+class SegmentationTask:
+    """Semantic segmentation in the Cityscapes layout (the DR / DivDR main task)."""
+
+    def __init__(self, cfg: Any, root: Path) -> None:
+        self.cfg, self.root = cfg, Path(root)
+        self.table = cost_table(cfg.model, *cfg.train.crop)  # every training batch is a crop of this size
+
+    def train_dataset(self) -> Dataset:
+        train = self.cfg.train
+        transform = RandomScaleCropFlip(SegTransformConfig(crop_size=tuple(train.crop),
+                                                           scale_range=(train.scale_min, train.scale_max)))
+        return CityscapesSegmentation(self.root, "train", transform=transform)
+
+    def collate(self, batch: list[dict]) -> dict[str, Any]:
+        return {"image": torch.stack([s["image"] for s in batch]), "label": torch.stack([s["label"] for s in batch]),
+                "sample_id": [int(s["sample_id"]) for s in batch]}
+
+    def build_model(self) -> nn.Module:
+        return DynamicRoutingSegmenter(self.cfg.model)
+
+    def forward(self, model: nn.Module, batch: dict[str, Any]) -> TaskStep:
+        out = model(batch["image"])
+        loss = F.cross_entropy(out.logits, batch["label"], ignore_index=IGNORE_INDEX)
+        correct = correctness(out.logits, batch["label"], self.cfg.resource) if self.cfg.resource.weight else None
+        return TaskStep(loss, out.backbone, self.table, correct, {})
+
+    def _split(self, split: str) -> CityscapesSegmentation:
+        return CityscapesSegmentation(self.root, split)
+
+    def split_size(self, split: str) -> int:
+        limit = self.cfg.data.max_train_images if split == "train" else self.cfg.data.max_val_images
+        return len(_limit(self._split(split), limit))
+
+    def inference(self, net: nn.Module, split: str, indices: Sequence[int], score: bool = True) -> InferenceResult:
+        return run_inference(net, self._split(split), self.cfg.data.eval_batch_size, indices=indices, score=score)
+
+    def merge(self, parts: Sequence[InferenceResult]) -> InferenceResult:
+        return merge_results(parts)
+
+    def routing(self, result: InferenceResult) -> InferenceResult:
+        return result
+
+    def val_metrics(self, merged: InferenceResult) -> dict[str, float]:
+        return {"val/miou": merged.scores.miou, "val/gflops_real": float(merged.real_gflops.mean())}
+
+    def summarize(self, cfg: Any, train: InferenceResult, val: InferenceResult, centres: Any,
+                  store_status: dict[str, Any], net: nn.Module, progress: dict[str, int],
+                  ) -> tuple[dict[str, Any], dict[str, bytes]]:
+        from pipeline.analysis import summarize_run  # plotting and Parquet: rank 0 only
+
+        return summarize_run(cfg, self.root, train, val, centres, store_status, net, progress)
+
+
+class DetectionTask:
+    """Detection (Faster R-CNN) or instance segmentation (Mask R-CNN) in the COCO layout:
+    images in ``{root}/{split}``, annotations in ``{root}/annotations/instances_{split}.json``
+    (the generated study's layout, and COCO's own with ``data.train_split: train2017``)."""
+
+    def __init__(self, cfg: Any, root: Path) -> None:
+        self.cfg, self.root = cfg, Path(root)
+        self.masks = cfg.task == "instance"
+        manifest = self.root / SUBSET_MANIFEST
+        self.manifest = read_subset_manifest(manifest) if manifest.exists() else {}
+        self._splits: dict[tuple[str, bool], CocoDetection] = {}
+        self._tables: dict[tuple[int, int], CostTable] = {}
+        train, val = self._split("train", train=True), self._split("val", train=False)
+        if train.category_to_label != val.category_to_label:
+            raise DatasetError(f"{train.annotation_json} and {val.annotation_json} list different categories "
+                               f"({sorted(train.category_to_label)} vs {sorted(val.category_to_label)}); "
+                               "a detector's classes must be the same in both")
+        usable = [a for a in train.coco.anns.values() if not a["iscrowd"] and not is_degenerate(
+            xywh_to_xyxy_clipped(a["bbox"], train.coco.imgs[a["image_id"]]["width"],
+                                 train.coco.imgs[a["image_id"]]["height"]))]
+        if not usable:
+            raise DatasetError(f"{train.annotation_json}: no usable training annotation (every one is a crowd "
+                               "region or a degenerate box, or there are none)")
+        self.num_categories = train.num_categories
+
+    def _split(self, split: str, train: bool) -> CocoDetection:
+        """``train=True``: crowds left out of the targets (torchvision's references); ``False``: kept."""
+        key = (split, train)
+        if key not in self._splits:
+            name = self.cfg.data.train_split if split == "train" else self.cfg.data.val_split
+            self._splits[key] = CocoDetection(self.root / name, self.root / "annotations" / f"instances_{name}.json",
+                                              train=train)
+        return self._splits[key]
+
+    def train_dataset(self) -> Dataset:
+        name = self.cfg.data.train_split
+        return CocoDetection(self.root / name, self.root / "annotations" / f"instances_{name}.json", train=True,
+                             transform=RandomHorizontalFlip())
+
+    def collate(self, batch: list[tuple[torch.Tensor, dict]]) -> dict[str, Any]:
+        keys = TARGET_KEYS + (("masks",) if self.masks else ())  # Faster R-CNN: no masks to resize
+        return {"images": [image for image, _ in batch],
+                "targets": [{k: target[k] for k in keys} for _, target in batch],
+                "sample_id": [int(target["sample_id"]) for _, target in batch]}
+
+    def build_model(self) -> nn.Module:
+        return build_detector(self.cfg.model, self.cfg.detection, self.num_categories, self.cfg.task)
+
+    def _table(self, size: tuple[int, int]) -> CostTable:
+        if size not in self._tables:  # torchvision pads each batch: a few sizes at most
+            self._tables[size] = cost_table(self.cfg.model, *size, with_decoder=False)
+        return self._tables[size]
+
+    def forward(self, model: nn.Module, batch: dict[str, Any]) -> TaskStep:
+        out = model(batch["images"], batch["targets"])
+        loss = torch.stack(list(out.losses.values())).sum()
+        parts = {f"loss/{name}": value.detach() for name, value in out.losses.items()}
+        return TaskStep(loss, out.backbone, self._table(out.image_size), None, parts)
+
+    def split_size(self, split: str) -> int:
+        limit = self.cfg.data.max_train_images if split == "train" else self.cfg.data.max_val_images
+        return len(_limit(self._split(split, split == "train"), limit))
+
+    def inference(self, net: nn.Module, split: str, indices: Sequence[int],
+                  score: bool = True) -> DetectionInferenceResult:
+        return run_detection_inference(net, self._split(split, split == "train"), self.cfg.data.eval_batch_size,
+                                       indices=indices, manifest=self.manifest, predict=score)
+
+    def merge(self, parts: Sequence[DetectionInferenceResult]) -> DetectionInferenceResult:
+        return merge_detection_results(parts)
+
+    def routing(self, result: DetectionInferenceResult) -> InferenceResult:
+        return result.routing
+
+    def scores(self, merged: DetectionInferenceResult) -> dict[str, float]:
+        iou_types = ("bbox", "segm") if self.masks else ("bbox",)
+        return score_detections(self._split("val", False).coco.dataset, merged.results, merged.image_ids, iou_types)
+
+    def val_metrics(self, merged: DetectionInferenceResult) -> dict[str, float]:
+        return {**{f"val/{k}": v for k, v in self.scores(merged).items()},
+                "val/gflops_real": float(merged.routing.real_gflops.mean())}
+
+    def summarize(self, cfg: Any, train: DetectionInferenceResult, val: DetectionInferenceResult, centres: Any,
+                  store_status: dict[str, Any], net: nn.Module, progress: dict[str, int],
+                  ) -> tuple[dict[str, Any], dict[str, bytes]]:
+        import json
+
+        from pipeline.analysis import summarize_run
+
+        artifacts = {"detections_val.json": json.dumps(val.results).encode()}
+        return summarize_run(cfg, self.root, train.routing, val.routing, centres, store_status, net, progress,
+                             task_metrics=self.scores(val), task_artifacts=artifacts,
+                             reference_size=DETECTION_REFERENCE_SIZE)
+
+
+def make_task(cfg: Any, root: Path) -> TrainingTask:
+    if cfg.task == "segmentation":
+        return SegmentationTask(cfg, root)
+    if cfg.task in ("detection", "instance"):
+        return DetectionTask(cfg, root)
+    raise ConfigError(f"task must be 'segmentation', 'detection' or 'instance', got {cfg.task!r}")
