@@ -126,5 +126,5 @@ def test_no_usable_training_annotation_is_named(det_study: Path, tmp_path: Path)
 
 def test_missing_coco_split_is_named(det_study: Path):
     cfg = detection_config(det_study, "detection", "data.train_split=train2017")
-    with pytest.raises(DatasetError, match="instances_train2017.json"):
+    with pytest.raises(DatasetError, match=r"instances_train2017\.json"):
         make_task(cfg, det_study)

@@ -63,7 +63,7 @@ def test_final_metrics_hold_coco_ap_and_backbone_flops(instance_run):
 
 
 def test_mlflow_holds_the_detection_run(instance_run):
-    cfg, metrics = instance_run
+    _, metrics = instance_run
     client = MlflowClient(metrics["tracking_uri"])
     run = client.get_run(metrics["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.params["task"] == "instance"
