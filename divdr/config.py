@@ -155,6 +155,9 @@ class BudgetConfig:
     mu: float = 0.1
     start_fraction: float = 0.4
     warmup_fraction: float = 0.02
+    # Not in the paper: the square per image, then the batch mean, so *every* image must meet mu
+    # (the official code squares the batch mean: images may trade cost with one another).
+    per_image: bool = False
 
     def __post_init__(self) -> None:
         _require(self.weight >= 0, f"budget.weight (lambda1) must be >= 0, got {self.weight}")

@@ -30,13 +30,16 @@ def budget_schedule(progress: float, config: BudgetConfig) -> float:
     return min(1.0, (progress - config.start_fraction) / config.warmup_fraction)
 
 
-def budget_loss(cost_ratio: torch.Tensor, mu: float) -> torch.Tensor:
+def budget_loss(cost_ratio: torch.Tensor, mu: float, per_image: bool = False) -> torch.Tensor:
     """DR eq. 9 without its weight: ``(C(Space)/C_max - mu)^2``.
 
     As in the official code the expected cost is averaged over the batch *before* the square,
-    so individual images may use more or less than mu as long as the batch meets the budget:
-    input-dependent routes stay possible.
+    so individual images may use more or less than mu as long as the batch meets the budget.
+    ``per_image`` squares each image's deviation and averages those instead: every image has to
+    fit in mu, so each must find the cheapest route that serves it.
     """
+    if per_image:
+        return ((cost_ratio - mu) ** 2).mean()
     return (cost_ratio.mean() - mu) ** 2
 
 
@@ -121,7 +124,8 @@ def total_loss(task: torch.Tensor, *, cost_ratio: torch.Tensor, progress: float,
     """Eq. 3. The clustering term is 0 until centres exist (before the first K-means). The
     resource term (eq. 8, batch mean) needs ``correct`` (from ``correctness``) when its weight is > 0."""
     zero = task.new_zeros(())
-    budget_term = budget_loss(cost_ratio, budget.mu) * budget_schedule(progress, budget) if budget.weight else zero
+    budget_term = (budget_loss(cost_ratio, budget.mu, budget.per_image) * budget_schedule(progress, budget)
+                   if budget.weight else zero)
     per_image = None
     clustering_term = zero
     if clustering.weight and centres is not None and activations is not None and sigma2 is not None:

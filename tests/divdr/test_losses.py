@@ -20,6 +20,8 @@ def test_budget_schedule_official():
 def test_budget_loss_by_hand():
     # batch mean of the ratios (0.2 + 0.4) / 2 = 0.3; (0.3 - 0.1)^2 = 0.04
     assert float(budget_loss(torch.tensor([0.2, 0.4]), mu=0.1)) == pytest.approx(0.04)
+    # per image: ((0.2 - 0.1)^2 + (0.4 - 0.1)^2) / 2 = (0.01 + 0.09) / 2
+    assert float(budget_loss(torch.tensor([0.2, 0.4]), mu=0.1, per_image=True)) == pytest.approx(0.05)
 
 
 def test_clustering_loss_by_hand_l2_and_squared():
