@@ -9,7 +9,7 @@ from torch import nn
 
 from divdr.cells import Cell, CellOutput
 from divdr.config import ModelConfig
-from divdr.ops import Stem
+from divdr.ops import Stem, convert_norm
 from divdr.routing import INIT_LAYER, a_space_slice, routing_space
 
 # Inputs are padded to a multiple of 32 (1/32 is the coarsest scale with an up path, whose x2
@@ -50,6 +50,7 @@ class DynamicBackbone(nn.Module):
         self._layers: list[list[int]] = [[] for _ in range(config.layers + 1)]
         for i, spec in enumerate(self.specs):
             self._layers[spec.layer + 1].append(i)
+        convert_norm(self, config.norm)
 
     @property
     def out_channels(self) -> dict[str, int]:

@@ -107,8 +107,13 @@ class ModelConfig:
     # gives 198, 17 four-scale layers (65 cells) plus the initial cell, is
     # ``layers=17, final_scales=4, init_cell_in_a_space=True``.
     final_scales: int = NUM_SCALES
+    # Normalisation layers: "batch" (BN, the paper's) or "group" (GroupNorm, not in the paper): with
+    # BN an image's A(x) in training depends on its batch and differs from its eval-mode A(x); with
+    # GroupNorm it does not (counted like BN in the FLOPs: one op per element).
+    norm: str = "batch"
 
     def __post_init__(self) -> None:
+        _require(self.norm in ("batch", "group"), f"model.norm must be 'batch' or 'group', got {self.norm!r}")
         _require(self.layers >= 3, f"model.layers must be >= 3 (all four scales appear at layer 2), got {self.layers}")
         _require(self.channels >= 2 and self.channels % 2 == 0,
                  f"model.channels must be an even integer >= 2, got {self.channels}")

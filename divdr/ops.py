@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +21,36 @@ def conv_bn(in_ch: int, out_ch: int, kernel: int = 1, stride: int = 1, groups: i
     if relu:
         layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
+
+
+NormKind = Literal["batch", "group"]
+GROUP_NORM_MAX_GROUPS = 8  # GroupNorm: at most 8 groups, at least 2 channels per group
+
+
+def group_norm_for(bn: nn.BatchNorm2d) -> nn.GroupNorm:
+    channels = bn.num_features
+    groups = math.gcd(channels, max(1, min(GROUP_NORM_MAX_GROUPS, channels // 2)))
+    return nn.GroupNorm(groups, channels, eps=bn.eps, affine=bn.affine)
+
+
+def convert_norm(module: nn.Module, kind: NormKind) -> nn.Module:
+    """Replace every BatchNorm2d in ``module`` (in place, also returned) by the normalisation ``kind``,
+    as torch's ``SyncBatchNorm.convert_sync_batchnorm`` does for SyncBN. ``batch`` keeps BN.
+
+    Why ``group``: with BN the gates' output A(x) in training depends on the other images of the
+    batch and differs from the eval-mode A(x) that K-means clusters; with GroupNorm every image's
+    A(x) is its own, the same in training and evaluation.
+    """
+    if kind == "batch":
+        return module
+    if kind != "group":
+        raise ValueError(f"norm must be 'batch' or 'group', got {kind!r}")
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, group_norm_for(child))
+        else:
+            convert_norm(child, kind)
+    return module
 
 
 def kaiming_init(module: nn.Module, bias: float = 0.0) -> None:

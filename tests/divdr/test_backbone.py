@@ -151,3 +151,25 @@ def test_config_validation_names_the_field():
         config_from_dict(ModelConfig, {"layerz": 3})
     with pytest.raises(ConfigError, match="gate"):
         config_from_dict(ModelConfig, {"gate": {"kind": "magic"}})
+
+
+def test_group_norm_makes_training_activations_per_image_and_equal_to_eval():
+    """model.norm=group: no BatchNorm left; in training an image's A(x) does not depend on the rest
+    of its batch and equals its eval-mode A(x) (with BN neither holds)."""
+    config = get_model_config("micro", num_classes=3, norm="group")
+    model = DynamicRoutingSegmenter(config).train()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert sum(isinstance(m, nn.GroupNorm) for m in model.modules()) > 0
+    images = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        batched = model(images).backbone.activations
+        single = torch.cat([model(images[i : i + 1]).backbone.activations for i in range(4)])
+        evaluated = model.eval()(images).backbone.activations
+    assert torch.allclose(batched, single, atol=1e-5) and torch.allclose(batched, evaluated, atol=1e-5)
+    bn_model = DynamicRoutingSegmenter(get_model_config("micro", num_classes=3)).train()
+    with torch.no_grad():
+        bn_batched = bn_model(images).backbone.activations
+        bn_single = torch.cat([bn_model(images[i : i + 2]).backbone.activations[:1] for i in range(0, 4, 2)])
+    assert not torch.allclose(bn_batched[::2], bn_single, atol=1e-3)
+    with pytest.raises(Exception, match=r"model\.norm"):
+        get_model_config("micro", norm="layer")
