@@ -13,10 +13,10 @@ from divdr.ops import DownTransform, SepConv3x3x2, UpTransform
 from divdr.routing import DOWN, KEEP, UP, CellSpec
 
 # Batched inference: a cell or path open for at least this fraction of a batch's images may run on
-# the whole batch (the closed images weighted 0, so the outputs are the same), because gathering and
-# scattering the images can cost more than computing the few closed ones (bench/inference_latency.py,
-# BENCHMARKS.md). The default, 1.0, is strict per-image skipping: only a cell or path open for every
-# image runs on the batch as it is. ``set_dense_fraction`` changes it for a whole model.
+# the whole batch (the closed images weighted 0, so the outputs are the same) instead of gathering
+# and scattering the images. The default, 1.0, is strict per-image skipping: only a cell or path
+# open for every image runs on the batch as it is. ``set_dense_fraction`` changes it for a whole
+# model; on the 16-channel ``tiny`` net at batch 8 it measured no gain (BENCHMARKS.md, section 4).
 STRICT_PER_IMAGE = 1.0
 
 # Official threshold (dynamic_cell.py): a path whose weight is at most this is not computed at
