@@ -112,5 +112,5 @@ def test_overrides_never_leak_into_the_smoke_defaults():
 def test_store_can_be_disabled_for_dr_only():
     assert resolve("DR-A").store.enabled
     assert not resolve("DR-A", overrides=["store.enabled=false"]).store.enabled
-    with pytest.raises(ConfigError, match="store.enabled=false needs clustering.weight"):
+    with pytest.raises(ConfigError, match=r"store\.enabled=false needs clustering\.weight"):
         resolve("DivDR-A", overrides=["store.enabled=false"])
