@@ -170,30 +170,26 @@ def run(cfg: ExperimentConfig, out: Path, root: Path, parent_run_id: str | None 
     return metrics
 
 
+Column = tuple[str, str, str]  # (title, metric key, format spec)
+SEGMENTATION_COLUMNS: tuple[Column, ...] = (
+    ("mIoU", "miou", ".3f"), ("GFLOPs (eval size)", "gflops_real", ".3f"),
+    ("GFLOPs @1024x2048", "gflops_real_1024x2048", ".1f"), ("Inter", "inter", ".3f"), ("Intra", "intra", ".3f"),
+    ("recovery", "recovery", ".3f"), ("val cluster sizes", "cluster_sizes", ""))
+# Detection / instance runs: COCO AP (fractions, as COCOeval), backbone GFLOPs at 800x800.
+DETECTION_COLUMNS: tuple[Column, ...] = (
+    ("bbox AP", "bbox/AP", ".3f"), ("AP50", "bbox/AP50", ".3f"), ("AP75", "bbox/AP75", ".3f"),
+    ("segm AP", "segm/AP", ".3f"), ("GFLOPs (eval size)", "gflops_real", ".3f"),
+    ("GFLOPs @800x800", "gflops_real_800x800", ".2f"), ("Inter", "inter", ".3f"), ("Intra", "intra", ".3f"),
+    ("recovery", "recovery", ".3f"), ("val cluster sizes", "cluster_sizes", ""))
+
+
 def format_table(rows: dict[str, dict[str, Any]]) -> str:
-    if any("bbox/AP" in m for m in rows.values()):
-        return format_detection_table(rows)
-    header = "| run | mIoU | GFLOPs (eval size) | GFLOPs @1024x2048 | Inter | Intra | recovery | val cluster sizes |"
-    lines = [header, "|" + "---|" * 8]
+    """One Markdown row per run; detection columns when the runs carry COCO AP."""
+    columns = DETECTION_COLUMNS if any("bbox/AP" in m for m in rows.values()) else SEGMENTATION_COLUMNS
+    lines = ["| run | " + " | ".join(title for title, _, _ in columns) + " |", "|" + "---|" * (1 + len(columns))]
     for name, m in rows.items():
-        lines.append(f"| {name} | {m.get('miou', float('nan')):.3f} | {m.get('gflops_real', float('nan')):.3f} | "
-                     f"{m.get('gflops_real_1024x2048', float('nan')):.1f} | {m.get('inter', float('nan')):.3f} | "
-                     f"{m.get('intra', float('nan')):.3f} | {m.get('recovery', float('nan')):.3f} | "
-                     f"{m.get('cluster_sizes')} |")
-    return "\n".join(lines)
-
-
-def format_detection_table(rows: dict[str, dict[str, Any]]) -> str:
-    """Detection / instance runs: COCO AP (fractions, as COCOeval), backbone GFLOPs at 800x800."""
-    header = ("| run | bbox AP | AP50 | AP75 | segm AP | GFLOPs (eval size) | GFLOPs @800x800 | Inter | Intra | "
-              "recovery | val cluster sizes |")
-    lines = [header, "|" + "---|" * 11]
-    nan = float("nan")
-    for name, m in rows.items():
-        lines.append(f"| {name} | {m.get('bbox/AP', nan):.3f} | {m.get('bbox/AP50', nan):.3f} | "
-                     f"{m.get('bbox/AP75', nan):.3f} | {m.get('segm/AP', nan):.3f} | {m.get('gflops_real', nan):.3f} | "
-                     f"{m.get('gflops_real_800x800', nan):.2f} | {m.get('inter', nan):.3f} | "
-                     f"{m.get('intra', nan):.3f} | {m.get('recovery', nan):.3f} | {m.get('cluster_sizes')} |")
+        cells = [format(m.get(key, float("nan")), spec) if spec else str(m.get(key)) for _, key, spec in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
