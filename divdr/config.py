@@ -190,6 +190,11 @@ class ClusteringConfig:
         _require(self.weight >= 0, f"clustering.weight (lambda2) must be >= 0, got {self.weight}")
         _require(self.k >= 1, f"clustering.k must be >= 1, got {self.k}")
         _require(self.alpha >= 0, f"clustering.alpha must be >= 0, got {self.alpha}")
+        # With two centres the own centre is the nearest, so eq. 2 is max(0, alpha - positive) = 0 when
+        # alpha = 0: "DivDR" would silently train as DR.
+        _require(not (self.weight > 0 and self.k == 2 and self.alpha == 0),
+                 "clustering.alpha = 0 with clustering.k = 2 makes the clustering loss identically 0 "
+                 "(the own centre is always the nearer one); set clustering.alpha > 0 (e.g. 1.0)")
         _require(self.distance in ("l2", "squared_l2"),
                  f"clustering.distance must be 'l2' or 'squared_l2', got {self.distance!r}")
         _require(self.update_every >= 1, f"clustering.update_every must be >= 1, got {self.update_every}")

@@ -323,7 +323,7 @@ def _override(default: Any, section: dict[str, Any] | None, where: str) -> Any:
 SMOKE_OVERRIDES: dict[str, Any] = {
     "model_size": "micro",
     "train": {"steps": 12, "batch_size": 2, "crop": [64, 64], "log_every": 2, "checkpoint_every": 6},
-    "clustering": {"update_every": 4, "k": 2},
+    "clustering": {"update_every": 4, "k": 2, "alpha": 1.0},  # alpha > 0: with K = 2, eq. 2 is 0 otherwise
     "store": {"switch_lag": 1, "kmeans_iterations": 5},
     "data": {"max_train_images": 16, "max_val_images": 6, "eval_batch_size": 2},
 }

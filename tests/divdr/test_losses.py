@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from divdr.config import BudgetConfig, ClusteringConfig
+from divdr.config import BudgetConfig, ClusteringConfig, ConfigError
 from divdr.losses import budget_loss, budget_schedule, clustering_loss, total_loss
 
 
@@ -77,3 +77,13 @@ def test_total_loss_eq3():
     # before the budget starts and before the first centres exist, only the task loss remains
     early = total_loss(task, cost_ratio=ratio, progress=0.1, budget=budget, clustering=clustering)
     assert float(early.total) == 2.0 and early.clustering_per_image is None
+
+
+def test_two_centres_without_margin_leave_the_loss_identically_zero_and_are_refused():
+    torch.manual_seed(0)
+    a, centres = torch.rand(16, 6), torch.rand(2, 6)
+    assert float(clustering_loss(a, centres, sigma2=0.1, alpha=0.0).abs().max()) == 0.0
+    assert float(clustering_loss(a, centres, sigma2=0.1, alpha=1.0).max()) > 0.0
+    with pytest.raises(ConfigError, match="identically 0"):
+        ClusteringConfig(weight=0.5, k=2, alpha=0.0)
+    ClusteringConfig(weight=0.0, k=2, alpha=0.0)  # DR: the store still clusters, no loss

@@ -15,7 +15,8 @@ def test_every_shipped_space_loads():
 
 
 def test_trial_config_applies_base_params_and_seed():
-    space = parse_space({"name": "t", "preset": "DivDR-A", "base": {"model_size": "micro", "train": {"steps": 7}},
+    space = parse_space({"name": "t", "preset": "DivDR-A", "base": {"model_size": "micro", "train": {"steps": 7},
+                                                                  "clustering": {"alpha": 1.0}},
                          "grid": {"clustering.k": [2, 4]}})
     cfg = trial_config(space, {"clustering.k": 4}, seed=2, name="x")
     assert cfg.clustering.k == 4 and cfg.train.seed == 2 and cfg.train.steps == 7 and cfg.run_name == "x"
@@ -31,7 +32,7 @@ def test_trial_config_applies_base_params_and_seed():
     ({"name": "x", "seeds": 0}, "seeds must be"),
     ({"name": "x", "metric": "accuracy"}, "metric 'accuracy'"),
     ({"name": "x", "grid": {"clustering.k": 3}}, "grid.clustering.k must be a non-empty list"),
-    ({"name": "x", "grid": {"clustering.k": [2, 0]}}, "clustering.k must be >= 1"),
+    ({"name": "x", "grid": {"clustering.k": [3, 0]}}, "clustering.k must be >= 1"),
     ({"name": "x", "grid": {"clustering.kk": [2]}}, "unknown key"),
     ({"name": "x", "sample": {"clustering.alpha": {"normal": [0, 1]}}}, "sample.clustering.alpha must be one of"),
     ({"name": "x", "sample": {"clustering.alpha": {"loguniform": [0, 1]}}}, "needs low > 0"),
@@ -40,7 +41,8 @@ def test_trial_config_applies_base_params_and_seed():
     ({"name": "x", "base": {"train": {"stepz": 3}}}, "stepz"),
     ({"name": "x", "variants": {"v": 3}}, "variants.v must be a mapping"),
     ({"name": "x", "variants": {"v": {"clustering.alpha": -1}}}, "variant.: 'v'.*clustering.alpha must be >= 0"),
-    ({"name": "x", "variants": {"v": {"clustering.k": 2}}, "grid": {"clustering.k": [3]}}, "also sweeps"),
+    ({"name": "x", "variants": {"v": {"clustering.k": 4}}, "grid": {"clustering.k": [3]}}, "also sweeps"),
+    ({"name": "x", "grid": {"clustering.k": [2, 3]}}, "identically 0"),  # DivDR-A, alpha 0, K = 2
 ])
 def test_invalid_spaces_rejected_with_the_culprit(space, message):
     with pytest.raises(ConfigError, match=message):
@@ -48,7 +50,7 @@ def test_invalid_spaces_rejected_with_the_culprit(space, message):
 
 
 def test_report_mean_std_over_seeds(tmp_path):
-    space = parse_space({"name": "r", "grid": {"clustering.k": [2, 3]}})
+    space = parse_space({"name": "r", "base": {"clustering": {"alpha": 1.0}}, "grid": {"clustering.k": [2, 3]}})
     rows = [
         {"setting": "clustering.k=2", "param:clustering.k": 2, "miou": 0.5, "gflops_real": 1.0, "inter": 1, "intra": 1},
         {"setting": "clustering.k=2", "param:clustering.k": 2, "miou": 0.7, "gflops_real": 1.0, "inter": 1, "intra": 1},
@@ -76,6 +78,7 @@ def test_gates_space_compares_both_families_with_and_without_clustering():
 
 def test_variants_are_named_bundles_of_overrides_crossed_with_the_grid(tmp_path):
     space = parse_space({"name": "v", "preset": "DivDR-A", "grid": {"clustering.k": [2, 3]},
+                         "base": {"clustering": {"alpha": 0.5}},
                          "variants": {"default": {}, "dr": {"preset": "DR-A"},
                                       "refresh": {"store.mode": "refresh", "clustering.alpha": 1.0}}})
     assert space.swept == ["variant", "clustering.k"]
