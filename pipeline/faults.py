@@ -6,7 +6,8 @@ fault once per run (a marker file in the run folder remembers that it fired, so 
 group does not fail again):
 
 - ``kill_worker:rank=R,step=S``: worker R exits abruptly at step S (a dead process, as a lost node);
-- ``kill_store:step=S``: rank 0 kills the centroid-store actor at step S (Ray restarts it);
+- ``kill_store:step=S``: rank 0 has the store write a snapshot, then kills the actor at step S (Ray
+  restarts it, and it restores that snapshot);
 - ``nan_loss:step=S``: the loss of step S is NaN on every rank;
 - ``nan_activations:step=S``: the gate activations of step S hold a NaN on rank 0.
 """

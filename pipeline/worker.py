@@ -250,6 +250,9 @@ def _inject_process_faults(faults: FaultPlan, store: Any, step: int, rank: int) 
         os._exit(1)
     if rank == 0 and faults.due("kill_store", step, rank):
         log.warning("fault injection: killing the centroid store at step %d", step)
+        # the actor writes snapshots in a thread after publishing; wait for one of the current state so
+        # the restart has something to restore (what the fault tests), whatever the machine's load
+        ray.get(store.snapshot.remote())
         ray.kill(store, no_restart=False)
 
 
