@@ -77,8 +77,9 @@ def combine(parts: list[InferenceResult]) -> dict[str, float]:
             "gflops_real_1024x2048": float(gflops_ref.mean()), "images": int(gflops.size)}
 
 
-def evaluate_per_subset(net: DynamicRoutingSegmenter, views: dict[int, Path]) -> dict[str, Any]:
-    parts = {s: run_inference(net, CityscapesSegmentation(view, "val")) for s, view in views.items()}
+def evaluate_per_subset(nets: dict[int, DynamicRoutingSegmenter], views: dict[int, Path]) -> dict[str, Any]:
+    """Each subset's val images scored by ``nets[subset]`` (the oracle's experts, or one model for all)."""
+    parts = {s: run_inference(nets[s], CityscapesSegmentation(view, "val")) for s, view in views.items()}
     row = combine(list(parts.values()))
     row["per_subset_miou"] = {s: p.scores.miou for s, p in parts.items()}
     return row
@@ -111,12 +112,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         cfg = resolve(args.preset, None, [*args.overrides, f"name=oracle-{names[s]}", f"data.root={view}"], base=base)
         metrics = run(cfg, out, view, fresh=True)
         experts[s] = load_model(Path(metrics["run_dir"]) / "artifacts" / "model.pt")
-    parts = {s: run_inference(experts[s], CityscapesSegmentation(views[s], "val")) for s in views}
-    oracle = combine(list(parts.values()))
-    oracle["per_subset_miou"] = {s: p.scores.miou for s, p in parts.items()}
-    rows = {f"oracle ({args.preset} expert per subset)": oracle}
+    rows = {f"oracle ({args.preset} expert per subset)": evaluate_per_subset(experts, views)}
     for path in args.compare:
-        rows[str(path)] = evaluate_per_subset(load_model(path), views)
+        model = load_model(path)
+        rows[str(path)] = evaluate_per_subset(dict.fromkeys(views, model), views)
     table = format_rows(rows, names)
     wall = time.perf_counter() - started
     print(f"\n{table}\n\nwall time: {wall / 60:.1f} min")
