@@ -10,6 +10,7 @@ child run per trial; a report (Markdown, CSV, plots) is written at the end and l
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,12 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ray
+import yaml
 from ray import tune
 
 from divdr.config import ConfigError
 from pipeline import tracking
+from pipeline.config import ExperimentConfig
 from pipeline.report import write_report
 from pipeline.train import check_output_folder, dataset_root, init_ray, run
 from pipeline.tune_space import VARIANT_KEY, TuneSpace, load_space, trial_config
@@ -42,11 +45,26 @@ def _search_space(space: TuneSpace) -> dict[str, Any]:
     return {"params": params, "seed": tune.grid_search(list(range(space.seeds)))}
 
 
+def finished_metrics(cfg: ExperimentConfig, out: Path) -> dict[str, Any] | None:
+    """The final metrics of a trial that already finished under ``out`` with exactly this
+    configuration, else None. ``run`` writes ``result.json`` only once training has finished, so a
+    trial stopped midway has none (re-running it resumes it from its checkpoint), and a trial whose
+    configuration changed since (the space was edited) is trained again, never reused."""
+    run_dir = out / cfg.run_name
+    result, saved = run_dir / "result.json", run_dir / "config.yaml"
+    if not (result.is_file() and saved.is_file()):
+        return None
+    if yaml.safe_load(saved.read_text()) != yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False)):
+        return None
+    return json.loads(result.read_text())
+
+
 def _trial(config: dict[str, Any], space: TuneSpace, root: str, out: str, uri: str, parent_run_id: str) -> None:
     params, seed = config["params"], config["seed"]
     name = f"{space.name}[{setting_name(params)}]-seed{seed}".replace("/", "_")
     cfg = trial_config(space, {**params, "tracking.uri": uri}, seed, name)
-    metrics = run(cfg, Path(out), Path(root), parent_run_id=parent_run_id)
+    # re-running a stopped sweep keeps what finished: a sweep of the study is hours of CPU
+    metrics = finished_metrics(cfg, Path(out)) or run(cfg, Path(out), Path(root), parent_run_id=parent_run_id)
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     tune.report({**scalars, "setting": setting_name(params), "seed": seed, "preset": cfg.preset,
                  "cluster_sizes": str(metrics.get("cluster_sizes"))})

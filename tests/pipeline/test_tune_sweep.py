@@ -42,6 +42,9 @@ def sweep(tmp_path_factory):
         started = time.perf_counter()
         result = run_sweep(space, out, data=data)
         result["seconds"] = time.perf_counter() - started
+        started = time.perf_counter()
+        result["rerun"] = run_sweep(space, out, data=data)  # the same command again: nothing to train
+        result["rerun"]["seconds"] = time.perf_counter() - started
     finally:
         ray.shutdown()
     return space, out, result
@@ -60,6 +63,15 @@ def test_two_trials_finish_with_parent_and_child_runs(sweep):
     assert {c.data.params["preset"] for c in children} == {"DR-A", "DivDR-A"}
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.md", "report/report.csv", "report/miou_vs_gflops.png"} <= logged
+
+
+def test_rerunning_a_finished_sweep_reuses_its_trials(sweep):
+    _, _, result = sweep
+    rerun = result["rerun"]
+    assert rerun["errors"] == [] and rerun["parent_run_id"] == result["parent_run_id"]
+    recovered = {r["preset"]: (r["miou"], r["wall_seconds"]) for r in rerun["rows"]}
+    assert recovered == {r["preset"]: (r["miou"], r["wall_seconds"]) for r in result["rows"]}
+    assert rerun["seconds"] < min(r["wall_seconds"] for r in result["rows"])  # no trial trained again
 
 
 def test_report_has_a_row_per_setting(sweep):
