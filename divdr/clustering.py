@@ -14,7 +14,9 @@ against the fixed centres. What this module guarantees beyond a bare ``faiss.Kme
 - the objective and sigma^2 are recomputed in float64 on all points with the final centres.
 
 Diagnostics (DivDR Tables 2/3): ``sigma2``, ``inter_distance``, ``intra_distance``, ``cluster_sizes``,
-``assignment_change`` and ``recovery_accuracy`` (best one-to-one matching of clusters to known subsets).
+``assignment_change`` and ``recovery_accuracy`` (best one-to-one matching of clusters to known subsets);
+``subset_probe`` and ``subset_variance_share`` say whether known subsets are in A(x) at all and whether
+they dominate it.
 """
 
 from __future__ import annotations
@@ -233,6 +235,42 @@ def recovery_accuracy(assignments: object, subset_labels: object) -> float:
     np.add.at(table, (cluster_idx, subset_idx), 1)
     rows, cols = linear_sum_assignment(table, maximize=True)
     return float(table[rows, cols].sum() / clusters.size)
+
+
+# Two questions recovery alone cannot tell apart: are the subsets in A(x) at all (the probe), and are
+# they its dominant structure (the variance share)? K-means finds only what dominates the variance.
+PROBE_SCALE_FLOOR = 1e-6  # per-dimension scale floor: constant dimensions (closed gates) weigh nothing
+
+
+def subset_probe(train_activations: object, train_subsets: object, val_activations: object,
+                 val_subsets: object) -> float:
+    """Supervised ceiling for recovery: the share of val points nearest (after scaling every dimension
+    by its train std) to the train mean of their own subset. Uses the subset labels, so it is a
+    diagnostic of the controlled study only, never a training signal."""
+    x_train, x_val = as_activations(train_activations), as_activations(val_activations, "val_activations")
+    y_train = _as_labels(train_subsets, "train_subsets", x_train.shape[0])
+    y_val = _as_labels(val_subsets, "val_subsets", x_val.shape[0])
+    if x_val.shape[1] != x_train.shape[1]:
+        raise ClusteringError(f"val activations have dimension {x_val.shape[1]}, train {x_train.shape[1]}")
+    names = np.unique(y_train)
+    if y_val.size == 0 or names.size < 2:
+        raise ClusteringError(f"subset_probe needs val points and >= 2 train subsets, got {names.size}")
+    scale = np.maximum(x_train.std(axis=0), PROBE_SCALE_FLOOR)
+    means = np.stack([x_train[y_train == name].mean(axis=0) for name in names]) / scale
+    nearest = names[assign(x_val / scale, means.astype(np.float32))]
+    return float((nearest == y_val).mean())
+
+
+def subset_variance_share(activations: object, subsets: object) -> float:
+    """Between-subset variance of A(x) over its total variance (summed over dimensions): 1 when every
+    subset is a single point, ~0 when the subsets' means coincide."""
+    x = as_activations(activations).astype(np.float64)
+    y = _as_labels(subsets, "subsets", x.shape[0])
+    total = ((x - x.mean(axis=0)) ** 2).sum()
+    if total == 0:
+        return 0.0
+    within = sum(((x[y == name] - x[y == name].mean(axis=0)) ** 2).sum() for name in np.unique(y))
+    return float(1.0 - within / total)
 
 
 # ---------------------------------------------------------------- K-means

@@ -41,6 +41,23 @@ def cluster_metrics(acts: np.ndarray, assignments: np.ndarray, centres: np.ndarr
     }
 
 
+def subset_metrics(train: InferenceResult, val: InferenceResult, reference_size: tuple[int, int]) -> dict[str, Any]:
+    """Controlled study only (known subsets): is each subset in A(x), does it dominate A(x), and
+    what does each subset cost? Empty when the subsets are unknown."""
+    known_train, known_val = train.subsets >= 0, val.subsets >= 0
+    if np.unique(train.subsets[known_train]).size < 2 or not known_val.any():
+        return {}
+    a_val, s_val = val.activations[known_val], val.subsets[known_val]
+    size = f"{reference_size[0]}x{reference_size[1]}"
+    return {
+        "subset_probe": clustering.subset_probe(train.activations[known_train], train.subsets[known_train],
+                                                a_val, s_val),
+        "subset_variance_share": clustering.subset_variance_share(a_val, s_val),
+        f"gflops_by_subset_{size}": [float(val.real_gflops_reference[val.subsets == s].mean())
+                                     for s in np.unique(s_val)],
+    }
+
+
 def summarize_run(cfg: Any, root: Path, train: InferenceResult, val: InferenceResult, centres: Any,
                   store_status: dict[str, Any], net: torch.nn.Module, progress: dict[str, int],
                   task_metrics: dict[str, Any] | None = None, task_artifacts: dict[str, bytes] | None = None,
@@ -70,6 +87,7 @@ def summarize_run(cfg: Any, root: Path, train: InferenceResult, val: InferenceRe
         "train_images_clustered": len(train.sample_ids),
         "val_images": len(val.sample_ids),
         **cluster_metrics(val.activations, val_assign, final.centres, k, val.subsets),
+        **subset_metrics(train, val, reference_size),
         "train_cluster_sizes": final.sizes.tolist(),
         "sigma2": final.sigma2,
     }

@@ -19,6 +19,8 @@ from divdr.clustering import (
     recovery_accuracy,
     reseed_centres,
     sigma2,
+    subset_probe,
+    subset_variance_share,
 )
 
 BLOB_CENTRES = np.array([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0]])
@@ -213,3 +215,27 @@ def test_balanced_kmeans_prevents_collapse_onto_a_dominant_blob():
     assert balanced.objective == pytest.approx(float(own), rel=1e-5)  # of the balanced assignments
     with pytest.raises(ClusteringError, match="dimension"):
         balanced_assign(x, balanced.centres[:, :5])
+
+
+def test_subset_probe_sees_a_subset_that_kmeans_misses():
+    # the subsets differ along a low-variance dimension; a dominant nuisance splits the data otherwise
+    rng = np.random.default_rng(0)
+    subsets = np.repeat([0, 1], 100)
+    nuisance = rng.choice([-10.0, 10.0], 200) + rng.normal(0, 0.5, 200)
+    signal = subsets * 1.0 + rng.normal(0, 0.1, 200)
+    x = np.c_[nuisance, signal].astype(np.float32)
+    assert subset_probe(x[::2], subsets[::2], x[1::2], subsets[1::2]) == 1.0
+    assert recovery_accuracy(kmeans(x, 2, seed=0).assignments, subsets) < 0.7
+    assert subset_variance_share(x, subsets) < 0.01
+    assert subset_variance_share(x[:, 1:], subsets) > 0.9
+
+
+def test_subset_probe_ignores_closed_gates_and_names_bad_input():
+    x, labels = _blobs(50)
+    x = np.c_[x, np.zeros(len(x))]  # a dimension that never varies (a gate closed for every image)
+    assert subset_probe(x, labels, x, labels) == 1.0
+    assert subset_variance_share(np.zeros((4, 3)), [0, 0, 1, 1]) == 0.0
+    with pytest.raises(ClusteringError, match="val_subsets has 3 entries"):
+        subset_probe(x, labels, x[:4], labels[:3])
+    with pytest.raises(ClusteringError, match=">= 2 train subsets"):
+        subset_probe(x, np.zeros(len(x), int), x, labels)

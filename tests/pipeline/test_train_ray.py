@@ -58,6 +58,8 @@ def test_final_metrics_are_real(smoke_run):
     assert 0.0 <= metrics["miou"] <= 1.0
     assert metrics["gflops_real"] > 0 and metrics["gflops_real_1024x2048"] > metrics["gflops_real"]
     assert 0.0 <= metrics["recovery"] <= 1.0  # the study has a subset manifest
+    assert 0.0 <= metrics["subset_probe"] <= 1.0 and 0.0 <= metrics["subset_variance_share"] <= 1.0
+    assert 0 < len(metrics["gflops_by_subset_1024x2048"]) <= 3 and min(metrics["gflops_by_subset_1024x2048"]) > 0
     assert sum(metrics["cluster_sizes"]) == metrics["val_images"] == 6
 
 

@@ -1,0 +1,83 @@
+"""Do a run's routes carry the known subsets? ``python pipeline/probe.py RUN_DIR [RUN_DIR ...]``
+
+Reads what every finished run writes (``<run>/artifacts/activations_{train,val}.parquet``: A(x), the
+final cluster, the known subset and the real GFLOPs of each image) and prints, per run, a Markdown row:
+
+- recovery: the run's own clusters against the subsets (val; best one-to-one matching);
+- probe: nearest-subset-mean accuracy on val with train means (``divdr.clustering.subset_probe``),
+  the supervised ceiling: if it is low, the subsets are not in A(x); if it is high and recovery is
+  low, they are in A(x) but K-means finds something else;
+- share: between-subset share of the variance of A(x) on val (``subset_variance_share``): K-means
+  finds the subsets only when they dominate;
+- GFLOPs per subset (at the image size, mean over val): whether the subsets get different compute.
+
+A run trained before these were computed at its end gets them here from its artifacts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from divdr import clustering
+
+ARTIFACTS = "artifacts"
+
+
+def read_activations(run_dir: Path, split: str) -> dict[str, np.ndarray]:
+    path = Path(run_dir) / ARTIFACTS / f"activations_{split}.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a finished run folder?")
+    table = pq.read_table(path, columns=["a", "cluster", "subset", "real_gflops"])
+    a = table.column("a").combine_chunks()
+    return {"a": a.values.to_numpy().reshape(len(a), -1), "cluster": table.column("cluster").to_numpy(),
+            "subset": table.column("subset").to_numpy(), "gflops": table.column("real_gflops").to_numpy()}
+
+
+def probe_run(run_dir: Path) -> dict[str, object]:
+    train, val = read_activations(run_dir, "train"), read_activations(run_dir, "val")
+    known_train, known = train["subset"] >= 0, val["subset"] >= 0
+    if not known.any():
+        raise ValueError(f"{run_dir}: its val images have no known subsets (no subset manifest)")
+    subsets = val["subset"][known]
+    return {
+        "recovery": clustering.recovery_accuracy(val["cluster"][known], subsets),
+        "probe": clustering.subset_probe(train["a"][known_train], train["subset"][known_train],
+                                         val["a"][known], subsets),
+        "share": clustering.subset_variance_share(val["a"][known], subsets),
+        "gflops_by_subset": [float(val["gflops"][known][subsets == s].mean()) for s in np.unique(subsets)],
+        "val_cluster_sizes": clustering.cluster_sizes(val["cluster"], int(train["cluster"].max()) + 1).tolist(),
+    }
+
+
+def markdown(rows: dict[str, dict[str, object]]) -> str:
+    lines = ["| run | recovery | probe | share | GFLOPs per subset | val cluster sizes |", "|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        gflops = " / ".join(f"{g:.3f}" for g in r["gflops_by_subset"])  # type: ignore[union-attr]
+        lines.append(f"| {name} | {r['recovery']:.3f} | {r['probe']:.3f} | {r['share']:.3f} | {gflops} "
+                     f"| {r['val_cluster_sizes']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, object]]:
+    parser = argparse.ArgumentParser(prog="pipeline/probe.py", description=__doc__.splitlines()[0])
+    parser.add_argument("runs", type=Path, nargs="+", help="run folders (they hold artifacts/activations_*.parquet)")
+    args = parser.parse_args(argv)
+    try:
+        rows = {run.name: probe_run(run) for run in args.runs}
+    except (FileNotFoundError, ValueError) as err:
+        print(f"pipeline/probe.py: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(markdown(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""pipeline/probe.py on activation files written by the end-of-run analysis (no Ray, no training)."""
+
+import numpy as np
+import pytest
+
+from divdr.evaluation import InferenceResult
+from pipeline.analysis import activations_table
+from pipeline.probe import main, probe_run
+
+
+def _result(acts: np.ndarray, subsets: np.ndarray) -> InferenceResult:
+    n = len(acts)
+    gflops = 0.1 + 0.1 * subsets.astype(np.float64)  # subset s costs 0.1 * (s + 1)
+    return InferenceResult(sample_ids=np.arange(n), files=[f"img{i}.png" for i in range(n)], subsets=subsets,
+                           activations=acts.astype(np.float32), gates=np.zeros((n, 1, 3), np.float32),
+                           real_gflops=gflops, real_gflops_reference=gflops * 10, confusion=None)
+
+
+def _write_run(run_dir, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    (run_dir / "artifacts").mkdir(parents=True)
+    for split in ("train", "val"):
+        subsets = np.repeat([0, 1], 20)
+        acts = np.c_[subsets + rng.normal(0, 0.1, 40), rng.normal(0, 5, 40)]  # the subset is a minor direction
+        clusters = (acts[:, 1] > 0).astype(np.int64)  # clusters split along the dominant, unrelated one
+        (run_dir / "artifacts" / f"activations_{split}.parquet").write_bytes(
+            activations_table(_result(acts, subsets), clusters, split))
+
+
+def test_probe_separates_present_but_not_dominant_subsets(tmp_path):
+    _write_run(tmp_path / "run", seed=0)
+    row = probe_run(tmp_path / "run")
+    assert row["probe"] == 1.0 and row["share"] < 0.1 and row["recovery"] < 0.8
+    assert row["gflops_by_subset"] == pytest.approx([0.1, 0.2])
+    assert sum(row["val_cluster_sizes"]) == 40
+
+
+def test_cli_prints_a_row_per_run_and_names_a_missing_folder(tmp_path, capsys):
+    _write_run(tmp_path / "a", seed=0)
+    _write_run(tmp_path / "b", seed=1)
+    rows = main([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert set(rows) == {"a", "b"} and "| a | " in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "missing")])
+    assert "missing/artifacts/activations_train.parquet not found" in capsys.readouterr().err
