@@ -235,6 +235,17 @@ class StudyConfig:
         return self.train_cities if split == "train" else self.val_cities
 
 
+def regimes_by_name(names: str | list[str] | tuple[str, ...]) -> tuple[ShapeRule, ...]:
+    """Default regimes picked by name ("large,tiny,medium" or a list), in the order given: another
+    subset rule for the study (the generalisation check of the controlled study)."""
+    wanted = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+    known = {r.name: r for r in DEFAULT_REGIMES}
+    unknown = [n for n in wanted if n not in known]
+    if unknown or not wanted:
+        raise ConfigError(f"regimes: {unknown or wanted} unknown; choose from {', '.join(known)}")
+    return tuple(known[n] for n in wanted)
+
+
 def study_config(num_subsets: int = DEFAULT_NUM_SUBSETS, **overrides: object) -> StudyConfig:
     """A StudyConfig with the first ``num_subsets`` default regimes (large, tiny, thin, medium)."""
     if not 1 <= num_subsets <= len(DEFAULT_REGIMES):
@@ -778,14 +789,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subsets", type=int, default=DEFAULT_NUM_SUBSETS,
                         help=f"number of regimes, 1-{len(DEFAULT_REGIMES)}: "
                              f"{', '.join(r.name for r in DEFAULT_REGIMES)} (default {DEFAULT_NUM_SUBSETS})")
+    parser.add_argument("--regimes", help="regimes by name, in subset order, e.g. large,tiny,medium "
+                                          "(instead of --subsets)")
 
 
 def run(args: argparse.Namespace) -> int:
     from divdr.summary import parse_size  # one HEIGHTxWIDTH syntax for every command
 
     height, width = parse_size(args.size)
-    config = study_config(args.subsets, height=height, width=width, n_train=args.n_train,
-                          n_val=args.n_val, seed=args.seed)
+    sizes = {"height": height, "width": width, "n_train": args.n_train, "n_val": args.n_val, "seed": args.seed}
+    if args.regimes:
+        config = StudyConfig(regimes=regimes_by_name(args.regimes), **sizes)  # type: ignore[arg-type]
+    else:
+        config = study_config(args.subsets, **sizes)  # type: ignore[arg-type]
     start = time.perf_counter()
     counts = generate(config, args.out, args.kind)
     elapsed = time.perf_counter() - start
@@ -802,5 +818,5 @@ def run(args: argparse.Namespace) -> int:
 
 __all__ = [
     "DEFAULT_REGIMES", "GENERATOR_VERSION", "ShapeRule", "StudyConfig", "ensure_default_dataset", "generate",
-    "generate_scene", "study_config",
+    "generate_scene", "regimes_by_name", "study_config",
 ]

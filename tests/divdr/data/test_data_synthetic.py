@@ -169,6 +169,12 @@ def test_make_data_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert (det / "annotations" / "instances_val.json").is_file() and (det / SUBSET_MANIFEST).is_file()
     assert cli.main(["make-data", "--out", str(tmp_path / "x"), "--size", "48by96"]) == 2
     assert "--size" in capsys.readouterr().err
+    other = tmp_path / "other-rule"  # another subset rule: regimes picked by name, in that order
+    assert cli.main(["make-data", "--out", str(other), "--n-train", "3", "--n-val", "0", "--size", "48x96",
+                     "--regimes", "medium,tiny,large"]) == 0
+    assert "train: 3 images (medium 1, tiny 1, large 1)" in capsys.readouterr().out
+    assert cli.main(["make-data", "--out", str(tmp_path / "y"), "--regimes", "large,huge"]) == 2
+    assert "['huge'] unknown; choose from large, tiny, thin, medium" in capsys.readouterr().err
 
 
 def test_ensure_default_dataset_generates_once_keyed_by_parameters(tmp_path: Path,
