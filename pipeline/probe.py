@@ -11,12 +11,14 @@ final cluster, the known subset and the real GFLOPs of each image) and prints, p
   finds the subsets only when they dominate;
 - GFLOPs per subset (at the image size, mean over val): whether the subsets get different compute.
 
-A run trained before these were computed at its end gets them here from its artifacts.
+A run trained before these were computed at its end gets them here from its artifacts. Runs of a
+sweep (``<name>-seed<N>``) are also summarised per setting: mean +- std over seeds.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -29,6 +31,8 @@ import pyarrow.parquet as pq
 from divdr import clustering
 
 ARTIFACTS = "artifacts"
+SEED_SUFFIX = re.compile(r"-seed\d+$")  # pipeline/tune.py names trials <space>[<setting>]-seed<N>
+SUMMARY_KEYS = ("recovery", "probe", "share")
 
 
 def read_activations(run_dir: Path, split: str) -> dict[str, np.ndarray]:
@@ -66,6 +70,21 @@ def markdown(rows: dict[str, dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def per_setting(rows: dict[str, dict[str, object]]) -> str:
+    """Mean +- std over the seeds of each setting (runs named ``...-seed<N>``); "" if none is."""
+    groups: dict[str, list[dict[str, object]]] = {}
+    for name, row in rows.items():
+        if SEED_SUFFIX.search(name):
+            groups.setdefault(SEED_SUFFIX.sub("", name), []).append(row)
+    if not groups:
+        return ""
+    lines = ["| setting | seeds | " + " | ".join(SUMMARY_KEYS) + " |", "|---|---|" + "---|" * len(SUMMARY_KEYS)]
+    for setting, runs in groups.items():
+        cells = [f"{np.mean([r[k] for r in runs]):.3f} ± {np.std([r[k] for r in runs]):.3f}" for k in SUMMARY_KEYS]
+        lines.append(f"| {setting} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, object]]:
     parser = argparse.ArgumentParser(prog="pipeline/probe.py", description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path, nargs="+", help="run folders (they hold artifacts/activations_*.parquet)")
@@ -76,6 +95,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, object]]:
         print(f"pipeline/probe.py: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     print(markdown(rows))
+    summary = per_setting(rows)
+    if summary:
+        print("\n" + summary)
     return rows
 
 

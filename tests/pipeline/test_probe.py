@@ -36,10 +36,13 @@ def test_probe_separates_present_but_not_dominant_subsets(tmp_path):
 
 
 def test_cli_prints_a_row_per_run_and_names_a_missing_folder(tmp_path, capsys):
-    _write_run(tmp_path / "a", seed=0)
-    _write_run(tmp_path / "b", seed=1)
-    rows = main([str(tmp_path / "a"), str(tmp_path / "b")])
-    assert set(rows) == {"a", "b"} and "| a | " in capsys.readouterr().out
+    names = ["s[variant=x]-seed0", "s[variant=x]-seed1", "other"]
+    for seed, name in enumerate(names):
+        _write_run(tmp_path / name, seed=seed)
+    rows = main([str(tmp_path / name) for name in names])
+    printed = capsys.readouterr().out
+    assert set(rows) == set(names) and "| other | " in printed
+    assert "| s[variant=x] | 2 | " in printed  # a sweep's seeds summarised per setting
     with pytest.raises(SystemExit):
         main([str(tmp_path / "missing")])
     assert "missing/artifacts/activations_train.parquet not found" in capsys.readouterr().err
