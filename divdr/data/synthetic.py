@@ -200,6 +200,13 @@ class StudyConfig:
     illumination: float = 0.15  # amplitude of a random linear brightness ramp
     shadow_range: tuple[float, float] = (0.45, 0.70)  # brightness factor of shadows
     shadow_tint: float = 0.06  # per-channel spread of the shadow factor
+    # How the other regimes' shapes appear. "shadow" (default): darkened background, so an object is
+    # told from clutter by its colour alone. "decoy": painted in the object palette like objects but
+    # labelled as background, each other geometry with decoy_fraction of the budget: an object-coloured
+    # shape can then only be labelled by knowing the image's regime (its dominant geometry), which
+    # the network must infer from global context.
+    clutter: str = "shadow"
+    decoy_fraction: float = 0.5
     pixel_noise: float = 8.0  # std of i.i.d. pixel noise
     mottling: float = 6.0  # std of a smooth noise field with ~4 px grain
     det_empty_images: int = 2  # det export: extra images per split with no objects at all
@@ -221,6 +228,8 @@ class StudyConfig:
                f"class_weights must be {len(self.object_classes)} non-negative numbers, got {self.class_weights}")
         _check_range(self.gain_range, "gain_range")
         _check_range(self.shadow_range, "shadow_range", upper=1.0)
+        _check(self.clutter in ("shadow", "decoy"), f"clutter must be 'shadow' or 'decoy', got {self.clutter!r}")
+        _check(0 < self.decoy_fraction < 1, f"decoy_fraction must be in (0, 1), got {self.decoy_fraction}")
         _check(self.det_empty_images >= 0, f"det_empty_images must be >= 0, got {self.det_empty_images}")
         _check(len(self.train_cities) >= 1 and len(self.val_cities) >= 1, "train_cities/val_cities: need one each")
 
@@ -499,6 +508,18 @@ def add_shadows(image: np.ndarray, drafts: list[ShapeDraft], rule: ShapeRule, co
             window.region(image)[window.mask] = glass
 
 
+def add_decoys(image: np.ndarray, drafts: list[ShapeDraft], rule: ShapeRule, config: StudyConfig,
+               rng: np.random.Generator, palette: dict[int, np.ndarray], glass: np.ndarray) -> None:
+    """Clutter in ``decoy`` mode: the other regimes' geometry painted like objects, label unchanged."""
+    height, width = image.shape[:2]
+    for draft in drafts:
+        placed, windows = placed_with_windows(draft, rule, rng, height, width)
+        colour = palette[LABEL_ID_BY_NAME[_draw_class(config, rng)]] + rng.normal(0, config.instance_jitter, 3)
+        placed.region(image)[placed.mask] = colour
+        for window in windows:
+            window.region(image)[window.mask] = glass
+
+
 def _draw_class(config: StudyConfig, rng: np.random.Generator) -> str:
     weights = np.array(config.class_weights) / sum(config.class_weights)
     return config.object_classes[int(rng.choice(len(weights), p=weights))]
@@ -564,12 +585,15 @@ def generate_scene(config: StudyConfig, subset: int, rng: np.random.Generator) -
     image = paint_background(labels, palette)
     budget = _uniform(rng, config.object_fraction) * height * width
     object_drafts: list[ShapeDraft] = []
+    decoys = config.clutter == "decoy"
     for index, rule in enumerate(config.regimes):
-        drafts = fill_budget(rule, budget, rng, height)
         if index == subset:
-            object_drafts = drafts
+            object_drafts = fill_budget(rule, budget, rng, height)
+        elif decoys:
+            add_decoys(image, fill_budget(rule, budget * config.decoy_fraction, rng, height), rule, config, rng,
+                       palette, glass)
         else:
-            add_shadows(image, drafts, rule, config, rng, glass)
+            add_shadows(image, fill_budget(rule, budget, rng, height), rule, config, rng, glass)
     objects = place_objects(object_drafts, config.regimes[subset], config, rng) if subset >= 0 else []
     paint_objects(image, labels, objects, palette, config, rng, glass)
     return Scene(finish_image(image, config, rng), labels, objects, subset)
@@ -789,6 +813,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subsets", type=int, default=DEFAULT_NUM_SUBSETS,
                         help=f"number of regimes, 1-{len(DEFAULT_REGIMES)}: "
                              f"{', '.join(r.name for r in DEFAULT_REGIMES)} (default {DEFAULT_NUM_SUBSETS})")
+    parser.add_argument("--clutter", choices=("shadow", "decoy"), default=defaults.clutter,
+                        help="the other regimes' shapes: darkened background (shadow, default) or painted "
+                             "like objects but labelled background (decoy)")
+    parser.add_argument("--decoy-fraction", type=float, default=defaults.decoy_fraction,
+                        help="decoy mode: each other geometry's share of the object budget "
+                             f"(default {defaults.decoy_fraction})")
     parser.add_argument("--regimes", help="regimes by name, in subset order, e.g. large,tiny,medium "
                                           "(instead of --subsets)")
 
@@ -797,7 +827,8 @@ def run(args: argparse.Namespace) -> int:
     from divdr.summary import parse_size  # one HEIGHTxWIDTH syntax for every command
 
     height, width = parse_size(args.size)
-    sizes = {"height": height, "width": width, "n_train": args.n_train, "n_val": args.n_val, "seed": args.seed}
+    sizes = {"height": height, "width": width, "n_train": args.n_train, "n_val": args.n_val, "seed": args.seed,
+             "clutter": args.clutter, "decoy_fraction": args.decoy_fraction}
     if args.regimes:
         config = StudyConfig(regimes=regimes_by_name(args.regimes), **sizes)  # type: ignore[arg-type]
     else:

@@ -117,6 +117,25 @@ def test_every_image_holds_every_geometry_and_the_same_object_area() -> None:
     assert all(0.7 * lo < m < hi for m in means)
 
 
+def test_decoys_are_painted_like_objects_and_labelled_background() -> None:
+    """``clutter="decoy"``: the other geometries look like objects, so only the regime tells them apart."""
+    config = replace(StudyConfig(), clutter="decoy")
+    rng = np.random.default_rng(0)
+    palette = synthetic.jittered_palette(config, rng)
+    image = np.zeros((config.height, config.width, 3))
+    drafts = synthetic.fill_budget(DEFAULT_REGIMES[1], 0.05 * image.size / 3, rng, config.height)
+    synthetic.add_decoys(image, drafts, DEFAULT_REGIMES[1], config, rng, palette, np.zeros(3))
+    painted = image[image.any(axis=-1)]
+    objects = np.stack([palette[LABEL_ID_BY_NAME[c]] for c in config.object_classes])
+    nearest = np.linalg.norm(painted[:, None] - objects[None], axis=-1).min(axis=1)
+    assert len(painted) > 0 and nearest.max() < 6 * config.instance_jitter  # object colours
+    decoy_scenes = scenes(2, 4, config)
+    assert all(5 <= n <= 30 and e > 3 for n, _, e in map(component_stats, decoy_scenes))  # still thin objects
+    for scene in decoy_scenes:  # labels: the regime's objects only, never the decoys
+        labelled = np.isin(scene.label_ids, OBJECT_IDS)
+        assert labelled.sum() == sum(int(obj.placed.mask.sum()) for obj in scene.objects)
+
+
 def test_crowds_group_objects_of_one_class() -> None:
     config = StudyConfig(regimes=(LARGE, replace(DEFAULT_REGIMES[1], crowd_probability=1.0)))
     scene = scenes(1, 1, config)[0]
@@ -140,6 +159,8 @@ def test_seg_study_loads_with_the_cityscapes_loader(small_seg_study: Path) -> No
     (lambda: StudyConfig(object_fraction=(0.2, 0.1)), "object_fraction"),
     (lambda: replace(LARGE, windows=1.0), "regime 'large': windows"),
     (lambda: replace(LARGE, kind="star"), "regime 'large': kind"),
+    (lambda: StudyConfig(clutter="smoke"), "clutter must be"),
+    (lambda: StudyConfig(decoy_fraction=1.0), "decoy_fraction must be in"),
     (lambda: study_config(0), "subsets must be in 1..4"),
     (lambda: study_config(5), "subsets must be in 1..4"),
 ])
