@@ -41,21 +41,28 @@ def cluster_metrics(acts: np.ndarray, assignments: np.ndarray, centres: np.ndarr
     }
 
 
-def subset_metrics(train: InferenceResult, val: InferenceResult, reference_size: tuple[int, int]) -> dict[str, Any]:
-    """Controlled study only (known subsets): is each subset in A(x), does it dominate A(x), and
-    what does each subset cost? Empty when the subsets are unknown."""
-    known_train, known_val = train.subsets >= 0, val.subsets >= 0
-    if np.unique(train.subsets[known_train]).size < 2 or not known_val.any():
-        return {}
-    a_val, s_val = val.activations[known_val], val.subsets[known_val]
-    size = f"{reference_size[0]}x{reference_size[1]}"
+def subset_diagnostics(train_acts: np.ndarray, train_subsets: np.ndarray, val_acts: np.ndarray,
+                       val_subsets: np.ndarray, val_gflops: np.ndarray) -> dict[str, Any]:
+    """Known subsets only (rows with subset < 0 are dropped): is each subset in A(x) (nearest-mean probe),
+    does it dominate A(x) (variance share), and what does each subset cost (mean of ``val_gflops``)?"""
+    known_train, known_val = train_subsets >= 0, val_subsets >= 0
+    a_val, s_val = val_acts[known_val], val_subsets[known_val]
     return {
-        "subset_probe": clustering.subset_probe(train.activations[known_train], train.subsets[known_train],
-                                                a_val, s_val),
+        "subset_probe": clustering.subset_probe(train_acts[known_train], train_subsets[known_train], a_val, s_val),
         "subset_variance_share": clustering.subset_variance_share(a_val, s_val),
-        f"gflops_by_subset_{size}": [float(val.real_gflops_reference[val.subsets == s].mean())
-                                     for s in np.unique(s_val)],
+        "gflops_by_subset": [float(val_gflops[known_val][s_val == s].mean()) for s in np.unique(s_val)],
     }
+
+
+def subset_metrics(train: InferenceResult, val: InferenceResult, reference_size: tuple[int, int]) -> dict[str, Any]:
+    """Controlled study only: ``subset_diagnostics`` with GFLOPs at the reference size; empty when the
+    subsets are unknown."""
+    if np.unique(train.subsets[train.subsets >= 0]).size < 2 or not (val.subsets >= 0).any():
+        return {}
+    metrics = subset_diagnostics(train.activations, train.subsets, val.activations, val.subsets,
+                                 val.real_gflops_reference)
+    metrics[f"gflops_by_subset_{reference_size[0]}x{reference_size[1]}"] = metrics.pop("gflops_by_subset")
+    return metrics
 
 
 def summarize_run(cfg: Any, root: Path, train: InferenceResult, val: InferenceResult, centres: Any,

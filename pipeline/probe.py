@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from divdr import clustering
+from pipeline.analysis import subset_diagnostics
 
 ARTIFACTS = "artifacts"
 SEED_SUFFIX = re.compile(r"-seed\d+$")  # pipeline/tune.py names trials <space>[<setting>]-seed<N>
@@ -47,16 +48,15 @@ def read_activations(run_dir: Path, split: str) -> dict[str, np.ndarray]:
 
 def probe_run(run_dir: Path) -> dict[str, object]:
     train, val = read_activations(run_dir, "train"), read_activations(run_dir, "val")
-    known_train, known = train["subset"] >= 0, val["subset"] >= 0
+    known = val["subset"] >= 0
     if not known.any():
         raise ValueError(f"{run_dir}: its val images have no known subsets (no subset manifest)")
-    subsets = val["subset"][known]
+    found = subset_diagnostics(train["a"], train["subset"], val["a"], val["subset"], val["gflops"])
     return {
-        "recovery": clustering.recovery_accuracy(val["cluster"][known], subsets),
-        "probe": clustering.subset_probe(train["a"][known_train], train["subset"][known_train],
-                                         val["a"][known], subsets),
-        "share": clustering.subset_variance_share(val["a"][known], subsets),
-        "gflops_by_subset": [float(val["gflops"][known][subsets == s].mean()) for s in np.unique(subsets)],
+        "recovery": clustering.recovery_accuracy(val["cluster"][known], val["subset"][known]),
+        "probe": found["subset_probe"],
+        "share": found["subset_variance_share"],
+        "gflops_by_subset": found["gflops_by_subset"],
         "val_cluster_sizes": clustering.cluster_sizes(val["cluster"], int(train["cluster"].max()) + 1).tolist(),
     }
 

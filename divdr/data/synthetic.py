@@ -90,6 +90,7 @@ GENERATOR_VERSION = 2
 
 ShapeKind = Literal["blob", "line"]
 DataKind = Literal["seg", "det"]
+Clutter = Literal["shadow", "decoy"]
 SPLITS = ("train", "val")
 CACHE_ENV = "DIVDR_CACHE"
 DEFAULT_CACHE = Path("~/.cache/divdr")
@@ -205,7 +206,7 @@ class StudyConfig:
     # labelled as background, each other geometry with decoy_fraction of the budget: an object-coloured
     # shape can then only be labelled by knowing the image's regime (its dominant geometry), which
     # the network must infer from global context.
-    clutter: str = "shadow"
+    clutter: Clutter = "shadow"
     decoy_fraction: float = 0.5
     pixel_noise: float = 8.0  # std of i.i.d. pixel noise
     mottling: float = 6.0  # std of a smooth noise field with ~4 px grain
