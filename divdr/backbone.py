@@ -10,7 +10,7 @@ from torch import nn
 from divdr.cells import Cell, CellOutput
 from divdr.config import ModelConfig
 from divdr.ops import Stem, convert_norm
-from divdr.routing import INIT_LAYER, a_space_slice, routing_space
+from divdr.routing import INIT_LAYER, a_space_slice, route_paths, routing_space
 
 # Inputs are padded to a multiple of 32 (1/32 is the coarsest scale with an up path, whose x2
 # must land on the finer map exactly). Layer17's 1/64 cell only receives a stride-2 down path
@@ -44,7 +44,8 @@ class DynamicBackbone(nn.Module):
         self.config = config
         self.specs = routing_space(config)
         self.stem = Stem(config.channels)
-        self.cells = nn.ModuleList(Cell(spec, config.gate) for spec in self.specs)
+        self.cells = nn.ModuleList(Cell(spec, config.gate, paths)
+                                   for spec, paths in zip(self.specs, route_paths(config), strict=True))
         self._a_slice = a_space_slice(config)
         # indices of self.cells grouped by layer, in scale order
         self._layers: list[list[int]] = [[] for _ in range(config.layers + 1)]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -55,12 +55,20 @@ class Cell(nn.Module):
     and the cell is dropped exactly as with DR's soft gate.
     """
 
-    def __init__(self, spec: CellSpec, gate: GateConfig) -> None:
+    def __init__(self, spec: CellSpec, gate: GateConfig, open_paths: tuple[bool, bool, bool] | None = None) -> None:
         super().__init__()
         self.spec = spec
         self.slots = [slot for slot, allowed in enumerate(spec.paths) if allowed]
+        # A fixed route (ModelConfig.route) closes some paths for good: their weights are multiplied by 0.
+        self.route_mask: torch.Tensor | None
+        if open_paths is None or tuple(open_paths) == spec.paths:
+            self.register_buffer("route_mask", None)
+        else:
+            self.register_buffer("route_mask", torch.tensor(open_paths, dtype=torch.float32), persistent=False)
         self.op = SepConv3x3x2(spec.channels)
-        self.gate = build_gate(gate, spec.channels, len(self.slots))
+        closed = open_paths is not None and not any(open_paths)
+        # a cell the route closes has no gate to run: its weights are 0 whatever the input
+        self.gate = build_gate(replace(gate, enabled=False) if closed else gate, spec.channels, len(self.slots))
         self.skip_branch = has_skip_branch(gate)
         self.keep = nn.ReLU()
         self.dense_fraction = STRICT_PER_IMAGE
@@ -79,6 +87,8 @@ class Cell(nn.Module):
             gate_out, skip = gate_out[:, :-1], gate_out[:, -1]
         weights = gate_out.new_zeros(x.shape[0], 3)
         weights[:, self.slots] = gate_out
+        if self.route_mask is not None:
+            weights = weights * self.route_mask.to(weights.dtype)
         return weights, skip
 
     def slot_weights(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,6 +103,8 @@ class Cell(nn.Module):
 
     def _forward_all_paths(self, x: torch.Tensor, weights: torch.Tensor,
                            skip: torch.Tensor | None = None) -> CellOutput:
+        if self.route_mask is not None and not bool(self.route_mask.any()):
+            return self._forward_skipping(x, weights, skip)  # closed by the route: passes x through
         h = self.op(x) + x
         # A cell whose gates are all closed passes its input through (official drop-cell residual);
         # a fast-forward branch passes it through with its own weight.
@@ -102,6 +114,9 @@ class Cell(nn.Module):
             passthrough = skip
         out: dict[int, torch.Tensor] = {}
         for slot, transform in self.transforms().items():
+            if self.route_mask is not None and not bool(self.route_mask[slot]):
+                out[slot] = weights[:, slot].view(-1, 1, 1, 1) * self._closed_output(x, slot)
+                continue
             out[slot] = weights[:, slot].view(-1, 1, 1, 1) * transform(h)
         out[KEEP] = out[KEEP] + passthrough.view(-1, 1, 1, 1) * x
         return CellOutput(out.get(UP), out[KEEP], out.get(DOWN), weights)
@@ -154,6 +169,10 @@ class Cell(nn.Module):
             if out[slot] is None:
                 out[slot] = x.new_zeros(shape)
         return CellOutput(out.get(UP), out[KEEP], out.get(DOWN), weights)
+
+    def _closed_output(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+        """Zeros in the shape of a path's output (a path the fixed route closes is never computed)."""
+        return x.new_zeros({KEEP: tuple(x.shape), **self._closed_shapes(x)}[slot])
 
     def _closed_shapes(self, x: torch.Tensor) -> dict[int, tuple[int, ...]]:
         """Shapes of the up/down outputs, for paths closed in every image of the batch."""

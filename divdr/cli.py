@@ -1,4 +1,4 @@
-"""``divdr`` command line: ``divdr summary | make-data | eval-seg | eval-coco``.
+"""``divdr`` command line: ``divdr summary | make-data | baselines | eval-seg | eval-coco``.
 
 Each command lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``.
 """
@@ -14,6 +14,7 @@ from divdr.config import ConfigError
 COMMANDS = {
     "summary": ("divdr.summary", "parameters, cells, A-space and GFLOPs of a model"),
     "make-data": ("divdr.data.synthetic", "generate the controlled study (Cityscapes seg or COCO det layout)"),
+    "baselines": ("divdr.data.baselines", "can trivial features (colour, random nets, an untrained net) find the subsets?"),
     "eval-seg": ("divdr.metrics", "mIoU of train-id prediction PNGs against a Cityscapes gtFine folder"),
     "eval-coco": ("divdr.coco_eval", "COCO bbox / segm mAP of a results JSON (pycocotools COCOeval)"),
 }

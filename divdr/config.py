@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 GateKind = Literal["soft", "gumbel"]
 ClusterDistance = Literal["l2", "squared_l2"]
+KMeansStart = Literal["warm", "fresh"]
 Correctness = Literal["pixels", "image"]
 
 NUM_SCALES = 4  # 1/4, 1/8, 1/16, 1/32 (DR paper, Fig. 2)
@@ -79,6 +80,11 @@ class GateConfig:
     # DR's drop-cell). Off, the branches are the cell's paths only and the cell operation always runs.
     skip_branch: bool = False
     temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
+    # Not in the papers: each gate normalises what it looks at per image and per channel (zero mean,
+    # unit variance over the map, no learned affine) before its own layers, so a global change of
+    # brightness or colour balance, which shifts and scales the early features of the whole image,
+    # cannot move the route. The cell operation still sees the raw input.
+    input_norm: bool = False
 
     def __post_init__(self) -> None:
         _require(self.kind in ("soft", "gumbel"), f"gate.kind must be 'soft' or 'gumbel', got {self.kind!r}")
@@ -111,9 +117,17 @@ class ModelConfig:
     # BN an image's A(x) in training depends on its batch and differs from its eval-mode A(x); with
     # GroupNorm it does not (counted like BN in the FLOPs: one op per element).
     norm: str = "batch"
+    # A fixed route (not in the papers): the scales a one-route network may use, e.g. (0,) for the
+    # 1/4 column or (2,) for the 1/16 column (see divdr.routing.route_paths). Every other path is
+    # closed for good (weight 0, never computed); the gates, if enabled, weigh the open ones. () =
+    # the whole routing space. The controlled study's one-route experts are built with it.
+    route: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _require(self.norm in ("batch", "group"), f"model.norm must be 'batch' or 'group', got {self.norm!r}")
+        _require(all(isinstance(s, int) and 0 <= s < self.final_scales for s in self.route)
+                 and len(set(self.route)) == len(self.route),
+                 f"model.route must list distinct scales in 0..{self.final_scales - 1}, got {self.route}")
         _require(self.layers >= 3, f"model.layers must be >= 3 (all four scales appear at layer 2), got {self.layers}")
         _require(self.channels >= 2 and self.channels % 2 == 0,
                  f"model.channels must be an even integer >= 2, got {self.channels}")
@@ -185,6 +199,14 @@ class ClusteringConfig:
     # Not in the paper: equal-size clusters (SwAV's Sinkhorn-Knopp equipartition inside K-means)
     # against collapse onto one dominant cluster; assumes subsets of similar size.
     balanced: bool = False
+    # Not in the paper (which applies eq. 2 from the first K-means on): the clustering loss is 0 before
+    # ``start_fraction`` of training, then its weight ramps linearly to lambda2 over ``warmup_fraction``
+    # (like the budget loss), so eq. 2 first acts on a partition of routes that have formed.
+    start_fraction: float = 0.0
+    warmup_fraction: float = 0.0
+    # K-means initialisation at each update: "warm" from the previous centres (cluster k stays cluster
+    # k; SPEC) or "fresh" (k-means++ every time: a partition found early cannot lock in).
+    kmeans_start: KMeansStart = "warm"
 
     def __post_init__(self) -> None:
         _require(self.weight >= 0, f"clustering.weight (lambda2) must be >= 0, got {self.weight}")
@@ -198,6 +220,11 @@ class ClusteringConfig:
         _require(self.distance in ("l2", "squared_l2"),
                  f"clustering.distance must be 'l2' or 'squared_l2', got {self.distance!r}")
         _require(self.update_every >= 1, f"clustering.update_every must be >= 1, got {self.update_every}")
+        _require(0 <= self.start_fraction <= 1,
+                 f"clustering.start_fraction must be in [0, 1], got {self.start_fraction}")
+        _require(self.warmup_fraction >= 0, f"clustering.warmup_fraction must be >= 0, got {self.warmup_fraction}")
+        _require(self.kmeans_start in ("warm", "fresh"),
+                 f"clustering.kmeans_start must be 'warm' or 'fresh', got {self.kmeans_start!r}")
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from divdr.gates import (
     has_skip_branch,
 )
 from divdr.heads import padded_size
-from divdr.routing import DOWN, UP, CellSpec, routing_space
+from divdr.routing import DOWN, UP, CellSpec, route_paths, routing_space
 
 STEM_STRIDE = 4
 
@@ -188,11 +188,12 @@ def cost_table(config: ModelConfig, height: int, width: int, convention: Convent
     h, w = padded_size(height), padded_size(width)
     h4, w4 = h // STEM_STRIDE, w // STEM_STRIDE
     cells, paths, gates = [], [], []
-    for spec in routing_space(config):
+    for spec, open_paths in zip(routing_space(config), route_paths(config), strict=True):
         hs, ws = strided(h4, 2**spec.scale), strided(w4, 2**spec.scale)
         cells.append(sepconv3x3x2_cost(hs, ws, spec.channels, cv))
         paths.append(path_costs(hs, ws, spec, cv))
-        gates.append(gate_cost(hs, ws, spec, config, cv))
+        # a cell a fixed route closes runs no gate (divdr.cells.Cell)
+        gates.append(gate_cost(hs, ws, spec, config, cv) if any(open_paths) else 0)
     return CostTable(
         height=h, width=w,
         stem=float(stem_cost(h, w, config.channels, cv)),

@@ -39,27 +39,36 @@ def soft_gate_activation(logits: torch.Tensor) -> torch.Tensor:
     return torch.relu(torch.tanh(logits))
 
 
-def gate_input(x: torch.Tensor, small_gate: bool) -> torch.Tensor:
-    """What the gate looks at: the cell input, bilinearly down-sampled by 4 for the small gate."""
-    if not small_gate:
-        return x
-    size = (max(1, x.shape[-2] // SMALL_GATE_FACTOR), max(1, x.shape[-1] // SMALL_GATE_FACTOR))
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+# GateConfig.input_norm: the variance floor of the per-image normalisation (a constant map stays 0).
+INPUT_NORM_EPS = 1e-5
+
+
+def gate_input(x: torch.Tensor, small_gate: bool, input_norm: bool = False) -> torch.Tensor:
+    """What the gate looks at: the cell input, bilinearly down-sampled by 4 for the small gate, and
+    with ``input_norm`` normalised per image and channel (GateConfig.input_norm)."""
+    if small_gate:
+        size = (max(1, x.shape[-2] // SMALL_GATE_FACTOR), max(1, x.shape[-1] // SMALL_GATE_FACTOR))
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    if input_norm:
+        x = F.instance_norm(x, eps=INPUT_NORM_EPS)
+    return x
 
 
 class SoftGate(nn.Module):
     """DR's soft conditional gate: 1x1 conv (C -> C/2) + BN + ReLU, global average pool,
     1x1 conv (C/2 -> n_paths, bias initialised to ``bias_init``), then max(0, tanh)."""
 
-    def __init__(self, channels: int, n_paths: int, small_gate: bool, bias_init: float) -> None:
+    def __init__(self, channels: int, n_paths: int, small_gate: bool, bias_init: float,
+                 input_norm: bool = False) -> None:
         super().__init__()
         self.small_gate = small_gate
+        self.input_norm = input_norm
         self.reduce = conv_bn(channels, channels // 2, 1)
         self.project = nn.Conv2d(channels // 2, n_paths, 1, bias=True)
         kaiming_init(self, bias=bias_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = self.reduce(gate_input(x, self.small_gate)).mean(dim=(2, 3), keepdim=True)
+        pooled = self.reduce(gate_input(x, self.small_gate, self.input_norm)).mean(dim=(2, 3), keepdim=True)
         return soft_gate_activation(self.project(pooled).flatten(1))
 
 
@@ -138,6 +147,7 @@ class GumbelGate(nn.Module):
     def __init__(self, channels: int, n_branches: int, config: GateConfig) -> None:
         super().__init__()
         self.small_gate = config.small_gate
+        self.input_norm = config.input_norm
         self.threshold = config.threshold
         self.max_branches = config.max_branches
         self.router = RouterNet(channels, n_branches)
@@ -145,10 +155,16 @@ class GumbelGate(nn.Module):
         self.register_buffer("tau", torch.tensor(float(config.temperature.pretrain)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.router(gate_input(x, self.small_gate))
+        logits = self.router(gate_input(x, self.small_gate, self.input_norm))
         if self.training:
             return gumbel_softmax(logits, self.tau)
         return select_branches(torch.softmax(logits / self.tau, dim=-1), self.threshold, self.max_branches)
+
+
+def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of every gate in ``model`` (soft or Gumbel; a DDP wrapper works too), e.g. for
+    an optimizer parameter group of their own."""
+    return [p for m in model.modules() if isinstance(m, (SoftGate, GumbelGate)) for p in m.parameters()]
 
 
 def has_skip_branch(config: GateConfig) -> bool:
@@ -160,7 +176,7 @@ def build_gate(config: GateConfig, channels: int, n_paths: int) -> nn.Module:
     if not config.enabled:
         return OpenGate(n_paths)
     if config.kind == "soft":
-        return SoftGate(channels, n_paths, config.small_gate, config.bias_init)
+        return SoftGate(channels, n_paths, config.small_gate, config.bias_init, config.input_norm)
     if config.kind == "gumbel":
         return GumbelGate(channels, n_paths + int(has_skip_branch(config)), config)
     raise NotImplementedError(f"gate kind {config.kind!r}")

@@ -30,6 +30,16 @@ def budget_schedule(progress: float, config: BudgetConfig) -> float:
     return min(1.0, (progress - config.start_fraction) / config.warmup_fraction)
 
 
+def clustering_schedule(progress: float, config: ClusteringConfig) -> float:
+    """Multiplier of the clustering loss at ``progress``: 0 before ``start_fraction``, then linear
+    from 0 to 1 over ``warmup_fraction``, then 1 (with the defaults: 1 from the start, the paper's)."""
+    if progress < config.start_fraction:
+        return 0.0
+    if config.warmup_fraction <= 0:
+        return 1.0
+    return min(1.0, (progress - config.start_fraction) / config.warmup_fraction)
+
+
 def budget_loss(cost_ratio: torch.Tensor, mu: float, per_image: bool = False) -> torch.Tensor:
     """DR eq. 9 without its weight: ``(C(Space)/C_max - mu)^2``.
 
@@ -130,7 +140,7 @@ def total_loss(task: torch.Tensor, *, cost_ratio: torch.Tensor, progress: float,
     clustering_term = zero
     if clustering.weight and centres is not None and activations is not None and sigma2 is not None:
         per_image = clustering_loss(activations, centres, sigma2, clustering.alpha, clustering.distance)
-        clustering_term = per_image.mean()
+        clustering_term = per_image.mean() * clustering_schedule(progress, clustering)
     resource_term = zero
     resource_weight = resource.weight if resource is not None else 0.0
     if resource_weight:

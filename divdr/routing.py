@@ -63,3 +63,29 @@ def routing_space(config: ModelConfig) -> list[CellSpec]:
 def a_space_slice(config: ModelConfig) -> slice:
     """Which cells of ``routing_space`` make up A(x)."""
     return slice(0 if config.init_cell_in_a_space else 1, None)
+
+
+def route_paths(config: ModelConfig) -> list[tuple[bool, bool, bool]]:
+    """Per cell of ``routing_space`` (same order), which of [up, keep, down] the fixed route
+    ``config.route`` leaves open; every path a cell has when no route is set.
+
+    A route is a set S of scales: cells at a scale in S keep their scale and move between scales of
+    S; the stem's 1/4 features reach min(S) through the diagonal of cells that only go down (the
+    initial cell at 1/4, layer 0's 1/8 cell, ...), whose outputs at their own scale are closed. So the
+    route S = {2} sees the image only through the 1/16 column and the one-route network restricted
+    to it cannot fall back on the stem's fine features; S = {0} never leaves 1/4.
+    """
+    specs = routing_space(config)
+    if not config.route:
+        return [spec.paths for spec in specs]
+    scales, lowest = set(config.route), min(config.route)
+    paths = []
+    for spec in specs:
+        if spec.scale in scales:
+            paths.append((spec.allow_up and spec.scale - 1 in scales, True,
+                          spec.allow_down and spec.scale + 1 in scales))
+        elif spec.scale < lowest and spec.scale == spec.layer + 1:  # the way down from the stem
+            paths.append((False, False, spec.allow_down))
+        else:
+            paths.append((False, False, False))
+    return paths

@@ -66,6 +66,7 @@ class CentroidStoreImpl:
         self.world_size = world_size
         self.k = clustering_config.k
         self.balanced = clustering_config.balanced
+        self.kmeans_start = clustering_config.kmeans_start
         self.config = store_config
         self.seed = seed
         self.triggers = kmeans_trigger_steps(total_steps, clustering_config.update_every,
@@ -129,7 +130,8 @@ class CentroidStoreImpl:
     def cluster(self, ids: np.ndarray, points: np.ndarray) -> dict[str, Any]:
         """FAISS K-means over every held activation, warm-started from the previous centres."""
         start = time.perf_counter()
-        result = clustering.kmeans(points, self.k, init_centres=self.centres, seed=self.seed + self.version,
+        warm = self.centres if self.kmeans_start == "warm" else None
+        result = clustering.kmeans(points, self.k, init_centres=warm, seed=self.seed + self.version,
                                    niter=self.config.kmeans_iterations, balanced=self.balanced)
         kmeans_seconds = time.perf_counter() - start
         previous = None

@@ -53,6 +53,9 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     eval_every: int = 0  # 0 = evaluate at the end only
+    # Not in the papers: the gates' learning rate is lr x this (their own parameter group), so routes
+    # can form within a short schedule while the rest of the network trains at the paper's rate.
+    gate_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
@@ -66,6 +69,7 @@ class TrainConfig:
         for name in ("log_every", "checkpoint_every"):
             _require(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
         _require(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}")
+        _require(self.gate_lr_scale > 0, f"train.gate_lr_scale must be > 0, got {self.gate_lr_scale}")
 
 
 @dataclass(frozen=True)

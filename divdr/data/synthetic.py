@@ -88,9 +88,10 @@ from divdr.data.labels import LABEL_ID_BY_NAME
 # Bump whenever a change to this module changes the bytes it writes: it keys the dataset cache.
 GENERATOR_VERSION = 2
 
-ShapeKind = Literal["blob", "line"]
+ShapeKind = Literal["blob", "line", "bar"]
 DataKind = Literal["seg", "det"]
-Clutter = Literal["shadow", "decoy"]
+Clutter = Literal["shadow", "decoy", "none"]
+Background = Literal["street", "road"]
 SPLITS = ("train", "val")
 CACHE_ENV = "DIVDR_CACHE"
 DEFAULT_CACHE = Path("~/.cache/divdr")
@@ -156,14 +157,36 @@ class ShapeRule:
     crowd_probability: float = 0.0
     crowd_size: tuple[int, int] = (6, 12)
     crowd_radius: float = 0.12
+    # ``bar`` (the premise study): a horizontal bar, ``size`` = its thickness, ``length`` = its length.
+    # Only its two end caps, each ``caps`` x the thickness long, carry the class colour; the body between
+    # them is painted in the glass colour, the same for every class. So the class of a body pixel is
+    # known only from the caps, up to half a bar length away.
+    caps: float = 0.0
+    # The image's object budget B split between this regime's objects and "puddles": glass blobs
+    # labelled as the background under them. With bars (mostly glass) in one regime and solid objects
+    # in another, puddles give both the same share of glass pixels, so colour statistics cannot tell
+    # the regimes apart. ``object_share`` + ``puddle_share`` <= 1.
+    object_share: float = 1.0
+    puddle_share: float = 0.0
+    # The part of the routing space this regime's labels need (ModelConfig.route of its one-route
+    # expert), recorded with the study so the experts can be built from it; () = not stated.
+    route: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         where = f"regime {self.name!r}"
-        _check(self.kind in ("blob", "line"), f"{where}: kind must be 'blob' or 'line', got {self.kind!r}")
+        _check(self.kind in ("blob", "line", "bar"),
+               f"{where}: kind must be 'blob', 'line' or 'bar', got {self.kind!r}")
         _check_range(self.size, f"{where}: size", upper=1.0)
         _check_range(self.aspect, f"{where}: aspect")
         if self.kind == "line":
             _check_range(self.length, f"{where}: length", upper=1.0)
+        if self.kind == "bar":
+            _check_range(self.length, f"{where}: length")
+        _check(self.caps >= 0, f"{where}: caps must be >= 0, got {self.caps}")
+        _check(all(isinstance(r, int) and r >= 0 for r in self.route), f"{where}: route must list scales >= 0")
+        _check(0 < self.object_share and 0 <= self.puddle_share and self.object_share + self.puddle_share <= 1,
+               f"{where}: object_share must be > 0, puddle_share >= 0, and their sum <= 1, "
+               f"got {self.object_share} and {self.puddle_share}")
         _check(0 <= self.vertical_fraction <= 1, f"{where}: vertical_fraction must be in [0, 1]")
         _check(0 <= self.windows < 1, f"{where}: windows must be in [0, 1), got {self.windows}")
         _check(1 <= self.window_count[0] <= self.window_count[1],
@@ -177,6 +200,7 @@ LARGE = ShapeRule("large", "blob", size=(0.40, 0.70), aspect=(0.7, 1.6), windows
 TINY = ShapeRule("tiny", "blob", size=(0.04, 0.08), aspect=(0.7, 1.4), crowd_probability=0.5)
 THIN = ShapeRule("thin", "line", size=(0.025, 0.04), length=(0.30, 0.80), vertical_fraction=0.5)
 MEDIUM = ShapeRule("medium", "blob", size=(0.14, 0.24), aspect=(0.7, 1.4))
+PUDDLE = ShapeRule("puddle", "blob", size=(0.15, 0.45), aspect=(0.6, 1.7))
 DEFAULT_REGIMES: tuple[ShapeRule, ...] = (LARGE, TINY, THIN, MEDIUM)
 DEFAULT_NUM_SUBSETS = 3
 
@@ -207,6 +231,9 @@ class StudyConfig:
     # shape can then only be labelled by knowing the image's regime (its dominant geometry), which
     # the network must infer from global context.
     clutter: Clutter = "shadow"
+    # "street": sky, buildings, trees, sidewalk and road (default). "road": the whole image is road, so
+    # the background asks nothing of the network and every label that matters is an object's.
+    background: Background = "street"
     decoy_fraction: float = 0.5
     pixel_noise: float = 8.0  # std of i.i.d. pixel noise
     mottling: float = 6.0  # std of a smooth noise field with ~4 px grain
@@ -229,7 +256,10 @@ class StudyConfig:
                f"class_weights must be {len(self.object_classes)} non-negative numbers, got {self.class_weights}")
         _check_range(self.gain_range, "gain_range")
         _check_range(self.shadow_range, "shadow_range", upper=1.0)
-        _check(self.clutter in ("shadow", "decoy"), f"clutter must be 'shadow' or 'decoy', got {self.clutter!r}")
+        _check(self.clutter in ("shadow", "decoy", "none"),
+               f"clutter must be 'shadow', 'decoy' or 'none', got {self.clutter!r}")
+        _check(self.background in ("street", "road"),
+               f"background must be 'street' or 'road', got {self.background!r}")
         _check(0 < self.decoy_fraction < 1, f"decoy_fraction must be in (0, 1), got {self.decoy_fraction}")
         _check(self.det_empty_images >= 0, f"det_empty_images must be >= 0, got {self.det_empty_images}")
         _check(len(self.train_cities) >= 1 and len(self.val_cities) >= 1, "train_cities/val_cities: need one each")
@@ -243,6 +273,25 @@ class StudyConfig:
 
     def cities(self, split: str) -> tuple[str, ...]:
         return self.train_cities if split == "train" else self.val_cities
+
+
+# The premise study (`make-data --study premise`): two regimes whose labels need two different parts of
+# the routing space, at about the same cost, while colour statistics cannot tell them apart.
+# - fine: tiny objects (4-7 px, one cell at 1/4), the rest of the object budget as glass puddles
+#   (background). Their labels need the 1/4 resolution; a route through 1/8 and coarser blurs them away.
+# - coarse: one or two long horizontal bars whose glass body is the same for every class; only the end
+#   caps show the class, up to ~100 px from the middle of the body. The 1/4 column's receptive field
+#   does not reach that far (it labels the body's class wrongly); the 1/8 column's does.
+# Both on a plain road, so no background structure favours either route; object_share 0.14 gives the
+# fine regime about the caps' share of class colour (and puddles the bars' share of glass).
+# The one-route experts that prove it are in docs/ (pipeline/oracle.py --route-experts).
+FINE_PREMISE = ShapeRule("fine", "blob", size=(0.04, 0.07), aspect=(0.7, 1.4), object_share=0.14,
+                         puddle_share=0.86, route=(0,))
+COARSE_PREMISE = ShapeRule("coarse", "bar", size=(0.2, 0.3), length=(1.8, 2.6), caps=1.0, route=(1,))
+PREMISE_STUDY = StudyConfig(height=96, width=384, regimes=(FINE_PREMISE, COARSE_PREMISE), clutter="none",
+                            background="road", object_fraction=(0.10, 0.16), gain_range=(0.9, 1.1),
+                            white_balance=0.03, illumination=0.05)
+STUDIES: dict[str, StudyConfig] = {"default": StudyConfig(), "premise": PREMISE_STUDY}
 
 
 def regimes_by_name(names: str | list[str] | tuple[str, ...]) -> tuple[ShapeRule, ...]:
@@ -280,7 +329,7 @@ def _log_uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float
 class ShapeDraft:
     """A shape centred at the origin, before rescaling to the budget and placement."""
 
-    kind: str  # "ellipse", "rect" or "line"
+    kind: str  # "ellipse", "rect", "line" or "bar" (an axis-aligned horizontal rectangle)
     width: float
     height: float  # for lines: width = bar width, height = length
     angle: float = 0.0  # lines only, radians
@@ -293,6 +342,8 @@ class ShapeDraft:
         """Lines keep their width (thinness defines the regime) and scale their length by factor**2."""
         if self.kind == "line":
             return replace(self, height=self.height * factor**2)
+        if self.kind == "bar":  # bars keep their thickness: the length takes the whole factor
+            return replace(self, width=self.width * factor**2)
         return replace(self, width=self.width * factor, height=self.height * factor)
 
     def polygon(self) -> np.ndarray:
@@ -310,6 +361,8 @@ class ShapeDraft:
 
 def draft_shape(rule: ShapeRule, rng: np.random.Generator, image_height: int) -> ShapeDraft:
     size = _uniform(rng, rule.size) * image_height
+    if rule.kind == "bar":
+        return ShapeDraft("bar", _uniform(rng, rule.length) * image_height, size)
     if rule.kind == "line":
         length = _uniform(rng, rule.length) * image_height
         vertical = rng.random() < rule.vertical_fraction
@@ -422,6 +475,8 @@ def place(vertices: np.ndarray, rng: np.random.Generator, height: int, width: in
 def fit_inside(shape: ShapeDraft, height: int, width: int) -> ShapeDraft:
     """Shrink a shape that cannot fit in the image (only ever the largest blobs)."""
     extent = np.ptp(shape.polygon(), axis=0)
+    if shape.kind == "bar":  # a bar keeps its thickness
+        return replace(shape, width=min(shape.width, width - 1.0))
     factor = min(1.0, (width - 1) / max(extent[0], 1e-6), (height - 1) / max(extent[1], 1e-6))
     return shape if factor >= 1 else replace(shape, width=shape.width * factor, height=shape.height * factor)
 
@@ -438,6 +493,18 @@ class SceneObject:
     windows: list[Placed]
     group: int  # crowd group index, -1 for a lone object
     encoding: str  # "polygon" or "rle"
+    caps: float = 0.0  # bars: length in pixels of each class-coloured end cap; 0 = painted solid
+
+    def painted(self) -> np.ndarray:
+        """The pixels painted in the class colour, in ``placed``'s window: all of them for a solid
+        object, the two end caps of a bar (the rest of a bar is its glass body)."""
+        mask = self.placed.mask
+        if self.caps <= 0:
+            return mask
+        columns = np.flatnonzero(mask.any(axis=0))
+        x = np.arange(mask.shape[1])
+        ends = (x < columns[0] + self.caps) | (x > columns[-1] - self.caps)
+        return mask & ends[None, :]
 
 
 @dataclass
@@ -509,6 +576,14 @@ def add_shadows(image: np.ndarray, drafts: list[ShapeDraft], rule: ShapeRule, co
             window.region(image)[window.mask] = glass
 
 
+def add_puddles(image: np.ndarray, drafts: list[ShapeDraft], rng: np.random.Generator, glass: np.ndarray) -> None:
+    """Glass blobs on the background, labelled as the background under them (see ShapeRule.puddle_share)."""
+    height, width = image.shape[:2]
+    for draft in drafts:
+        placed = rasterize(place(fit_inside(draft, height, width).polygon(), rng, height, width), height, width)
+        placed.region(image)[placed.mask] = glass
+
+
 def add_decoys(image: np.ndarray, drafts: list[ShapeDraft], rule: ShapeRule, config: StudyConfig,
                rng: np.random.Generator, palette: dict[int, np.ndarray], glass: np.ndarray) -> None:
     """Clutter in ``decoy`` mode: the other regimes' geometry painted like objects, label unchanged."""
@@ -545,7 +620,8 @@ def place_objects(drafts: list[ShapeDraft], rule: ShapeRule, config: StudyConfig
             placed, windows = placed_with_windows(draft, rule, rng, height, width, crowd_centre if in_crowd else None)
             if placed.mask.any() and not placed.region(occupied)[placed.mask].any():
                 placed.region(occupied)[placed.mask] = True
-                objects.append(SceneObject(class_name, placed, windows, 0 if in_crowd else -1, encoding))
+                caps = rule.caps * draft.height if rule.kind == "bar" else 0.0
+                objects.append(SceneObject(class_name, placed, windows, 0 if in_crowd else -1, encoding, caps))
                 break
     return objects
 
@@ -555,7 +631,9 @@ def paint_objects(image: np.ndarray, labels: np.ndarray, objects: list[SceneObje
     for obj in objects:
         label_id = LABEL_ID_BY_NAME[obj.class_name]
         colour = palette[label_id] + rng.normal(0, config.instance_jitter, 3)
-        obj.placed.region(image)[obj.placed.mask] = colour
+        if obj.caps > 0:  # a bar's body is glass, whatever its class
+            obj.placed.region(image)[obj.placed.mask] = glass
+        obj.placed.region(image)[obj.painted()] = colour
         obj.placed.region(labels)[obj.placed.mask] = label_id
         for window in obj.windows:  # glass is part of its object: labelled as the object
             window.region(image)[window.mask] = glass
@@ -580,7 +658,10 @@ def finish_image(image: np.ndarray, config: StudyConfig, rng: np.random.Generato
 def generate_scene(config: StudyConfig, subset: int, rng: np.random.Generator) -> Scene:
     """One image of regime ``subset`` (or with no objects at all for EMPTY_SUBSET)."""
     height, width = config.height, config.width
-    labels = background_layout(rng, height, width)
+    if config.background == "road":
+        labels = np.full((height, width), LABEL_ID_BY_NAME["road"], dtype=np.uint8)
+    else:
+        labels = background_layout(rng, height, width)
     palette = jittered_palette(config, rng)
     glass = np.array(GLASS_COLOUR, float) + rng.normal(0, config.colour_jitter, 3)
     image = paint_background(labels, palette)
@@ -589,7 +670,11 @@ def generate_scene(config: StudyConfig, subset: int, rng: np.random.Generator) -
     decoys = config.clutter == "decoy"
     for index, rule in enumerate(config.regimes):
         if index == subset:
-            object_drafts = fill_budget(rule, budget, rng, height)
+            object_drafts = fill_budget(rule, budget * rule.object_share, rng, height)
+            if rule.puddle_share > 0:
+                add_puddles(image, fill_budget(PUDDLE, budget * rule.puddle_share, rng, height), rng, glass)
+        elif config.clutter == "none":
+            continue
         elif decoys:
             add_decoys(image, fill_budget(rule, budget * config.decoy_fraction, rng, height), rule, config, rng,
                        palette, glass)
@@ -804,40 +889,64 @@ def ensure_default_dataset(cache_dir: str | Path | None = None, config: StudyCon
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = StudyConfig()
+    parser.add_argument("--study", choices=sorted(STUDIES), default="default",
+                        help="default: the street study (3 regimes: large, tiny, thin); premise: the two regimes "
+                             "that need different routes by construction (fine, coarse; 96x384)")
     parser.add_argument("--kind", choices=("seg", "det"), default="seg",
                         help="seg: Cityscapes layout; det: COCO instances JSON (default seg)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (new or empty)")
     parser.add_argument("--n-train", type=int, default=defaults.n_train, help=f"default {defaults.n_train}")
     parser.add_argument("--n-val", type=int, default=defaults.n_val, help=f"default {defaults.n_val}")
     parser.add_argument("--seed", type=int, default=defaults.seed, help=f"default {defaults.seed}")
-    parser.add_argument("--size", default=f"{defaults.height}x{defaults.width}", help="HEIGHTxWIDTH")
-    parser.add_argument("--subsets", type=int, default=DEFAULT_NUM_SUBSETS,
-                        help=f"number of regimes, 1-{len(DEFAULT_REGIMES)}: "
+    parser.add_argument("--size", help="HEIGHTxWIDTH (default: the study's, 128x256 or 96x384)")
+    parser.add_argument("--subsets", type=int,
+                        help=f"default study: number of regimes, 1-{len(DEFAULT_REGIMES)}: "
                              f"{', '.join(r.name for r in DEFAULT_REGIMES)} (default {DEFAULT_NUM_SUBSETS})")
-    parser.add_argument("--clutter", choices=("shadow", "decoy"), default=defaults.clutter,
-                        help="the other regimes' shapes: darkened background (shadow, default) or painted "
-                             "like objects but labelled background (decoy)")
-    parser.add_argument("--decoy-fraction", type=float, default=defaults.decoy_fraction,
+    parser.add_argument("--clutter", choices=("shadow", "decoy"),
+                        help="default study: the other regimes' shapes as darkened background (shadow, "
+                             "the default) or painted like objects but labelled background (decoy)")
+    parser.add_argument("--decoy-fraction", type=float,
                         help="decoy mode: each other geometry's share of the object budget "
                              f"(default {defaults.decoy_fraction})")
-    parser.add_argument("--regimes", help="regimes by name, in subset order, e.g. large,tiny,medium "
-                                          "(instead of --subsets)")
+    parser.add_argument("--regimes", help="default study: regimes by name, in subset order, e.g. "
+                                          "large,tiny,medium (instead of --subsets)")
+
+
+DEFAULT_STUDY_OPTIONS = ("subsets", "clutter", "decoy_fraction", "regimes")
+
+
+def study_from_args(args: argparse.Namespace) -> StudyConfig:
+    """The StudyConfig the command line asks for (named study, then sizes and the default study's knobs)."""
+    from divdr.summary import parse_size  # one HEIGHTxWIDTH syntax for every command
+
+    config = STUDIES[args.study]
+    given = [name for name in DEFAULT_STUDY_OPTIONS if getattr(args, name) is not None]
+    if args.study != "default" and given:
+        raise ConfigError(f"--{given[0].replace('_', '-')} applies to --study default only; "
+                          f"the {args.study} study fixes its regimes")
+    if args.size:
+        height, width = parse_size(args.size)
+        config = replace(config, height=height, width=width)
+    config = replace(config, n_train=args.n_train, n_val=args.n_val, seed=args.seed)
+    if args.study != "default":
+        return config
+    for name in ("clutter", "decoy_fraction"):
+        if getattr(args, name) is not None:
+            config = replace(config, **{name: getattr(args, name)})
+    if args.regimes:
+        return replace(config, regimes=regimes_by_name(args.regimes))
+    if args.subsets is not None:
+        return replace(config, regimes=study_config(args.subsets).regimes)
+    return config
 
 
 def run(args: argparse.Namespace) -> int:
-    from divdr.summary import parse_size  # one HEIGHTxWIDTH syntax for every command
-
-    height, width = parse_size(args.size)
-    sizes = {"height": height, "width": width, "n_train": args.n_train, "n_val": args.n_val, "seed": args.seed,
-             "clutter": args.clutter, "decoy_fraction": args.decoy_fraction}
-    if args.regimes:
-        config = StudyConfig(regimes=regimes_by_name(args.regimes), **sizes)  # type: ignore[arg-type]
-    else:
-        config = study_config(args.subsets, **sizes)  # type: ignore[arg-type]
+    config = study_from_args(args)
     start = time.perf_counter()
     counts = generate(config, args.out, args.kind)
     elapsed = time.perf_counter() - start
-    print(f"wrote {args.kind} study to {args.out} in {elapsed:.1f} s ({height}x{width}, seed {args.seed})")
+    print(f"wrote {args.kind} study to {args.out} in {elapsed:.1f} s "
+          f"({args.study} study, {config.height}x{config.width}, seed {config.seed})")
     order = [r.name for r in config.regimes] + [EMPTY_SUBSET_NAME]
     for split, per_subset in counts.items():
         detail = ", ".join(f"{name} {per_subset[name]}" for name in order if per_subset[name])
@@ -849,6 +958,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 __all__ = [
-    "DEFAULT_REGIMES", "GENERATOR_VERSION", "ShapeRule", "StudyConfig", "ensure_default_dataset", "generate",
-    "generate_scene", "regimes_by_name", "study_config",
+    "DEFAULT_REGIMES", "GENERATOR_VERSION", "PREMISE_STUDY", "STUDIES", "ShapeRule", "StudyConfig",
+    "ensure_default_dataset", "generate", "generate_scene", "regimes_by_name", "study_config",
 ]

@@ -173,3 +173,15 @@ def test_group_norm_makes_training_activations_per_image_and_equal_to_eval():
     assert not torch.allclose(bn_batched[::2], bn_single, atol=1e-3)
     with pytest.raises(Exception, match=r"model\.norm"):
         get_model_config("micro", norm="layer")
+
+
+def test_gate_input_norm_makes_routes_blind_to_a_global_gain():
+    """GateConfig.input_norm: a per-image affine change of the gate's input leaves its weights unchanged."""
+    torch.manual_seed(0)
+    config = replace(TINY, gate=replace(TINY.gate, input_norm=True))
+    gate = DynamicRoutingSegmenter(config).backbone.cells[3].gate.eval()
+    x = torch.rand(2, gate.reduce[0].in_channels, 16, 16)
+    assert torch.allclose(gate(x), gate(1.7 * x + 0.3), atol=1e-5)
+    plain = DynamicRoutingSegmenter(TINY).backbone.cells[3].gate.eval()
+    plain.load_state_dict(gate.state_dict())
+    assert not torch.allclose(plain(x), plain(1.7 * x + 0.3), atol=1e-3)

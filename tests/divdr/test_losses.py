@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from divdr.config import BudgetConfig, ClusteringConfig, ConfigError
-from divdr.losses import budget_loss, budget_schedule, clustering_loss, total_loss
+from divdr.losses import budget_loss, budget_schedule, clustering_loss, clustering_schedule, total_loss
 
 
 def test_budget_schedule_official():
@@ -87,3 +87,27 @@ def test_two_centres_without_margin_leave_the_loss_identically_zero_and_are_refu
     with pytest.raises(ConfigError, match="identically 0"):
         ClusteringConfig(weight=0.5, k=2, alpha=0.0)
     ClusteringConfig(weight=0.0, k=2, alpha=0.0)  # DR: the store still clusters, no loss
+
+
+def test_clustering_schedule_starts_late_and_ramps():
+    paper = ClusteringConfig(weight=0.5, k=3)
+    assert clustering_schedule(0.0, paper) == 1.0  # the paper's: on from the first centres
+    late = ClusteringConfig(weight=0.5, k=3, alpha=1.0, start_fraction=0.5, warmup_fraction=0.2)
+    assert clustering_schedule(0.49, late) == 0.0
+    assert clustering_schedule(0.6, late) == pytest.approx(0.5)
+    assert clustering_schedule(0.8, late) == 1.0
+    a = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    centres = torch.tensor([[0.0, 0.0], [1.0, 1.0], [5.0, 5.0]])
+    kwargs = dict(cost_ratio=torch.tensor([0.5, 0.5]), budget=BudgetConfig(), activations=a, centres=centres,
+                  sigma2=1.0)
+    full = total_loss(torch.tensor(0.0), progress=0.9, clustering=late, **kwargs).clustering
+    half = total_loss(torch.tensor(0.0), progress=0.6, clustering=late, **kwargs).clustering
+    before = total_loss(torch.tensor(0.0), progress=0.3, clustering=late, **kwargs).clustering
+    assert float(full) > 0 and float(half) == pytest.approx(0.5 * float(full)) and float(before) == 0.0
+
+
+@pytest.mark.parametrize(("field", "value"), [("start_fraction", 1.5), ("warmup_fraction", -0.1),
+                                              ("kmeans_start", "cold")])
+def test_clustering_schedule_options_are_validated(field, value):
+    with pytest.raises(ConfigError, match=f"clustering.{field}"):
+        ClusteringConfig(**{field: value})

@@ -103,3 +103,17 @@ def test_snapshot_of_another_shape_is_refused(tmp_path):
     store.snapshot()
     with pytest.raises(ValueError, match="wrong --out or run name"):
         make_store(tmp_path, n=61)
+
+
+def test_fresh_kmeans_start_ignores_the_previous_centres():
+    fresh = CentroidStoreImpl(60, DIM, 1, 20, ClusteringConfig(k=3, update_every=5, kmeans_start="fresh"),
+                              StoreConfig(), None)
+    points, _ = blobs(20)
+    fresh.ingest(0, 4, np.arange(60), points)
+    fresh.publish(fresh.cluster(*fresh.take_batch()))
+    # centres planted far from the data: a warm start would begin there, a fresh one never sees them
+    fresh.centres = np.full((3, DIM), 50.0, dtype=np.float32)
+    fresh.mark(0, 9)
+    fresh.publish(fresh.cluster(*fresh.take_batch()))
+    assert sorted(fresh.history[-1]["cluster_sizes"]) == [20, 20, 20]
+    assert np.abs(fresh.centres).max() < 2.0
