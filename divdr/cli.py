@@ -14,7 +14,7 @@ from divdr.config import ConfigError
 COMMANDS = {
     "summary": ("divdr.summary", "parameters, cells, A-space and GFLOPs of a model"),
     "make-data": ("divdr.data.synthetic", "generate the controlled study (Cityscapes seg or COCO det layout)"),
-    "baselines": ("divdr.data.baselines", "can trivial features (colour, random nets, an untrained net) find the subsets?"),
+    "baselines": ("divdr.data.baselines", "can colour, random nets or an untrained net find the subsets?"),
     "eval-seg": ("divdr.metrics", "mIoU of train-id prediction PNGs against a Cityscapes gtFine folder"),
     "eval-coco": ("divdr.coco_eval", "COCO bbox / segm mAP of a results JSON (pycocotools COCOeval)"),
 }

@@ -109,5 +109,5 @@ def test_clustering_schedule_starts_late_and_ramps():
 @pytest.mark.parametrize(("field", "value"), [("start_fraction", 1.5), ("warmup_fraction", -0.1),
                                               ("kmeans_start", "cold")])
 def test_clustering_schedule_options_are_validated(field, value):
-    with pytest.raises(ConfigError, match=f"clustering.{field}"):
+    with pytest.raises(ConfigError, match=rf"clustering\.{field}"):
         ClusteringConfig(**{field: value})

@@ -42,9 +42,9 @@ def test_two_scales_move_between_each_other():
 
 
 def test_route_must_name_distinct_existing_scales():
-    with pytest.raises(ConfigError, match="model.route"):
+    with pytest.raises(ConfigError, match=r"model\.route"):
         get_model_config("tiny", route=(4,))
-    with pytest.raises(ConfigError, match="model.route"):
+    with pytest.raises(ConfigError, match=r"model\.route"):
         get_model_config("tiny", route=(1, 1))
 
 
@@ -74,7 +74,7 @@ def test_one_route_network_without_gates_trains_and_matches_its_open_route():
     # budget ratio of a fixed route: its own share of the routing space, the same for every image
     ratio = budget_ratio(out.backbone.gates, cost_table(config, 64, 128))
     assert torch.allclose(ratio[0], ratio[1]) and 0.1 < float(ratio[0]) < 0.4
-    closed_cell = [c for c, p in zip(net.backbone.cells, route_paths(config), strict=True) if not any(p)][0]
+    closed_cell = next(c for c, p in zip(net.backbone.cells, route_paths(config), strict=True) if not any(p))
     assert all(p.grad is None for p in closed_cell.op.parameters())  # never computed
 
 
