@@ -53,8 +53,10 @@ def _collate(batch: list[dict]) -> dict:
 def run_inference(model: DynamicRoutingSegmenter, dataset: Dataset, batch_size: int = 4,
                   indices: Sequence[int] | None = None, score: bool = True,
                   reference_size: tuple[int, int] = REFERENCE_SIZE) -> InferenceResult:
-    """Eval-mode forward over ``dataset`` (or the ``indices`` of it), paths really skipped."""
+    """Eval-mode forward over ``dataset`` (or the ``indices`` of it), paths really skipped, on the
+    model's device (results come back on the CPU)."""
     was_training = model.training
+    device = next(model.parameters()).device
     model.eval()
     config = model.config
     data = Subset(dataset, list(indices)) if indices is not None else dataset
@@ -65,19 +67,20 @@ def run_inference(model: DynamicRoutingSegmenter, dataset: Dataset, batch_size: 
     ids, files, subsets, acts, gates, flops, flops_ref = [], [], [], [], [], [], []
     try:
         for batch in loader:
-            images = batch["image"]
+            images = batch["image"].to(device)
             out = model(images)
             size = tuple(images.shape[-2:])
             table = tables.setdefault(size, cost_table(config, *size))
             if confusion is not None:
-                confusion.update(out.logits.argmax(1), batch["label"])
+                confusion.update(out.logits.argmax(1).cpu(), batch["label"])
             ids += batch["sample_id"]
             files += batch["file"]
             subsets += batch["subset"]
-            acts.append(out.backbone.activations.float().numpy())
-            gates.append(out.backbone.gates.float().numpy())
-            flops.append(real_cost(out.backbone.gates, table).numpy() / 1e9)
-            flops_ref.append(real_cost(out.backbone.gates, reference_table).numpy() / 1e9)
+            gate_values = out.backbone.gates.float().cpu()
+            acts.append(out.backbone.activations.float().cpu().numpy())
+            gates.append(gate_values.numpy())
+            flops.append(real_cost(gate_values, table).numpy() / 1e9)
+            flops_ref.append(real_cost(gate_values, reference_table).numpy() / 1e9)
     finally:
         model.train(was_training)
     return InferenceResult(
@@ -97,9 +100,10 @@ def merge_results(parts: Sequence[InferenceResult]) -> InferenceResult:
     files = [f for p in parts for f in p.files]
     confusion = None
     if all(p.confusion is not None for p in parts):
-        confusion = parts[0].confusion
-        for p in parts[1:]:
-            confusion.matrix = confusion.matrix + p.confusion.matrix
+        # a new accumulator: the parts keep their own matrices (their per-part scores stay valid)
+        first = parts[0].confusion
+        confusion = ConfusionMatrix(first.num_classes, first.ignore_index, first.class_names)
+        confusion.matrix = sum((p.confusion.matrix for p in parts[1:]), first.matrix.clone())
     return InferenceResult(
         sample_ids=ids[order], files=[files[i] for i in order],
         subsets=np.concatenate([p.subsets for p in parts])[order],

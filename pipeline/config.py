@@ -227,13 +227,13 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     """A new tree: ``update`` over ``base``. Nothing is shared with either input, so later
     ``--set`` edits can never leak into module-level defaults such as SMOKE_OVERRIDES."""
     merged = copy.deepcopy(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)
     return merged
@@ -256,7 +256,7 @@ def resolve(preset: str | None = None, file: Path | None = None, overrides: list
     """Preset defaults <- ``base`` <- YAML file <- ``--set`` overrides, validated."""
     tree: dict[str, Any] = dict(base or {})
     if file is not None:
-        tree = _deep_merge(tree, load_yaml(file))
+        tree = deep_merge(tree, load_yaml(file))
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
@@ -287,7 +287,7 @@ def from_dict(tree: dict[str, Any]) -> ExperimentConfig:
     for name, cls in _SECTION_TYPES.items():
         section = tree.get(name) or {}
         if name == "detection" and task != "segmentation" and not (tree.get("data") or {}).get("root"):
-            section = _deep_merge(EMBEDDED_STUDY_DETECTION, section)  # the embedded study's scale
+            section = deep_merge(EMBEDDED_STUDY_DETECTION, section)  # the embedded study's scale
         parts[name] = config_from_dict(cls, section, where=name)
     _require(parts["store"].enabled or parts["clustering"].weight == 0,
              f"store.enabled=false needs clustering.weight (lambda2) = 0, got {parts['clustering'].weight}: "
@@ -319,7 +319,7 @@ def _override(default: Any, section: dict[str, Any] | None, where: str) -> Any:
     if not section:
         return default
     base = dataclasses.asdict(default)
-    merged = _deep_merge(base, section)
+    merged = deep_merge(base, section)
     # validate keys against the dataclass (nested sections included)
     return config_from_dict(type(default), merged, where=where)
 
@@ -334,5 +334,5 @@ SMOKE_OVERRIDES: dict[str, Any] = {
 
 
 def with_smoke(tree: dict[str, Any]) -> dict[str, Any]:
-    return _deep_merge(tree, SMOKE_OVERRIDES)
+    return deep_merge(tree, SMOKE_OVERRIDES)
 

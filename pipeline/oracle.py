@@ -10,6 +10,13 @@ expert: the hypothetical perfect router), its GFLOPs are the mean real GFLOPs pe
 
 ``--compare`` evaluates other trained models (``<run>/artifacts/model.pt``, e.g. the main job's
 DivDR-A) on the same val images, per subset, so they appear in the same table.
+
+``--route-experts`` builds the other half of a controlled study's proof (the premise study's): instead of
+one expert per subset's *images*, one expert per regime's *route*. Each is the network restricted to the
+part of the routing space its regime needs (``model.route`` from the study's ``study.json``, no gates,
+every path of the route open), trained on every training image, then scored on each subset's val images;
+beside them the whole routing space with no gates (Network-Fix). If each route wins on its own regime and
+fails on the others, the regimes need different routes by construction.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import torch
 
 from divdr.config import PRESETS
 from divdr.data.cityscapes import SUBSET_MANIFEST, CityscapesSegmentation, read_subset_manifest, write_subset_view
+from divdr.data.synthetic import regime_routes
 from divdr.evaluation import InferenceResult, run_inference
 from divdr.heads import DynamicRoutingSegmenter
 from divdr.metrics import scores_from_confusion
@@ -44,8 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="preset of the experts (default DR-A: the budget of the main job, no clustering)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a value of every expert (repeatable; the main job's values are the base)")
+    parser.add_argument("--config", type=Path, help="YAML experiment file of overrides (on the main job's values)")
+    parser.add_argument("--data", type=Path, help="dataset root with a subset manifest (default: the embedded study)")
     parser.add_argument("--compare", nargs="*", type=Path, default=[], metavar="MODEL_PT",
                         help="trained models (<run>/artifacts/model.pt) to evaluate per subset beside the oracle")
+    parser.add_argument("--route-experts", action="store_true",
+                        help="one expert per regime's route (study.json) instead of per subset's images")
     parser.add_argument("--smoke", action="store_true", help="tiny everything, to check the path")
     return parser
 
@@ -97,22 +109,59 @@ def format_rows(rows: dict[str, dict[str, Any]], names: dict[int, str]) -> str:
     return "\n".join(lines)
 
 
+# A route expert: the task loss alone, no gates (every path of its route open), no centroid store.
+ROUTE_EXPERT_OVERRIDES = ("model.gate.enabled=false", "budget.weight=0", "clustering.weight=0", "resource.weight=0",
+                          "store.enabled=false")
+
+
+def train_subset_experts(args: argparse.Namespace, base: dict[str, Any], views: dict[int, Path], names: dict[int, str],
+                         out: Path) -> dict[str, dict[str, Any]]:
+    """The oracle: one expert per subset, trained on that subset's images only."""
+    experts: dict[int, DynamicRoutingSegmenter] = {}
+    for s, view in views.items():
+        cfg = resolve(args.preset, args.config, [*args.overrides, f"name=oracle-{names[s]}", f"data.root={view}"],
+                      base=base)
+        metrics = run(cfg, out, view, fresh=True)
+        experts[s] = load_model(Path(metrics["run_dir"]) / "artifacts" / "model.pt")
+    return {f"oracle ({args.preset} expert per subset)": evaluate_per_subset(experts, views)}
+
+
+def train_route_experts(args: argparse.Namespace, base: dict[str, Any], root: Path, views: dict[int, Path],
+                        names: dict[int, str], out: Path) -> dict[str, dict[str, Any]]:
+    """One network per regime's route, and Network-Fix, trained on every image, scored per subset."""
+    routes = regime_routes(root)
+    if not routes:
+        raise SystemExit(f"pipeline/oracle.py: error: {root}/study.json states no route for any regime "
+                         "(make the study with `divdr make-data --study premise`)")
+    experts = {f"route {list(route)} ({names[s]}'s part)": (f"expert-route-{names[s]}", [f"model.route={list(route)}"])
+               for s, route in routes.items()}
+    experts["Network-Fix (every path, no gates)"] = ("expert-network-fix", [])
+    rows = {}
+    for label, (name, route) in experts.items():
+        cfg = resolve("DR-Raw", args.config, [*args.overrides, *ROUTE_EXPERT_OVERRIDES, *route, f"name={name}",
+                                              f"data.root={root}"], base=base)
+        metrics = run(cfg, out, root, fresh=True)
+        model = load_model(Path(metrics["run_dir"]) / "artifacts" / "model.pt")
+        rows[label] = evaluate_per_subset(dict.fromkeys(views, model), views)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     args = build_parser().parse_args(argv)
     base = with_smoke(MAIN_JOB) if args.smoke else MAIN_JOB
-    probe = resolve(args.preset, None, args.overrides, base=base)
+    data = [f"data.root={args.data.resolve()}"] if args.data else []
+    args.overrides = [*data, *args.overrides]
+    probe = resolve(args.preset, args.config, args.overrides, base=base)
     root = dataset_root(probe)
     names = subset_names(root)
     out = args.out.resolve()
     views = {s: write_subset_view(root, out / "views" / f"subset-{s}-{names[s]}", s) for s in sorted(names)}
     started = time.perf_counter()
     init_ray()
-    experts: dict[int, DynamicRoutingSegmenter] = {}
-    for s, view in views.items():
-        cfg = resolve(args.preset, None, [*args.overrides, f"name=oracle-{names[s]}", f"data.root={view}"], base=base)
-        metrics = run(cfg, out, view, fresh=True)
-        experts[s] = load_model(Path(metrics["run_dir"]) / "artifacts" / "model.pt")
-    rows = {f"oracle ({args.preset} expert per subset)": evaluate_per_subset(experts, views)}
+    if args.route_experts:
+        rows = train_route_experts(args, base, root, views, names, out)
+    else:
+        rows = train_subset_experts(args, base, views, names, out)
     for path in args.compare:
         model = load_model(path)
         rows[str(path)] = evaluate_per_subset(dict.fromkeys(views, model), views)

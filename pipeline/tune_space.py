@@ -6,6 +6,7 @@ description: DivDR Table 3   # free text
 preset: DivDR-A              # base preset of every trial (a grid over `preset` overrides it)
 seeds: 3                     # every setting is trained with seeds 0 .. seeds-1 (mean +- std)
 metric: miou                 # the metric the report sorts by (max)
+config: ../configs/premise.yaml  # optional: an experiment file (relative to this file) under `base`
 base:                        # experiment overrides shared by all trials (same keys as --set / YAML files)
   model_size: tiny
   train: {steps: 900}
@@ -30,11 +31,11 @@ from typing import Any
 import yaml
 
 from divdr.config import PRESETS, ConfigError
-from pipeline.config import from_dict, load_yaml
+from pipeline.config import deep_merge, from_dict, load_yaml
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice")
 REPORT_METRICS = ("miou", "gflops_real", "gflops_real_1024x2048", "inter", "intra", "recovery")
-TOP_KEYS = {"name", "description", "preset", "seeds", "metric", "base", "grid", "sample", "variants",
+TOP_KEYS = {"name", "description", "preset", "seeds", "metric", "config", "base", "grid", "sample", "variants",
             "num_samples", "max_concurrent"}
 VARIANT_KEY = "variant"  # the swept parameter that names a variant
 
@@ -46,6 +47,7 @@ class TuneSpace:
     preset: str = "DivDR-A"
     seeds: int = 3
     metric: str = "miou"
+    config: str = ""  # the experiment file merged under ``base`` (already merged into ``base`` when loaded)
     base: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, list[Any]] = field(default_factory=dict)
     sample: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -159,4 +161,12 @@ def trial_config(space: TuneSpace, params: dict[str, Any], seed: int, name: str 
 
 
 def load_space(path: Path) -> TuneSpace:
-    return parse_space(load_yaml(path), str(path))
+    """A tune space from YAML; its ``config`` experiment file (a path relative to the space's folder)
+    is loaded here and ``base`` applied over it, so every trial starts from that file."""
+    data = load_yaml(path)
+    if isinstance(data, dict) and data.get("config"):
+        if not isinstance(data["config"], str):
+            _fail(str(path), f"config must be a path, got {data['config']!r}")
+        experiment = Path(path).parent / data["config"]
+        data = {**data, "base": deep_merge(load_yaml(experiment), data.get("base") or {})}
+    return parse_space(data, str(path))

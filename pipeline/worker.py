@@ -28,10 +28,11 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from divdr.flops import budget_ratio, expected_cost
-from divdr.gates import anneal_temperature, gate_parameters, set_temperature
+from divdr.gates import anneal_temperature, set_temperature
 from divdr.losses import total_loss
-from pipeline.config import ExperimentConfig, TrainConfig, from_dict
+from pipeline.config import ExperimentConfig, from_dict
 from pipeline.faults import FaultPlan
+from pipeline.loop import build_optimizer, build_scheduler
 from pipeline.schedule import kmeans_trigger_steps, switch_step
 from pipeline.tasks import TrainingTask, make_task
 
@@ -128,21 +129,6 @@ def _all_finite(value: torch.Tensor, world: int) -> bool:
     return bool(flag.item() > 0)
 
 
-def build_optimizer(net: torch.nn.Module, train: TrainConfig) -> torch.optim.SGD:
-    """SGD as the DR paper; the gates in a group of their own at ``lr x train.gate_lr_scale``."""
-    gates = {id(p) for p in gate_parameters(net)}
-    rest = [p for p in net.parameters() if id(p) not in gates]
-    groups = [{"params": rest}]
-    if gates:
-        groups.append({"params": [p for p in net.parameters() if id(p) in gates],
-                       "lr": train.lr * train.gate_lr_scale})
-    return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay)
-
-
-def _poly(total: int, power: float):
-    return lambda step: max(0.0, 1.0 - step / total) ** power
-
-
 def _shard(n: int, rank: int, world: int) -> list[int]:
     return list(range(rank, n, world))
 
@@ -167,7 +153,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     net = task.build_model()
     model = ray.train.torch.prepare_model(net)
     optimizer = build_optimizer(net, cfg.train)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _poly(cfg.train.steps, cfg.train.poly_power))
+    scheduler = build_scheduler(optimizer, cfg.train)
     triggers = kmeans_trigger_steps(cfg.train.steps, cfg.clustering.update_every, cfg.store.update_every_final)
     centres = CentreState()
     start_step = _restore(net, optimizer, scheduler, centres)

@@ -851,6 +851,17 @@ def generate(config: StudyConfig, out: str | Path, kind: DataKind = "seg") -> di
     return counts
 
 
+def regime_routes(root: str | Path) -> dict[int, tuple[int, ...]]:
+    """Subset index -> the route its regime's labels need (ShapeRule.route), read from a generated
+    study's ``study.json``; regimes that state none are left out."""
+    path = Path(root) / STUDY_FILE
+    try:
+        regimes = json.loads(path.read_text())["config"]["regimes"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"cannot read the regimes of {path}: {err}") from err
+    return {index: tuple(r["route"]) for index, r in enumerate(regimes) if r.get("route")}
+
+
 def cache_key(config: StudyConfig, kind: DataKind) -> str:
     text = json.dumps(config_document(config, kind), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -92,3 +92,21 @@ def test_variants_are_named_bundles_of_overrides_crossed_with_the_grid(tmp_path)
             for v in ("default", "dr")]
     report = write_report(space, rows, tmp_path)
     assert "| variant=dr | 1 |" in report["markdown"] and "[1,2]" in report["markdown"]
+
+
+def test_a_space_starts_from_its_experiment_file(tmp_path):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "exp.yaml").write_text(
+        "model_size: micro\ntrain: {steps: 9, batch_size: 3}\nclustering: {k: 2, alpha: 1.0}\n")
+    space_file = tmp_path / "spaces" / "s.yaml"
+    space_file.parent.mkdir()
+    space_file.write_text("name: s\nconfig: ../configs/exp.yaml\nbase: {train: {steps: 5}}\n"
+                          "variants: {DR-A: {preset: DR-A}, DivDR-A: {}}\n")
+    space = load_space(space_file)
+    cfg = trial_config(space, {"variant": "DR-A"}, seed=1)
+    # the file's values, then base over them, then the variant
+    assert cfg.model_size == "micro" and cfg.train.batch_size == 3 and cfg.train.steps == 5
+    assert cfg.preset == "DR-A" and cfg.clustering.k == 2
+    space_file.write_text("name: s\nconfig: ../configs/missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"missing\.yaml"):
+        load_space(space_file)

@@ -1,11 +1,11 @@
-"""Pieces of the training loop that need no Ray: the optimizer's parameter groups."""
+"""The plain-PyTorch pieces of the training loop: the optimizer's parameter groups."""
 
 import pytest
 
 from divdr.gates import gate_parameters
 from divdr.heads import DynamicRoutingSegmenter
 from pipeline.config import resolve
-from pipeline.worker import build_optimizer
+from pipeline.loop import build_optimizer
 
 
 @pytest.mark.parametrize("kind", ["soft", "gumbel"])

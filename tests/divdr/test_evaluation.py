@@ -1,0 +1,32 @@
+"""divdr.evaluation: inference over a dataset and the merge of its shards."""
+
+import numpy as np
+import pytest
+import torch
+
+from divdr.config import get_model_config
+from divdr.data.cityscapes import CityscapesSegmentation
+from divdr.data.synthetic import generate, study_config
+from divdr.evaluation import merge_results, run_inference
+from divdr.heads import DynamicRoutingSegmenter
+
+
+@pytest.fixture(scope="module")
+def val_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval") / "study"
+    generate(study_config(2, n_train=2, n_val=6, height=64, width=128, seed=5), root)
+    return CityscapesSegmentation(root, "val")
+
+
+def test_merging_shards_sums_them_and_leaves_each_shard_intact(val_set):
+    torch.manual_seed(0)
+    net = DynamicRoutingSegmenter(get_model_config("micro"))
+    whole = run_inference(net, val_set, batch_size=2)
+    parts = [run_inference(net, val_set, batch_size=2, indices=idx) for idx in ([4, 5], [0, 1, 2, 3])]
+    before = [p.scores.miou for p in parts]
+    merged = merge_results(parts)
+    assert [p.scores.miou for p in parts] == before  # a merge must not write into its inputs
+    assert torch.equal(merged.confusion.matrix, whole.confusion.matrix)
+    assert merged.scores.miou == pytest.approx(whole.scores.miou)
+    assert np.array_equal(merged.sample_ids, np.arange(6))
+    assert np.allclose(merged.activations, whole.activations, atol=1e-5)
