@@ -62,7 +62,7 @@ def child_worker(preset: str, model_size: str, steps: int) -> dict[str, Any]:
     import torch
 
     from bench.training import StoreLink, Trainer, batches, experiment
-    from pipeline.worker import CentreState
+    from pipeline.loop import CentreState
 
     torch.set_num_threads(1)
     after_imports = _current_rss_mib()

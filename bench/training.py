@@ -1,33 +1,34 @@
-"""One training step of the pipeline's worker, outside Ray Train, for the step-time benchmarks.
+"""The pipeline's training step outside Ray Train, for the step-time benchmarks.
 
-``Trainer.step`` does what ``pipeline.worker.train_loop_per_worker`` does per step (forward, task +
-budget + clustering loss, the non-finite check, backward, clip, SGD, poly schedule, the
-activation send and the centre switch at the schedule's steps), with the same library functions,
-so the benchmarks time the same work. Batches are made once and cycled, so data loading (equal for
-every variant) is left out and the ratios are of compute plus the store's overhead only.
+``Trainer.step`` runs ``pipeline.loop.Trainer.run_step`` - the step every runner trains with (forward,
+task + budget + clustering loss, the non-finite check, backward, clip, SGD, poly schedule) - with the
+worker's own hooks for the centroid store (the centre switch at the schedule's steps, the activation
+send) when a store is linked, so the benchmarks time the same work. Batches are made once and cycled,
+so data loading (equal for every variant) is left out and the ratios are of compute plus the store's
+overhead only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from divdr.data.labels import IGNORE_INDEX
-from divdr.flops import budget_ratio, cost_table
-from divdr.heads import DynamicRoutingSegmenter
-from divdr.losses import total_loss
 from pipeline.config import ExperimentConfig, resolve
+from pipeline.loop import CentreState, Hook
+from pipeline.loop import Trainer as LoopTrainer
+from pipeline.tasks import SegmentationTask
 
-PROGRESS = 0.5  # the budget loss is on (it starts at 40% of training), as in most of a real run
+# The budget loss on from the first step, as in most of a real run (it starts at 40% of training there).
+BUDGET_FROM_THE_START = ("budget.start_fraction=0", "budget.warmup_fraction=0")
 
 
 def experiment(preset: str, model_size: str, batch: int, crop: int, extra: list[str] = ()) -> ExperimentConfig:
     return resolve(preset, overrides=[f"model_size={model_size}", f"train.batch_size={batch}",
-                                      f"train.crop=[{crop}, {crop}]", *extra])
+                                      f"train.crop=[{crop}, {crop}]", *BUDGET_FROM_THE_START, *extra])
 
 
 def batches(cfg: ExperimentConfig, count: int, num_samples: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -50,53 +51,39 @@ class StoreLink:
 
     store: Any
     sender: Any
-    centres: Any
+    centres: CentreState
     triggers: list[int]
 
 
 class Trainer:
+    """``pipeline.loop.Trainer`` on in-memory batches."""
+
     def __init__(self, cfg: ExperimentConfig, link: StoreLink | None = None, seed: int = 0,
                  wrap: Any = None) -> None:
         """``wrap``: e.g. ``ray.train.torch.prepare_model`` (DDP) applied to the network."""
         torch.manual_seed(seed)
-        self.cfg = cfg
-        self.net = DynamicRoutingSegmenter(cfg.model)
-        self.model = wrap(self.net) if wrap is not None else self.net
-        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
-                                         weight_decay=cfg.train.weight_decay)
-        total = cfg.train.steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: max(0.0, 1.0 - s / total) ** cfg.train.poly_power)
-        self.table = cost_table(cfg.model, *cfg.train.crop)
-        self.link = link
-        self.step_index = 0
+        task = SegmentationTask(cfg, Path("."))  # forward and cost table only: no dataset is read
+        self.net = task.build_model()
+        hooks: list[Hook] = []
+        if link is not None:
+            from pipeline.worker import StoreCentres, StreamActivations  # Ray only when a store is used
+
+            hooks = [StoreCentres(link.store, link.sender, None), StreamActivations(link.sender)]
+        self.loop = LoopTrainer(cfg, task, self.net, wrap(self.net) if wrap is not None else None, hooks=hooks,
+                                centres=link.centres if link is not None else None)
+        if link is not None:
+            hooks[0].triggers = link.triggers
 
     def step(self, batch: dict[str, Any]) -> float:
-        from pipeline import worker  # Ray is imported only when a store is used
-
-        cfg, link, step = self.cfg, self.link, self.step_index
-        if link is not None:
-            worker._maybe_switch(link.centres, link.store, link.triggers, cfg, step, 0, 1, None)
-        self.model.train()
-        out = self.model(batch["image"])
-        task = F.cross_entropy(out.logits, batch["label"], ignore_index=IGNORE_INDEX)
-        ratio = budget_ratio(out.backbone.gates, self.table)
-        acts = out.backbone.activations
-        usable = link is not None and link.centres.usable()
-        terms = total_loss(task, cost_ratio=ratio, progress=PROGRESS, budget=cfg.budget, clustering=cfg.clustering,
-                           activations=acts, centres=link.centres.centres if usable else None,
-                           sigma2=link.centres.sigma2 if usable else None, resource=cfg.resource)
-        self.optimizer.zero_grad(set_to_none=True)
-        if not bool(torch.isfinite(torch.cat([terms.total.detach().view(1), acts.detach().flatten()])).all()):
+        """One step; returns its clustering loss."""
+        for hook in self.loop.hooks:
+            hook.before_step(self.loop, batch)
+        result = self.loop.run_step(batch)
+        if result is None:
             raise FloatingPointError("non-finite loss in the benchmark")
-        terms.total.backward()
-        torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.train.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        if link is not None:
-            link.sender.send(step, batch["sample_id"], acts)
-        self.step_index += 1
-        return float(terms.clustering.detach())
+        for hook in self.loop.hooks:
+            hook.after_step(self.loop, result)
+        return float(result.terms.clustering.detach())
 
 
 def start_store(cfg: ExperimentConfig, num_samples: int, snapshot_dir: str | None, prefill_seed: int = 0):
@@ -106,7 +93,7 @@ def start_store(cfg: ExperimentConfig, num_samples: int, snapshot_dir: str | Non
 
     from pipeline.centroid_store import CentroidStore
     from pipeline.schedule import kmeans_trigger_steps
-    from pipeline.worker import ActivationSender, CentreState
+    from pipeline.worker import ActivationSender
 
     store = CentroidStore.options(num_cpus=0).remote(num_samples, cfg.model.a_dim, 1, cfg.train.steps,
                                                      cfg.clustering, cfg.store, snapshot_dir, cfg.train.seed)

@@ -1,16 +1,39 @@
-"""The training loop's pieces in plain PyTorch (no Ray): the optimizer and its learning-rate schedule.
+"""The training loop in plain PyTorch: a ``Trainer`` whose ``run_step`` is one step, and hooks for the rest.
 
-``pipeline.worker`` (Ray Train) builds its training from these.
+One step (``Trainer.run_step``): the task's forward, DR's budget loss, DivDR's clustering loss against the
+current centres, DRNets' resource loss (DivDR eq. 3), a check that the loss and A(x) are finite on every
+process (a non-finite step is skipped, too many in a row stop the run), backward, gradient clipping, SGD,
+the poly schedule. Everything else is a ``Hook`` called around the step, in the order given:
+
+- the centres (K-means over A(x), switching to new centres) - ``pipeline.worker`` (Ray's centroid store)
+  or ``pipeline.local`` (the same store logic in-process);
+- streaming activations, faults for tests, metrics and progress, periodic evaluation, checkpoints.
+
+Who runs the loop says how processes talk (``World``): ``pipeline.worker`` is the Ray Train glue (DDP,
+the store actor, checkpoints through ``ray.train.report``); ``pipeline.local`` runs the same loop in one
+process with no Ray (``pipeline/train.py --local``); the benchmarks drive ``run_step`` directly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 
-from divdr.gates import gate_parameters
-from pipeline.config import TrainConfig
+from divdr.flops import budget_ratio, expected_cost
+from divdr.gates import anneal_temperature, gate_parameters
+from divdr.losses import LossTerms, total_loss
+from pipeline.config import ExperimentConfig, TrainConfig
+from pipeline.tasks import TaskStep, TrainingTask
+
+log = logging.getLogger(__name__)
+
+MAX_SKIPPED_STEPS = 5  # consecutive non-finite steps tolerated before the run stops
 
 
 def build_optimizer(net: torch.nn.Module, train: TrainConfig) -> torch.optim.SGD:
@@ -31,3 +54,291 @@ def poly_schedule(total: int, power: float) -> Callable[[int], float]:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, poly_schedule(train.steps, train.poly_power))
+
+
+def shard(n: int, rank: int, world_size: int) -> list[int]:
+    """The indices of ``n`` items a process evaluates: every ``world_size``-th from ``rank``."""
+    return list(range(rank, n, world_size))
+
+
+class World(Protocol):
+    """How the processes training one model talk: rank 0 of ``size`` owns logging and checkpoints."""
+
+    rank: int
+    size: int
+
+    def all_finite(self, value: torch.Tensor) -> bool: ...
+    def broadcast(self, obj: Any) -> Any: ...
+    def gather(self, obj: Any) -> list[Any]: ...
+
+
+@dataclass(frozen=True)
+class SingleProcess:
+    """The world of one process (``pipeline/train.py --local``, benchmarks)."""
+
+    rank: int = 0
+    size: int = 1
+
+    def all_finite(self, value: torch.Tensor) -> bool:
+        return bool(torch.isfinite(value).all())
+
+    def broadcast(self, obj: Any) -> Any:
+        return obj
+
+    def gather(self, obj: Any) -> list[Any]:
+        return [obj]
+
+
+@dataclass
+class CentreState:
+    """The centres every process currently uses in the clustering loss (version 0 = none yet)."""
+
+    version: int = 0
+    centres: torch.Tensor | None = None
+    sigma2: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def usable(self) -> bool:
+        return self.centres is not None and self.sigma2 is not None and self.sigma2 > 0
+
+    def adopt(self, payload: dict[str, Any], step: int) -> None:
+        """Switch to a centre version published by the store (``centres_payload``)."""
+        self.version = payload["version"]
+        self.centres = torch.tensor(np.array(payload["centres"], dtype=np.float32))
+        self.sigma2 = float(payload["sigma2"])
+        self.history.append({**payload["stats"], "switch_step": step})
+
+
+@dataclass
+class StepResult:
+    """What one trained step leaves for the hooks. ``index`` is the step's own (0-based) index;
+    ``Trainer.step`` has already moved past it."""
+
+    index: int
+    batch: dict[str, Any]
+    out: TaskStep
+    terms: LossTerms
+    ratio: torch.Tensor
+    activations: torch.Tensor
+    tau: float
+
+
+class Hook:
+    """A part of training around the step; override what is needed. Hooks run in the order given to
+    the trainer: ``before_step`` before each step, ``perturb`` between the forward and the losses
+    (fault injection), ``after_step`` after each step that was trained (not after a skipped one)."""
+
+    def before_step(self, trainer: Trainer, batch: dict[str, Any]) -> None:
+        return None
+
+    def perturb(self, trainer: Trainer, task_loss: torch.Tensor, activations: torch.Tensor,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        return task_loss, activations
+
+    def after_step(self, trainer: Trainer, result: StepResult) -> None:
+        return None
+
+
+class Trainer:
+    """DR / DivDR training of ``net`` (``model`` is what runs the forward: ``net`` itself, or its
+    DDP wrapper) on ``task``'s batches."""
+
+    def __init__(self, cfg: ExperimentConfig, task: TrainingTask, net: torch.nn.Module,
+                 model: torch.nn.Module | None = None, world: World | None = None,
+                 hooks: Sequence[Hook] = (), centres: CentreState | None = None) -> None:
+        self.cfg, self.task, self.net = cfg, task, net
+        self.model = model if model is not None else net
+        self.world = world or SingleProcess()
+        self.hooks = list(hooks)
+        self.optimizer = build_optimizer(net, cfg.train)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        self.centres = centres or CentreState()
+        self.step = 0  # steps done (a restored trainer starts where its checkpoint stopped)
+        self.start_step = 0
+        self.skipped_in_a_row = 0
+        self.skipped_total = 0
+
+    @property
+    def progress(self) -> float:
+        return self.step / self.cfg.train.steps
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.cfg.train.steps
+
+    def run_step(self, batch: dict[str, Any]) -> StepResult | None:
+        """One training step on ``batch``; None if it was skipped (a non-finite loss or A(x) anywhere)."""
+        cfg, index = self.cfg, self.step
+        self.model.train()
+        tau = anneal_temperature(self.net, self.progress, cfg.model.gate.temperature)  # no-op: soft gates
+        out = self.task.forward(self.model, batch)
+        ratio = budget_ratio(out.backbone.gates, out.table)
+        task_loss, acts = out.loss, out.backbone.activations
+        for hook in self.hooks:
+            task_loss, acts = hook.perturb(self, task_loss, acts)
+        centres = self.centres
+        terms = total_loss(task_loss, cost_ratio=ratio, progress=self.progress, budget=cfg.budget,
+                           clustering=cfg.clustering, activations=acts,
+                           centres=centres.centres if centres.usable() else None, sigma2=centres.sigma2,
+                           resource=cfg.resource, correct=out.correct)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if not self.world.all_finite(torch.cat([terms.total.detach().view(1), acts.detach().flatten()])):
+            self._skip(index, task_loss, terms)
+            return None
+        self.skipped_in_a_row = 0
+        terms.total.backward()
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return StepResult(index, batch, out, terms, ratio, acts, tau)
+
+    def _skip(self, index: int, task_loss: torch.Tensor, terms: LossTerms) -> None:
+        self.skipped_in_a_row += 1
+        self.skipped_total += 1
+        if self.skipped_in_a_row > MAX_SKIPPED_STEPS:
+            raise FloatingPointError(
+                f"rank {self.world.rank}: loss or gate activations non-finite for {self.skipped_in_a_row} "
+                f"consecutive steps (step {index}, task {task_loss.item():.4g}, total {terms.total.item():.4g}); "
+                "lower train.lr or check the data")
+
+    def fit(self, loader: Iterable[dict[str, Any]], sampler: Any = None) -> None:
+        """Train until ``train.steps``, epoch after epoch of ``loader`` (``sampler.set_epoch`` each epoch)."""
+        epoch = 0
+        while not self.done:
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            epoch += 1
+            for batch in loader:
+                if self.done:
+                    break
+                for hook in self.hooks:
+                    hook.before_step(self, batch)
+                result = self.run_step(batch)
+                if result is None:
+                    continue
+                for hook in self.hooks:
+                    hook.after_step(self, result)
+
+    def state(self) -> dict[str, Any]:
+        """Everything a checkpoint holds (tensors and plain values: loads with ``weights_only=True``)."""
+        return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "step": self.step,
+                "centre_version": self.centres.version, "centres": self.centres.centres,
+                "sigma2": self.centres.sigma2, "centre_history": self.centres.history}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.centres.version = state["centre_version"]
+        self.centres.centres = state["centres"]
+        self.centres.sigma2 = state["sigma2"]
+        self.centres.history = state["centre_history"]
+        self.step = self.start_step = int(state["step"])
+
+
+# ---- hooks every runner uses ---------------------------------------------------------------------
+
+class MetricsSink(Protocol):
+    """Where rank 0's metrics go: ``pipeline.tracking.Tracker`` (in-process, or its Ray actor behind an adapter)."""
+
+    def metrics(self, values: dict[str, float], step: int) -> None: ...
+    def progress(self, line: str) -> None: ...
+    def final(self, summary: dict[str, Any], artifacts: dict[str, bytes]) -> None: ...
+
+
+def progress_line(step: int, first_step: int, total: int, m: dict[str, float], elapsed: float) -> str:
+    eta = elapsed / max(step - first_step, 1) * (total - step)
+    return (f"step {step}/{total} | loss {m['loss/total']:.3f} (task {m['loss/task']:.3f}, budget "
+            f"{m['loss/budget']:.3f}, clustering {m['loss/clustering']:.3f}) | cost {m['cost/ratio']:.2f} | "
+            f"centres v{m['centre_version']} | {m['images_per_s']:.1f} img/s | ETA {eta / 60:.1f} min")
+
+
+class LogMetrics(Hook):
+    """Every ``train.log_every`` steps: the losses, cost, learning rate and throughput to ``sink``
+    (rank 0; None elsewhere) and a progress line. ``last`` keeps the latest values for checkpoints."""
+
+    def __init__(self, sink: MetricsSink | None) -> None:
+        self.sink = sink
+        self.last: dict[str, float] = {}
+        self.seen_images = 0
+        self.t_last = self.t_start = time.perf_counter()
+        self.first_step: int | None = None
+
+    def after_step(self, trainer: Trainer, result: StepResult) -> None:
+        if self.first_step is None:
+            self.first_step = trainer.start_step
+        self.seen_images += len(result.batch["sample_id"]) * trainer.world.size
+        step = trainer.step
+        if step % trainer.cfg.train.log_every or self.sink is None:
+            return
+        now = time.perf_counter()
+        out = result.out
+        self.last = {
+            "loss/total": result.terms.total.item(), "loss/task": result.terms.task.item(),
+            "loss/budget": result.terms.budget.item(), "loss/clustering": result.terms.clustering.item(),
+            "loss/resource": result.terms.resource.item(), "gate/tau": result.tau,
+            "cost/ratio": result.ratio.mean().item(),
+            "cost/expected_gflops": float(expected_cost(out.backbone.gates.detach(), out.table).mean()) / 1e9,
+            "lr": trainer.scheduler.get_last_lr()[0], "images_per_s": self.seen_images / max(now - self.t_last, 1e-9),
+            "centre_version": trainer.centres.version,
+            **{name: value.item() for name, value in out.parts.items()},
+        }
+        self.sink.metrics(self.last, step)
+        self.sink.progress(progress_line(step, self.first_step, trainer.cfg.train.steps, self.last, now - self.t_start))
+        self.seen_images, self.t_last = 0, now
+
+
+class PeriodicEvaluation(Hook):
+    """Val scores (mIoU, or COCO AP) and real GFLOPs every ``train.eval_every`` steps, sharded over ranks."""
+
+    def __init__(self, sink: MetricsSink | None) -> None:
+        self.sink = sink
+
+    def after_step(self, trainer: Trainer, result: StepResult) -> None:
+        every, step = trainer.cfg.train.eval_every, trainer.step
+        if not every or step % every or trainer.done:
+            return
+        world, task = trainer.world, trainer.task
+        part = task.inference(trainer.net, "val", shard(task.split_size("val"), world.rank, world.size))
+        merged = task.merge(world.gather(part))
+        if self.sink is not None:
+            self.sink.metrics(task.val_metrics(merged), step)
+
+
+class Checkpoints(Hook):
+    """Every ``train.checkpoint_every`` steps and at the end: ``save(trainer, metrics)``."""
+
+    def __init__(self, save: Callable[[Trainer, dict[str, float]], None], log: LogMetrics | None = None) -> None:
+        self.save, self.log = save, log
+
+    def after_step(self, trainer: Trainer, result: StepResult) -> None:
+        step = trainer.step
+        if step % trainer.cfg.train.checkpoint_every == 0 or trainer.done:
+            self.save(trainer, self.log.last if self.log is not None else {})
+
+
+def kmeans_metrics(stats: dict[str, Any], version: int) -> dict[str, float]:
+    """A centre version's K-means statistics as metrics (``kmeans/...``)."""
+    return {f"kmeans/{k}": v for k, v in stats.items()
+            if isinstance(v, (int, float)) and k not in ("version", "trigger_step")} | {"kmeans/version": version}
+
+
+def final_evaluation(trainer: Trainer, store_status: dict[str, Any], sink: MetricsSink | None) -> dict[str, Any]:
+    """Val scores (mIoU, or COCO AP) and real GFLOPs; then the clusters measured the same way for DR and
+    DivDR: eval-mode A(x) of the training images clustered (warm-started from the last centres), val
+    images assigned to their nearest centre (Inter, Intra, sizes, subset recovery). Sharded over ranks;
+    the summary on rank 0 (``{}`` elsewhere), sent to ``sink`` with the run's artifacts."""
+    world, task, net = trainer.world, trainer.task, trainer.net
+    train_part = task.inference(net, "train", shard(task.split_size("train"), world.rank, world.size), score=False)
+    val_part = task.inference(net, "val", shard(task.split_size("val"), world.rank, world.size))
+    train_parts, val_parts = world.gather(train_part), world.gather(val_part)
+    if world.rank != 0:
+        return {}
+    progress = {"step": trainer.step, "start_step": trainer.start_step, "skipped_steps": trainer.skipped_total}
+    summary, artifacts = task.summarize(trainer.cfg, task.merge(train_parts), task.merge(val_parts),
+                                        trainer.centres, store_status, net, progress)
+    if sink is not None:
+        sink.final(summary, artifacts)
+    return summary

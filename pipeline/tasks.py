@@ -73,7 +73,8 @@ class TrainingTask(Protocol):
                   net: nn.Module, progress: dict[str, int]) -> tuple[dict[str, Any], dict[str, bytes]]: ...
 
 
-def _limit(dataset: Any, count: int) -> Any:
+def limit(dataset: Any, count: int) -> Any:
+    """The first ``count`` items of ``dataset`` (all of them for 0: ``data.max_*_images``)."""
     return Subset(dataset, range(min(count, len(dataset)))) if count else dataset
 
 
@@ -107,8 +108,8 @@ class SegmentationTask:
         return CityscapesSegmentation(self.root, split)
 
     def split_size(self, split: str) -> int:
-        limit = self.cfg.data.max_train_images if split == "train" else self.cfg.data.max_val_images
-        return len(_limit(self._split(split), limit))
+        count = self.cfg.data.max_train_images if split == "train" else self.cfg.data.max_val_images
+        return len(limit(self._split(split), count))
 
     def inference(self, net: nn.Module, split: str, indices: Sequence[int], score: bool = True) -> InferenceResult:
         return run_inference(net, self._split(split), self.cfg.data.eval_batch_size, indices=indices, score=score)
@@ -190,8 +191,8 @@ class DetectionTask:
         return TaskStep(loss, out.backbone, self._table(out.image_size), None, parts)
 
     def split_size(self, split: str) -> int:
-        limit = self.cfg.data.max_train_images if split == "train" else self.cfg.data.max_val_images
-        return len(_limit(self._split(split, split == "train"), limit))
+        count = self.cfg.data.max_train_images if split == "train" else self.cfg.data.max_val_images
+        return len(limit(self._split(split, split == "train"), count))
 
     def inference(self, net: nn.Module, split: str, indices: Sequence[int],
                   score: bool = True) -> DetectionInferenceResult:

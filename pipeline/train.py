@@ -20,20 +20,13 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import ray
 import yaml
-from ray.train import CheckpointConfig, FailureConfig, RunConfig
-from ray.train import ScalingConfig as RayScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from divdr.config import PRESETS, ConfigError
 from pipeline import tracking
-from pipeline.centroid_store import CentroidStore, store_name
 from pipeline.config import ExperimentConfig, resolve, with_smoke
 from pipeline.faults import faults_from_env
 from pipeline.tasks import make_task
-from pipeline.worker import train_loop_per_worker
 
 MIN_FREE_BYTES = 200 * 2**20  # refuse to start a run with less free disk than this in --out
 SUMMARY_KEYS = ("miou", "gflops_real", "gflops_real_1024x2048", "inter", "intra", "recovery", "cluster_sizes")
@@ -52,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under --out)")
     parser.add_argument("--smoke", action="store_true", help="tiny everything: the whole path in about a minute")
     parser.add_argument("--fresh", action="store_true", help="delete an existing run of the same name first")
+    parser.add_argument("--local", action="store_true",
+                        help="train in this process, without Ray: the same loop, the centroid store's logic "
+                             "in-process (one worker; scaling.* is ignored)")
     return parser
 
 
@@ -93,6 +89,8 @@ def dataset_root(cfg: ExperimentConfig) -> Path:
 
 def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (ray job submit sets it), else start a local Ray."""
+    import ray
+
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
@@ -104,33 +102,67 @@ def init_ray() -> None:
 
 
 def run(cfg: ExperimentConfig, out: Path, root: Path, parent_run_id: str | None = None,
-        fresh: bool = False, faults: str | None = None) -> dict[str, Any]:
-    """One training run: tracking, centroid store, TorchTrainer.fit, final metrics."""
+        fresh: bool = False, faults: str | None = None, local: bool = False) -> dict[str, Any]:
+    """One training run: tracking, then Ray Train (TorchTrainer.fit with its centroid store actor) or,
+    with ``local``, the same loop in this process (``pipeline.local``); the final metrics."""
     out = out.resolve()
     run_dir = out / cfg.run_name
     if fresh and run_dir.exists():
         shutil.rmtree(run_dir)
     check_output_folder(run_dir)
     task = make_task(cfg, root)  # missing splits, bad annotation files, mismatched categories fail here
-    train_set = task.train_dataset()
+    task.train_dataset()
     task.split_size("val")  # a missing or empty val split fails here, before training
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
     uri = cfg.tracking.uri or tracking.local_tracking_uri(out)
     run_id = tracking.start_or_resume_run(uri, cfg.tracking.experiment, cfg.run_name, run_dir, out,
-                                          tags={"preset": cfg.preset}, parent_run_id=parent_run_id)
+                                          tags={"preset": cfg.preset, "runner": "local" if local else "ray"},
+                                          parent_run_id=parent_run_id)
     logger = tracking.RunLogger(uri, run_id, run_dir)
     logger.params(cfg.flat())
     logger.artifact(run_dir / "config.yaml")
+    started = time.perf_counter()
+    if local:
+        from pipeline.local import run_local
+
+        status = "FAILED"
+        try:
+            metrics = run_local(cfg, out, root, run_dir, uri, run_id)
+            status = "FINISHED"
+        finally:
+            logger.finish(status)
+    else:
+        metrics = _run_ray(cfg, out, root, run_dir, uri, run_id, logger, faults)
+    metrics["wall_seconds"] = time.perf_counter() - started
+    metrics["run_dir"] = str(run_dir)
+    metrics["mlflow_run_id"] = run_id
+    metrics["tracking_uri"] = uri
+    (run_dir / "result.json").write_text(json.dumps(metrics, indent=2, default=str))
+    return metrics
+
+
+def _run_ray(cfg: ExperimentConfig, out: Path, root: Path, run_dir: Path, uri: str, run_id: str,
+             logger: tracking.RunLogger, faults: str | None) -> dict[str, Any]:
+    """TorchTrainer.fit with the run's tracker and centroid store actors."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import ScalingConfig as RayScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from pipeline.centroid_store import CentroidStore, store_name
+    from pipeline.worker import train_loop_per_worker
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     tracker = ray.remote(num_cpus=0)(tracking.Tracker).options(scheduling_strategy=here).remote(
         uri, run_id, str(run_dir))
     store = None  # store.enabled=false: DR trained with no centroid store
     if cfg.store.enabled:
+        num_samples = len(make_task(cfg, root).train_dataset())
         store = CentroidStore.options(name=store_name(cfg.run_name), num_cpus=0, get_if_exists=True,
                                       scheduling_strategy=here).remote(
-            len(train_set), cfg.model.a_dim, cfg.scaling.workers, cfg.train.steps, cfg.clustering, cfg.store,
+            num_samples, cfg.model.a_dim, cfg.scaling.workers, cfg.train.steps, cfg.clustering, cfg.store,
             str(run_dir / "store"), cfg.train.seed)
 
     trainer = TorchTrainer(
@@ -144,7 +176,6 @@ def run(cfg: ExperimentConfig, out: Path, root: Path, parent_run_id: str | None 
                              failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
-    started = time.perf_counter()
     status = "FAILED"
     try:
         result = trainer.fit()
@@ -162,11 +193,6 @@ def run(cfg: ExperimentConfig, out: Path, root: Path, parent_run_id: str | None 
         ray.kill(tracker)
         if store is not None:
             ray.kill(store, no_restart=True)
-    metrics["wall_seconds"] = time.perf_counter() - started
-    metrics["run_dir"] = str(run_dir)
-    metrics["mlflow_run_id"] = run_id
-    metrics["tracking_uri"] = uri
-    (run_dir / "result.json").write_text(json.dumps(metrics, indent=2, default=str))
     return metrics
 
 
@@ -203,8 +229,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(2) from None
     print("Resolved configuration:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     root = dataset_root(cfg)
-    init_ray()
-    metrics = run(cfg, args.out, root, fresh=args.fresh)
+    if not args.local:
+        init_ray()
+    metrics = run(cfg, args.out, root, fresh=args.fresh, local=args.local)
     print(format_table({cfg.run_name: metrics}))
     print(f"run folder: {metrics['run_dir']}  (MLflow run {metrics['mlflow_run_id']} at {metrics['tracking_uri']})")
     return metrics

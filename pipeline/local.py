@@ -1,0 +1,124 @@
+"""``pipeline/train.py --local``: the same training loop in one process, with no Ray.
+
+For debugging, small machines and single-GPU boxes: ``pipeline.loop.Trainer`` with the hooks of a
+single process. The centroid store's own logic (``CentroidStoreImpl``) runs in-process: K-means is
+taken synchronously at the trigger steps and the centres switch at the same steps as on Ray (trigger +
+``store.switch_lag``), so a local run follows the schedule of a one-worker Ray run. Outputs are those
+of a Ray run: ``<out>/<run name>/`` with config.yaml, the store snapshot, a checkpoint (re-running the
+command resumes it), artifacts/ and result.json, and the same MLflow store under ``<out>``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from divdr.gates import set_temperature
+from pipeline import tracking
+from pipeline.centroid_store import CentroidStoreImpl
+from pipeline.config import ExperimentConfig
+from pipeline.loop import (
+    Checkpoints,
+    Hook,
+    LogMetrics,
+    MetricsSink,
+    PeriodicEvaluation,
+    StepResult,
+    Trainer,
+    final_evaluation,
+    kmeans_metrics,
+)
+from pipeline.schedule import switch_step
+from pipeline.tasks import limit, make_task
+
+CHECKPOINT = Path("checkpoint") / "state.pt"
+
+
+class LocalCentres(Hook):
+    """The centroid store in-process: A(x) ingested after each step (streaming) or recomputed for every
+    training image at each trigger step (refresh); K-means as soon as a version is due; every version
+    adopted at its switch step, as the Ray workers do."""
+
+    def __init__(self, store: CentroidStoreImpl, sink: MetricsSink | None) -> None:
+        self.store, self.sink = store, sink
+
+    def before_step(self, trainer: Trainer, batch: dict[str, Any]) -> None:
+        step = trainer.step
+        if trainer.cfg.store.mode == "refresh" and step in self.store.triggers:
+            task = trainer.task
+            result = task.routing(task.inference(trainer.net, "train", range(task.split_size("train")), score=False))
+            self.store.ingest(0, step - 1, result.sample_ids, result.activations, complete=False)
+            self.store.mark(0, step - 1)
+        while self.store.due():
+            self.store.publish(self.store.cluster(*self.store.take_batch()))
+        self._maybe_switch(trainer)
+
+    def _maybe_switch(self, trainer: Trainer) -> None:
+        centres, step, triggers = trainer.centres, trainer.step, self.store.triggers
+        nxt = centres.version + 1
+        if (nxt > len(triggers) or step < switch_step(triggers[nxt - 1], trainer.cfg.store.switch_lag)
+                or self.store.version < nxt):
+            return
+        centres.adopt(self.store.centres_payload(), step)
+        if self.sink is not None:
+            self.sink.metrics(kmeans_metrics(centres.history[-1], centres.version), step)
+
+    def after_step(self, trainer: Trainer, result: StepResult) -> None:
+        if trainer.cfg.store.mode != "streaming":
+            return
+        acts = result.activations.detach().float().cpu().numpy()
+        finite = np.isfinite(acts).all(axis=1)  # non-finite A(x) never reach the centres
+        ids = np.asarray(result.batch["sample_id"], dtype=np.int64)[finite]
+        self.store.ingest(0, result.index, ids, acts[finite])
+
+
+def save_checkpoint(run_dir: Path) -> Any:
+    def save(trainer: Trainer, metrics: dict[str, float]) -> None:
+        path = run_dir / CHECKPOINT
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(trainer.state(), tmp)
+        os.replace(tmp, path)  # a crash while writing never leaves a half-written checkpoint
+
+    return save
+
+
+def run_local(cfg: ExperimentConfig, out: Path, root: Path, run_dir: Path, uri: str, run_id: str) -> dict[str, Any]:
+    """Train ``cfg`` in this process into ``run_dir`` (made and tracked by ``pipeline.train.run``);
+    resumes from the run folder's checkpoint if there is one. Returns the final metrics."""
+    torch.set_num_threads(cfg.scaling.torch_threads)
+    torch.manual_seed(cfg.train.seed)
+    task = make_task(cfg, root)
+    train_set = limit(task.train_dataset(), cfg.data.max_train_images)
+    # the same order of images as a one-worker Ray run
+    sampler = DistributedSampler(train_set, num_replicas=1, rank=0, shuffle=True, seed=cfg.train.seed, drop_last=True)
+    loader = DataLoader(train_set, batch_size=min(cfg.train.batch_size, len(train_set)), sampler=sampler,
+                        drop_last=True, collate_fn=task.collate)
+    sink = tracking.Tracker(uri, run_id, str(run_dir))
+    store = None
+    if cfg.store.enabled:
+        store = CentroidStoreImpl(len(train_set), cfg.model.a_dim, 1, cfg.train.steps, cfg.clustering, cfg.store,
+                                  str(run_dir / "store"), cfg.train.seed)
+    logger = LogMetrics(sink)
+    hooks: list[Hook] = [*([LocalCentres(store, sink)] if store is not None else []), logger,
+                         PeriodicEvaluation(sink), Checkpoints(save_checkpoint(run_dir), logger)]
+    trainer = Trainer(cfg, task, task.build_model(), hooks=hooks)
+    if (run_dir / CHECKPOINT).is_file():
+        trainer.load_state(torch.load(run_dir / CHECKPOINT, weights_only=True))
+        print(f"resuming {cfg.run_name} from step {trainer.step} ({run_dir / CHECKPOINT})", flush=True)
+    started = time.perf_counter()
+    trainer.fit(loader, sampler)
+    set_temperature(trainer.net, cfg.model.gate.temperature.final)  # evaluate at the final tau (gumbel gates)
+    metrics = final_evaluation(trainer, store.status() if store is not None else {}, sink)
+    metrics["store"] = store.status() if store is not None else None
+    if store is not None and store.snapshot_dir:
+        store.snapshot()
+    metrics["train_seconds"] = time.perf_counter() - started
+    return json.loads(json.dumps(metrics, default=float))
