@@ -1,0 +1,78 @@
+"""``pipeline/train.py --local``: the training loop in one process, no Ray."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import resolve, with_smoke
+from pipeline.local import CHECKPOINT
+from pipeline.schedule import kmeans_trigger_steps, switch_step
+from pipeline.train import run
+from tests.pipeline.conftest import make_study
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    return make_study(tmp_path_factory, n_train=12, n_val=6, seed=4)
+
+
+@pytest.fixture(scope="module")
+def local_run(study, tmp_path_factory):
+    out = tmp_path_factory.mktemp("local")
+    cfg = resolve("DivDR-A", None, ["train.steps=10", "clustering.update_every=4", "store.switch_lag=1",
+                                    "train.eval_every=5", "train.checkpoint_every=5"], base=with_smoke({}))
+    return cfg, out, run(cfg, out, study, local=True)
+
+
+def test_no_ray_is_imported(local_run):
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
+def test_centres_switch_on_the_same_schedule_as_the_ray_workers(local_run):
+    cfg, _, metrics = local_run
+    triggers = kmeans_trigger_steps(cfg.train.steps, cfg.clustering.update_every)
+    assert triggers == [4, 8]
+    assert metrics["centre_switch_steps"] == [switch_step(t, cfg.store.switch_lag) for t in triggers]
+    history = metrics["store"]["history"]
+    assert [h["trigger_step"] for h in history] == triggers
+    assert metrics["store"]["ingest_calls_by_rank"] == [cfg.train.steps]  # streaming: one send per step
+
+
+def test_outputs_are_those_of_a_ray_run(local_run):
+    cfg, out, metrics = local_run
+    run_dir = Path(metrics["run_dir"])
+    assert run_dir == out / cfg.run_name
+    assert json.loads((run_dir / "result.json").read_text())["miou"] == metrics["miou"]
+    assert {"final_metrics.json", "activations_val.parquet", "a_space.png", "model.pt"} <= {
+        p.name for p in (run_dir / "artifacts").iterdir()}
+    assert (run_dir / "store" / "state.json").is_file()
+    state = torch.load(run_dir / CHECKPOINT, weights_only=True)
+    assert state["step"] == cfg.train.steps and state["centre_version"] == 2
+    assert 0.0 <= metrics["recovery"] <= 1.0 and metrics["gflops_real"] > 0
+
+
+def test_mlflow_holds_the_local_run(local_run):
+    from mlflow.tracking import MlflowClient
+
+    _, _, metrics = local_run
+    client = MlflowClient(metrics["tracking_uri"])
+    found = client.get_run(metrics["mlflow_run_id"])
+    assert found.info.status == "FINISHED" and found.data.tags["runner"] == "local"
+    for key in ("loss/task", "kmeans/inter", "val/miou", "final/miou"):
+        assert key in found.data.metrics, key
+    assert [m.step for m in client.get_metric_history(found.info.run_id, "val/miou")] == [5]
+
+
+def test_a_stopped_local_run_resumes_from_its_checkpoint(study, tmp_path):
+    cfg = resolve("DR-A", None, ["train.steps=6", "train.checkpoint_every=3", "name=resume"], base=with_smoke({}))
+    first = run(cfg, tmp_path, study, local=True)
+    state = torch.load(Path(first["run_dir"]) / CHECKPOINT, weights_only=True)
+    state["step"] = 3  # as if stopped after the checkpoint of step 3
+    torch.save(state, Path(first["run_dir"]) / CHECKPOINT)
+    second = run(cfg, tmp_path, study, local=True)
+    assert second["start_step"] == 3 and second["step"] == 6
