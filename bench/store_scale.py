@@ -38,7 +38,7 @@ import numpy as np
 
 from bench.common import cap_threads, finish, median, parser
 
-ASSUMED_STEP_TIMES = (0.1, 0.25, 0.5)  # seconds per training step on a GPU worker (see BENCHMARKS.md)
+ASSUMED_STEP_TIMES = (0.1, 0.25, 0.5)  # seconds per training step on a GPU worker (see docs/benchmarks.md)
 
 
 def _fill(n: int, dim: int, seed: int = 0) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Print the Markdown tables of BENCHMARKS.md from the JSON files the benchmarks wrote.
+"""Print the Markdown tables of docs/benchmarks.md from the JSON files the benchmarks wrote.
 
     python bench/summary.py [bench/results]
 """

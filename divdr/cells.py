@@ -16,7 +16,7 @@ from divdr.routing import DOWN, KEEP, UP, CellSpec
 # the whole batch (the closed images weighted 0, so the outputs are the same) instead of gathering
 # and scattering the images. The default, 1.0, is strict per-image skipping: only a cell or path
 # open for every image runs on the batch as it is. ``set_dense_fraction`` changes it for a whole
-# model; on the 16-channel ``tiny`` net at batch 8 it measured no gain (BENCHMARKS.md, section 4).
+# model; on the 16-channel ``tiny`` net at batch 8 it measured no gain (docs/benchmarks.md, section 4).
 STRICT_PER_IMAGE = 1.0
 
 # Official threshold (dynamic_cell.py): a path whose weight is at most this is not computed at

@@ -14,7 +14,7 @@ Protocol (SPEC section 5):
   118k x 198) never stalls ingestion;
 - the actor's OpenMP threads (FAISS) wait passively: Ray gives a ``num_cpus=0`` actor one OpenMP
   thread, but where it is given more, spinning waits on a node shared with training workers made
-  FAISS K-means 20x slower on 2 cores (bench/kmeans.py, BENCHMARKS.md).
+  FAISS K-means 20x slower on 2 cores (bench/kmeans.py, docs/benchmarks.md).
 """
 
 from __future__ import annotations
