@@ -277,19 +277,19 @@ class StudyConfig:
 
 # The premise study (`make-data --study premise`): two regimes whose labels need two different parts of
 # the routing space, at about the same cost, while colour statistics cannot tell them apart.
-# - fine: tiny objects (4-7 px, one cell at 1/4), the rest of the object budget as glass puddles
-#   (background). Their labels need the 1/4 resolution; a route through 1/8 and coarser blurs them away.
-# - coarse: one or two long horizontal bars whose glass body is the same for every class; only the end
-#   caps show the class, up to ~100 px from the middle of the body. The 1/4 column's receptive field
-#   does not reach that far (it labels the body's class wrongly); the 1/8 column's does.
-# Both on a plain road, so no background structure favours either route; object_share 0.14 gives the
-# fine regime about the caps' share of class colour (and puddles the bars' share of glass).
-# The one-route experts that prove it are in docs/ (pipeline/oracle.py --route-experts).
-FINE_PREMISE = ShapeRule("fine", "blob", size=(0.04, 0.07), aspect=(0.7, 1.4), object_share=0.14,
-                         puddle_share=0.86, route=(0,))
-COARSE_PREMISE = ShapeRule("coarse", "bar", size=(0.2, 0.3), length=(1.8, 2.6), caps=1.0, route=(1,))
-PREMISE_STUDY = StudyConfig(height=96, width=384, regimes=(FINE_PREMISE, COARSE_PREMISE), clutter="none",
-                            background="road", object_fraction=(0.10, 0.16), gain_range=(0.9, 1.1),
+# - fine: tiny objects (5-9 px, one or two cells at 1/4), the rest of the object budget as glass puddles
+#   (background). Their labels need the 1/4 resolution: a route through 1/8 and coarser blurs them away.
+# - coarse: horizontal bars whose glass body is the same for every class; only the end caps show the
+#   class, up to ~100 px from the middle of a body. The 1/4 column's receptive field falls short of it
+#   and labels the body's class wrongly; the 1/8 column's reaches it.
+# Both on a plain road, so no background structure favours either route. ``object_share`` gives the fine
+# regime about the caps' share of class colour, and its puddles the bars' share of glass. Measured (one-route
+# experts, baselines, DR and DivDR on it): docs/2026-11-26-premise-study.md.
+FINE_PREMISE = ShapeRule("fine", "blob", size=(0.05, 0.09), aspect=(0.7, 1.4), object_share=0.16,
+                         puddle_share=0.84, route=(0,))
+COARSE_PREMISE = ShapeRule("coarse", "bar", size=(0.2, 0.3), length=(1.5, 3.6), caps=1.0, route=(1,))
+PREMISE_STUDY = StudyConfig(height=96, width=384, n_val=80, regimes=(FINE_PREMISE, COARSE_PREMISE), clutter="none",
+                            background="road", object_fraction=(0.15, 0.25), gain_range=(0.9, 1.1),
                             white_balance=0.03, illumination=0.05)
 STUDIES: dict[str, StudyConfig] = {"default": StudyConfig(), "premise": PREMISE_STUDY}
 
@@ -906,9 +906,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kind", choices=("seg", "det"), default="seg",
                         help="seg: Cityscapes layout; det: COCO instances JSON (default seg)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (new or empty)")
-    parser.add_argument("--n-train", type=int, default=defaults.n_train, help=f"default {defaults.n_train}")
-    parser.add_argument("--n-val", type=int, default=defaults.n_val, help=f"default {defaults.n_val}")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help=f"default {defaults.seed}")
+    parser.add_argument("--n-train", type=int, help=f"training images (default: the study's, {defaults.n_train})")
+    parser.add_argument("--n-val", type=int,
+                        help=f"validation images (default: the study's, {defaults.n_val} or {PREMISE_STUDY.n_val})")
+    parser.add_argument("--seed", type=int, help=f"default {defaults.seed}")
     parser.add_argument("--size", help="HEIGHTxWIDTH (default: the study's, 128x256 or 96x384)")
     parser.add_argument("--subsets", type=int,
                         help=f"default study: number of regimes, 1-{len(DEFAULT_REGIMES)}: "
@@ -938,7 +939,9 @@ def study_from_args(args: argparse.Namespace) -> StudyConfig:
     if args.size:
         height, width = parse_size(args.size)
         config = replace(config, height=height, width=width)
-    config = replace(config, n_train=args.n_train, n_val=args.n_val, seed=args.seed)
+    for name in ("n_train", "n_val", "seed"):
+        if getattr(args, name) is not None:
+            config = replace(config, **{name: getattr(args, name)})
     if args.study != "default":
         return config
     for name in ("clutter", "decoy_fraction"):
