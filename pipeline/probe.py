@@ -9,7 +9,9 @@ final cluster, the known subset and the real GFLOPs of each image) and prints, p
   low, they are in A(x) but K-means finds something else;
 - share: between-subset share of the variance of A(x) on val (``subset_variance_share``): K-means
   finds the subsets only when they dominate;
-- GFLOPs per subset (at the image size, mean over val): whether the subsets get different compute.
+- GFLOPs per subset (at the image size, mean over val): whether the subsets get different compute;
+- with ``--data ROOT`` (the run's dataset): what the clusters follow besides the subsets, as the share
+  of the variance of image brightness between the run's clusters (eta^2) against between the subsets.
 
 A run trained before these were computed at its end gets them here from its artifacts. Runs of a
 sweep (``<name>-seed<N>``) are also summarised per setting: mean +- std over seeds.
@@ -29,6 +31,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from divdr import clustering
+from divdr.data.cityscapes import DatasetError, read_png
 from pipeline.analysis import subset_diagnostics
 
 ARTIFACTS = "artifacts"
@@ -40,13 +43,25 @@ def read_activations(run_dir: Path, split: str) -> dict[str, np.ndarray]:
     path = Path(run_dir) / ARTIFACTS / f"activations_{split}.parquet"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a finished run folder?")
-    table = pq.read_table(path, columns=["a", "cluster", "subset", "real_gflops"])
+    table = pq.read_table(path, columns=["image", "a", "cluster", "subset", "real_gflops"])
     a = table.column("a").combine_chunks()
     return {"a": a.values.to_numpy().reshape(len(a), -1), "cluster": table.column("cluster").to_numpy(),
-            "subset": table.column("subset").to_numpy(), "gflops": table.column("real_gflops").to_numpy()}
+            "subset": table.column("subset").to_numpy(), "gflops": table.column("real_gflops").to_numpy(),
+            "image": np.array(table.column("image").to_pylist())}
 
 
-def probe_run(run_dir: Path) -> dict[str, object]:
+def brightness(root: Path, images: np.ndarray) -> np.ndarray:
+    """Mean grey level (0-255) of each image (paths relative to ``root``)."""
+    return np.array([np.asarray(read_png(root / image, "image").convert("L"), dtype=np.float64).mean()
+                     for image in images])
+
+
+def eta_squared(values: np.ndarray, groups: np.ndarray) -> float:
+    """Correlation ratio: the share of the variance of ``values`` that lies between ``groups``."""
+    return clustering.subset_variance_share(values.reshape(-1, 1), groups)
+
+
+def probe_run(run_dir: Path, data: Path | None = None) -> dict[str, object]:
     train, val = read_activations(run_dir, "train"), read_activations(run_dir, "val")
     known = val["subset"] >= 0
     if not known.any():
@@ -58,15 +73,27 @@ def probe_run(run_dir: Path) -> dict[str, object]:
         "share": found["subset_variance_share"],
         "gflops_by_subset": found["gflops_by_subset"],
         "val_cluster_sizes": clustering.cluster_sizes(val["cluster"], int(train["cluster"].max()) + 1).tolist(),
+        **(brightness_follow(data, val) if data is not None else {}),
     }
 
 
+def brightness_follow(data: Path, val: dict[str, np.ndarray]) -> dict[str, float]:
+    grey = brightness(data, val["image"])
+    known = val["subset"] >= 0
+    return {"brightness_eta2_clusters": eta_squared(grey, val["cluster"]),
+            "brightness_eta2_subsets": eta_squared(grey[known], val["subset"][known])}
+
+
 def markdown(rows: dict[str, dict[str, object]]) -> str:
-    lines = ["| run | recovery | probe | share | GFLOPs per subset | val cluster sizes |", "|---|---|---|---|---|---|"]
+    eta = any("brightness_eta2_clusters" in r for r in rows.values())
+    lines = ["| run | recovery | probe | share | GFLOPs per subset | val cluster sizes |"
+             + (" brightness eta^2 clusters / subsets |" if eta else ""),
+             "|---|---|---|---|---|---|" + ("---|" if eta else "")]
     for name, r in rows.items():
         gflops = " / ".join(f"{g:.3f}" for g in r["gflops_by_subset"])  # type: ignore[union-attr]
+        extra = (f" {r['brightness_eta2_clusters']:.3f} / {r['brightness_eta2_subsets']:.3f} |" if eta else "")
         lines.append(f"| {name} | {r['recovery']:.3f} | {r['probe']:.3f} | {r['share']:.3f} | {gflops} "
-                     f"| {r['val_cluster_sizes']} |")
+                     f"| {r['val_cluster_sizes']} |" + extra)
     return "\n".join(lines)
 
 
@@ -88,10 +115,11 @@ def per_setting(rows: dict[str, dict[str, object]]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, dict[str, object]]:
     parser = argparse.ArgumentParser(prog="pipeline/probe.py", description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path, nargs="+", help="run folders (they hold artifacts/activations_*.parquet)")
+    parser.add_argument("--data", type=Path, help="the runs' dataset root: adds brightness eta^2 (clusters, subsets)")
     args = parser.parse_args(argv)
     try:
-        rows = {run.name: probe_run(run) for run in args.runs}
-    except (FileNotFoundError, ValueError) as err:
+        rows = {run.name: probe_run(run, args.data) for run in args.runs}
+    except (FileNotFoundError, ValueError, DatasetError) as err:
         print(f"pipeline/probe.py: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     print(markdown(rows))

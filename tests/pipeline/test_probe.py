@@ -5,7 +5,7 @@ import pytest
 
 from divdr.evaluation import InferenceResult
 from pipeline.analysis import activations_table
-from pipeline.probe import main, probe_run
+from pipeline.probe import main, probe_run, read_activations
 
 
 def _result(acts: np.ndarray, subsets: np.ndarray) -> InferenceResult:
@@ -46,3 +46,18 @@ def test_cli_prints_a_row_per_run_and_names_a_missing_folder(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path / "missing")])
     assert "missing/artifacts/activations_train.parquet not found" in capsys.readouterr().err
+
+
+def test_brightness_eta2_says_what_the_clusters_follow(tmp_path):
+    """Images whose brightness is set by their cluster: eta^2 between clusters is ~1, between subsets ~0."""
+    from PIL import Image
+
+    run_dir = tmp_path / "run"
+    _write_run(run_dir, seed=0)
+    val = read_activations(run_dir, "val")
+    rng = np.random.default_rng(1)
+    for image, cluster in zip(val["image"], val["cluster"], strict=True):
+        grey = 60 + 120 * int(cluster) + rng.integers(0, 5)
+        Image.fromarray(np.full((8, 8, 3), grey, np.uint8)).save(tmp_path / image)
+    row = probe_run(run_dir, data=tmp_path)
+    assert row["brightness_eta2_clusters"] > 0.99 and row["brightness_eta2_subsets"] < 0.2
