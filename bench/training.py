@@ -109,6 +109,6 @@ def start_store(cfg: ExperimentConfig, num_samples: int, snapshot_dir: str | Non
         first = clustering.kmeans(fill, cfg.clustering.k, niter=cfg.store.kmeans_iterations, seed=0)
         centres.centres = torch.from_numpy(np.array(first.centres))
         centres.sigma2 = float(first.sigma2)
-    triggers = kmeans_trigger_steps(cfg.train.steps, cfg.clustering.update_every, cfg.store.update_every_final)
+    triggers = kmeans_trigger_steps(cfg.train.steps, cfg.clustering.update_every, cfg.clustering.update_every_final)
     sender = ActivationSender(store, 0, cfg.store.max_in_flight, cfg.store.float16)
     return StoreLink(store, sender, centres, triggers)

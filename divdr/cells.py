@@ -91,10 +91,6 @@ class Cell(nn.Module):
             weights = weights * self.route_mask.to(weights.dtype)
         return weights, skip
 
-    def slot_weights(self, x: torch.Tensor) -> torch.Tensor:
-        """The gate's weights scattered into the fixed [B, 3] layout."""
-        return self.route(x)[0]
-
     def forward(self, x: torch.Tensor) -> CellOutput:
         weights, skip = self.route(x)
         if self.training:

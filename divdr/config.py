@@ -196,6 +196,8 @@ class ClusteringConfig:
     # squared distance; the magnet loss it adapts uses squared distances in both places.
     distance: ClusterDistance = "l2"
     update_every: int = 50  # K-means every N iterations (paper: 50; <= 100 works)
+    # optional annealing of the K-means period: update_every grows linearly to this by the end
+    update_every_final: int = 0  # 0 = fixed period
     # Not in the paper: equal-size clusters (SwAV's Sinkhorn-Knopp equipartition inside K-means)
     # against collapse onto one dominant cluster; assumes subsets of similar size.
     balanced: bool = False
@@ -220,6 +222,8 @@ class ClusteringConfig:
         _require(self.distance in ("l2", "squared_l2"),
                  f"clustering.distance must be 'l2' or 'squared_l2', got {self.distance!r}")
         _require(self.update_every >= 1, f"clustering.update_every must be >= 1, got {self.update_every}")
+        _require(self.update_every_final >= 0,
+                 f"clustering.update_every_final must be >= 0, got {self.update_every_final}")
         _require(0 <= self.start_fraction <= 1,
                  f"clustering.start_fraction must be in [0, 1], got {self.start_fraction}")
         _require(self.warmup_fraction >= 0, f"clustering.warmup_fraction must be >= 0, got {self.warmup_fraction}")

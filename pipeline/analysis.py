@@ -10,7 +10,7 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -24,6 +24,10 @@ from PIL import Image
 
 from divdr import clustering
 from divdr.evaluation import REFERENCE_SIZE, InferenceResult
+from pipeline.config import ExperimentConfig
+
+if TYPE_CHECKING:  # the loop imports the tasks
+    from pipeline.loop import CentreState
 
 NEAREST_PER_CENTRE = 5  # DivDR Fig. 5: top-5 images nearest each centre
 THUMBNAIL_HEIGHT = 96
@@ -65,7 +69,7 @@ def subset_metrics(train: InferenceResult, val: InferenceResult, reference_size:
     return metrics
 
 
-def summarize_run(cfg: Any, root: Path, train: InferenceResult, val: InferenceResult, centres: Any,
+def summarize_run(cfg: ExperimentConfig, root: Path, train: InferenceResult, val: InferenceResult, centres: CentreState,
                   store_status: dict[str, Any], net: torch.nn.Module, progress: dict[str, int],
                   task_metrics: dict[str, Any] | None = None, task_artifacts: dict[str, bytes] | None = None,
                   reference_size: tuple[int, int] = REFERENCE_SIZE) -> tuple[dict[str, Any], dict[str, bytes]]:

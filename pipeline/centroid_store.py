@@ -70,7 +70,7 @@ class CentroidStoreImpl:
         self.config = store_config
         self.seed = seed
         self.triggers = kmeans_trigger_steps(total_steps, clustering_config.update_every,
-                                             store_config.update_every_final)
+                                             clustering_config.update_every_final)
         dtype = np.float16 if store_config.float16 else np.float32
         self.activations = np.zeros((num_samples, dim), dtype=dtype)
         self.seen = np.zeros(num_samples, dtype=bool)
@@ -191,11 +191,6 @@ class CentroidStoreImpl:
             "restored": self.restored,
         }
 
-    def export(self) -> dict[str, Any]:
-        ids = np.flatnonzero(self.seen)
-        return {"sample_ids": ids, "activations": self.activations[ids].astype(np.float32),
-                "centres": self.centres, "sigma2": self.sigma2, "version": self.version}
-
     # ---- snapshots -----------------------------------------------------------------------------
 
     def snapshot(self) -> None:
@@ -314,9 +309,6 @@ class CentroidStore:
 
     async def status(self) -> dict[str, Any]:
         return self.impl.status()
-
-    async def export(self) -> dict[str, Any]:
-        return self.impl.export()
 
     async def snapshot(self) -> None:
         if self.impl.snapshot_dir:

@@ -73,7 +73,7 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class ScalingConfig:
+class WorkersConfig:
     """Ray Train workers. On CPU DDP uses gloo, on GPU nccl."""
 
     workers: int = 2
@@ -107,8 +107,6 @@ class StoreConfig:
     # it from at most this many points per cluster (unbiased; 0 = exact over every point).
     intra_sample: int = 2048
     snapshot_every: int = 1  # snapshot after every n-th K-means update
-    # optional annealing of the K-means period: update_every grows linearly to this by the end
-    update_every_final: int = 0  # 0 = fixed period
 
     def __post_init__(self) -> None:
         _require(self.mode in ("streaming", "refresh"),
@@ -119,7 +117,6 @@ class StoreConfig:
         _require(self.intra_sample == 0 or self.intra_sample >= 2,
                  f"store.intra_sample must be 0 (exact) or >= 2, got {self.intra_sample}")
         _require(self.snapshot_every >= 1, f"store.snapshot_every must be >= 1, got {self.snapshot_every}")
-        _require(self.update_every_final >= 0, f"store.update_every_final must be >= 0, got {self.update_every_final}")
 
 
 @dataclass(frozen=True)
@@ -164,7 +161,7 @@ class ExperimentConfig:
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
     resource: ResourceConfig = field(default_factory=ResourceConfig)  # DRNets eq. 8 (gumbel presets)
     train: TrainConfig = field(default_factory=TrainConfig)
-    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    scaling: WorkersConfig = field(default_factory=WorkersConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -202,6 +199,12 @@ def _plain(value: Any) -> Any:
 
 
 SECTIONS = {f.name for f in dataclasses.fields(ExperimentConfig)}
+
+
+def with_data_root(cfg: ExperimentConfig, root: str | Path) -> ExperimentConfig:
+    """``cfg`` reading its data from ``root`` (made absolute): ``data.root`` is the one place a run's
+    dataset is named, from the entry point to every worker."""
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(Path(root).resolve())))
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -299,7 +302,7 @@ def from_dict(tree: dict[str, Any]) -> ExperimentConfig:
                             model=model, **parts)
 
 
-_SECTION_TYPES = {"train": TrainConfig, "scaling": ScalingConfig, "store": StoreConfig, "data": DataConfig,
+_SECTION_TYPES = {"train": TrainConfig, "scaling": WorkersConfig, "store": StoreConfig, "data": DataConfig,
                   "tracking": TrackingConfig, "storage": StorageConfig, "detection": DetectionConfig}
 
 

@@ -90,12 +90,12 @@ def save_checkpoint(run_dir: Path) -> Any:
     return save
 
 
-def run_local(cfg: ExperimentConfig, out: Path, root: Path, run_dir: Path, uri: str, run_id: str) -> dict[str, Any]:
+def run_local(cfg: ExperimentConfig, run_dir: Path, uri: str, run_id: str) -> dict[str, Any]:
     """Train ``cfg`` in this process into ``run_dir`` (made and tracked by ``pipeline.train.run``);
     resumes from the run folder's checkpoint if there is one. Returns the final metrics."""
     torch.set_num_threads(cfg.scaling.torch_threads)
     torch.manual_seed(cfg.train.seed)
-    task = make_task(cfg, root)
+    task = make_task(cfg)
     train_set = limit(task.train_dataset(), cfg.data.max_train_images)
     # the same order of images as a one-worker Ray run
     sampler = DistributedSampler(train_set, num_replicas=1, rank=0, shuffle=True, seed=cfg.train.seed, drop_last=True)

@@ -21,7 +21,7 @@ if __package__ in (None, ""):
 
 from divdr.config import PRESETS as PRESETS_ALL
 from pipeline.config import resolve, with_smoke
-from pipeline.train import dataset_root, format_table, init_ray, run
+from pipeline.train import format_table, init_ray, run, with_dataset
 
 PRESETS = ("DR-A", "DivDR-A")
 MAIN_JOB: dict[str, Any] = {
@@ -48,9 +48,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     base = with_smoke(MAIN_JOB) if args.smoke else MAIN_JOB
     configs = [resolve(preset, None, [*args.overrides, f"name=main-{preset}"], base=base) for preset in args.presets]
     started = time.perf_counter()
-    root = dataset_root(configs[0])
+    configs = [with_dataset(cfg) for cfg in configs]
     init_ray()
-    rows = {cfg.preset: run(cfg, args.out, root, fresh=True) for cfg in configs}
+    rows = {cfg.preset: run(cfg, args.out, fresh=True) for cfg in configs}
     wall = time.perf_counter() - started
     table = format_table(rows)
     summary = f"{table}\n\nwall time, everything included: {wall / 60:.1f} min"

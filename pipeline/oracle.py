@@ -42,7 +42,7 @@ from divdr.heads import DynamicRoutingSegmenter
 from divdr.metrics import scores_from_confusion
 from pipeline.config import resolve, with_smoke
 from pipeline.main_job import MAIN_JOB
-from pipeline.train import dataset_root, init_ray, run
+from pipeline.train import init_ray, run, with_dataset
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,7 +121,7 @@ def train_subset_experts(args: argparse.Namespace, base: dict[str, Any], views: 
     for s, view in views.items():
         cfg = resolve(args.preset, args.config, [*args.overrides, f"name=oracle-{names[s]}", f"data.root={view}"],
                       base=base)
-        metrics = run(cfg, out, view, fresh=True)
+        metrics = run(cfg, out, fresh=True)
         experts[s] = load_model(Path(metrics["run_dir"]) / "artifacts" / "model.pt")
     return {f"oracle ({args.preset} expert per subset)": evaluate_per_subset(experts, views)}
 
@@ -140,7 +140,7 @@ def train_route_experts(args: argparse.Namespace, base: dict[str, Any], root: Pa
     for label, (name, route) in experts.items():
         cfg = resolve("DR-Raw", args.config, [*args.overrides, *ROUTE_EXPERT_OVERRIDES, *route, f"name={name}",
                                               f"data.root={root}"], base=base)
-        metrics = run(cfg, out, root, fresh=True)
+        metrics = run(cfg, out, fresh=True)
         model = load_model(Path(metrics["run_dir"]) / "artifacts" / "model.pt")
         rows[label] = evaluate_per_subset(dict.fromkeys(views, model), views)
     return rows
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     data = [f"data.root={args.data.resolve()}"] if args.data else []
     args.overrides = [*data, *args.overrides]
     probe = resolve(args.preset, args.config, args.overrides, base=base)
-    root = dataset_root(probe)
+    root = Path(with_dataset(probe).data.root)
     names = subset_names(root)
     out = args.out.resolve()
     views = {s: write_subset_view(root, out / "views" / f"subset-{s}-{names[s]}", s) for s in sorted(names)}

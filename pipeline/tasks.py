@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,10 @@ from divdr.evaluation import InferenceResult, merge_results, run_inference
 from divdr.flops import CostTable, cost_table
 from divdr.heads import DynamicRoutingSegmenter
 from divdr.losses import correctness
+from pipeline.config import ExperimentConfig
+
+if TYPE_CHECKING:  # the loop imports the tasks
+    from pipeline.loop import CentreState
 
 TARGET_KEYS = ("boxes", "labels")  # what torchvision's detectors read from a target (+ masks for instance)
 
@@ -69,7 +73,7 @@ class TrainingTask(Protocol):
     def merge(self, parts: Sequence[Any]) -> Any: ...
     def routing(self, result: Any) -> InferenceResult: ...
     def val_metrics(self, merged: Any) -> dict[str, float]: ...
-    def summarize(self, cfg: Any, train: Any, val: Any, centres: Any, store_status: dict[str, Any],
+    def summarize(self, cfg: ExperimentConfig, train: Any, val: Any, centres: CentreState, store_status: dict[str, Any],
                   net: nn.Module, progress: dict[str, int]) -> tuple[dict[str, Any], dict[str, bytes]]: ...
 
 
@@ -81,7 +85,7 @@ def limit(dataset: Any, count: int) -> Any:
 class SegmentationTask:
     """Semantic segmentation in the Cityscapes layout (the DR / DivDR main task)."""
 
-    def __init__(self, cfg: Any, root: Path) -> None:
+    def __init__(self, cfg: ExperimentConfig, root: Path) -> None:
         self.cfg, self.root = cfg, Path(root)
         self.table = cost_table(cfg.model, *cfg.train.crop)  # every training batch is a crop of this size
 
@@ -123,7 +127,7 @@ class SegmentationTask:
     def val_metrics(self, merged: InferenceResult) -> dict[str, float]:
         return {"val/miou": merged.scores.miou, "val/gflops_real": float(merged.real_gflops.mean())}
 
-    def summarize(self, cfg: Any, train: InferenceResult, val: InferenceResult, centres: Any,
+    def summarize(self, cfg: ExperimentConfig, train: InferenceResult, val: InferenceResult, centres: CentreState,
                   store_status: dict[str, Any], net: nn.Module, progress: dict[str, int],
                   ) -> tuple[dict[str, Any], dict[str, bytes]]:
         from pipeline.analysis import summarize_run  # plotting and Parquet: rank 0 only
@@ -136,7 +140,7 @@ class DetectionTask:
     images in ``{root}/{split}``, annotations in ``{root}/annotations/instances_{split}.json``
     (the generated study's layout, and COCO's own with ``data.train_split: train2017``)."""
 
-    def __init__(self, cfg: Any, root: Path) -> None:
+    def __init__(self, cfg: ExperimentConfig, root: Path) -> None:
         self.cfg, self.root = cfg, Path(root)
         self.masks = cfg.task == "instance"
         manifest = self.root / SUBSET_MANIFEST
@@ -213,8 +217,8 @@ class DetectionTask:
         return {**{f"val/{k}": v for k, v in self.scores(merged).items()},
                 "val/gflops_real": float(merged.routing.real_gflops.mean())}
 
-    def summarize(self, cfg: Any, train: DetectionInferenceResult, val: DetectionInferenceResult, centres: Any,
-                  store_status: dict[str, Any], net: nn.Module, progress: dict[str, int],
+    def summarize(self, cfg: ExperimentConfig, train: DetectionInferenceResult, val: DetectionInferenceResult,
+                  centres: CentreState, store_status: dict[str, Any], net: nn.Module, progress: dict[str, int],
                   ) -> tuple[dict[str, Any], dict[str, bytes]]:
         import json
 
@@ -226,7 +230,11 @@ class DetectionTask:
                              reference_size=DETECTION_REFERENCE_SIZE)
 
 
-def make_task(cfg: Any, root: Path) -> TrainingTask:
+def make_task(cfg: ExperimentConfig) -> TrainingTask:
+    """The task of ``cfg`` on its dataset (``data.root``, set by the entry point: ``pipeline.train.with_dataset``)."""
+    if not cfg.data.root:
+        raise ConfigError("data.root is not set: resolve the dataset first (pipeline.train.with_dataset)")
+    root = Path(cfg.data.root)
     if cfg.task == "segmentation":
         return SegmentationTask(cfg, root)
     if cfg.task in ("detection", "instance"):

@@ -24,12 +24,11 @@ import yaml
 
 from divdr.config import PRESETS, ConfigError
 from pipeline import tracking
-from pipeline.config import ExperimentConfig, resolve, with_smoke
+from pipeline.config import ExperimentConfig, resolve, with_data_root, with_smoke
 from pipeline.faults import faults_from_env
 from pipeline.tasks import make_task
 
 MIN_FREE_BYTES = 200 * 2**20  # refuse to start a run with less free disk than this in --out
-SUMMARY_KEYS = ("miou", "gflops_real", "gflops_real_1024x2048", "inter", "intra", "recovery", "cluster_sizes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,13 +77,14 @@ def check_output_folder(out: Path) -> None:
                           f"a run needs at least {MIN_FREE_BYTES / 2**20:.0f} MiB")
 
 
-def dataset_root(cfg: ExperimentConfig) -> Path:
+def with_dataset(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with ``data.root`` set: its own, or the embedded study, generated on first use (the same
+    scenes as Cityscapes-layout segmentation or COCO-format instances)."""
     if cfg.data.root:
-        return Path(cfg.data.root)
+        return with_data_root(cfg, cfg.data.root)
     from divdr.data.synthetic import ensure_default_dataset
 
-    # the same generated scenes, as Cityscapes-layout segmentation or COCO-format instances
-    return ensure_default_dataset(kind="seg" if cfg.task == "segmentation" else "det")
+    return with_data_root(cfg, ensure_default_dataset(kind="seg" if cfg.task == "segmentation" else "det"))
 
 
 def init_ray() -> None:
@@ -101,16 +101,18 @@ def init_ray() -> None:
         ray.init(num_cpus=max(4, os.cpu_count() or 1))
 
 
-def run(cfg: ExperimentConfig, out: Path, root: Path, parent_run_id: str | None = None,
-        fresh: bool = False, faults: str | None = None, local: bool = False) -> dict[str, Any]:
-    """One training run: tracking, then Ray Train (TorchTrainer.fit with its centroid store actor) or,
-    with ``local``, the same loop in this process (``pipeline.local``); the final metrics."""
+def run(cfg: ExperimentConfig, out: Path, parent_run_id: str | None = None, fresh: bool = False,
+        faults: str | None = None, local: bool = False) -> dict[str, Any]:
+    """One training run of ``cfg`` on its ``data.root`` (the embedded study if unset): tracking, then Ray
+    Train (TorchTrainer.fit with its centroid store actor) or, with ``local``, the same loop in this
+    process (``pipeline.local``); the final metrics."""
+    cfg = with_dataset(cfg)
     out = out.resolve()
     run_dir = out / cfg.run_name
     if fresh and run_dir.exists():
         shutil.rmtree(run_dir)
     check_output_folder(run_dir)
-    task = make_task(cfg, root)  # missing splits, bad annotation files, mismatched categories fail here
+    task = make_task(cfg)  # missing splits, bad annotation files, mismatched categories fail here
     task.train_dataset()
     task.split_size("val")  # a missing or empty val split fails here, before training
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -128,12 +130,12 @@ def run(cfg: ExperimentConfig, out: Path, root: Path, parent_run_id: str | None 
 
         status = "FAILED"
         try:
-            metrics = run_local(cfg, out, root, run_dir, uri, run_id)
+            metrics = run_local(cfg, run_dir, uri, run_id)
             status = "FINISHED"
         finally:
             logger.finish(status)
     else:
-        metrics = _run_ray(cfg, out, root, run_dir, uri, run_id, logger, faults)
+        metrics = _run_ray(cfg, out, run_dir, uri, run_id, logger, faults)
     metrics["wall_seconds"] = time.perf_counter() - started
     metrics["run_dir"] = str(run_dir)
     metrics["mlflow_run_id"] = run_id
@@ -142,12 +144,11 @@ def run(cfg: ExperimentConfig, out: Path, root: Path, parent_run_id: str | None 
     return metrics
 
 
-def _run_ray(cfg: ExperimentConfig, out: Path, root: Path, run_dir: Path, uri: str, run_id: str,
+def _run_ray(cfg: ExperimentConfig, out: Path, run_dir: Path, uri: str, run_id: str,
              logger: tracking.RunLogger, faults: str | None) -> dict[str, Any]:
     """TorchTrainer.fit with the run's tracker and centroid store actors."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train import ScalingConfig as RayScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -159,7 +160,7 @@ def _run_ray(cfg: ExperimentConfig, out: Path, root: Path, run_dir: Path, uri: s
         uri, run_id, str(run_dir))
     store = None  # store.enabled=false: DR trained with no centroid store
     if cfg.store.enabled:
-        num_samples = len(make_task(cfg, root).train_dataset())
+        num_samples = len(make_task(cfg).train_dataset())
         store = CentroidStore.options(name=store_name(cfg.run_name), num_cpus=0, get_if_exists=True,
                                       scheduling_strategy=here).remote(
             num_samples, cfg.model.a_dim, cfg.scaling.workers, cfg.train.steps, cfg.clustering, cfg.store,
@@ -167,10 +168,10 @@ def _run_ray(cfg: ExperimentConfig, out: Path, root: Path, run_dir: Path, uri: s
 
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"experiment": cfg.to_dict(), "data_root": str(root), "store": store, "tracker": tracker,
+        train_loop_config={"experiment": cfg, "store": store, "tracker": tracker,
                            "run_dir": str(run_dir), "faults": faults_from_env() if faults is None else faults},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-        scaling_config=RayScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
                                         resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         run_config=RunConfig(name=cfg.run_name, storage_path=cfg.storage.path or str(out / "ray_results"),
                              failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
@@ -228,10 +229,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"pipeline/train.py: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     print("Resolved configuration:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    root = dataset_root(cfg)
+    cfg = with_dataset(cfg)
     if not args.local:
         init_ray()
-    metrics = run(cfg, args.out, root, fresh=args.fresh, local=args.local)
+    metrics = run(cfg, args.out, fresh=args.fresh, local=args.local)
     print(format_table({cfg.run_name: metrics}))
     print(f"run folder: {metrics['run_dir']}  (MLflow run {metrics['mlflow_run_id']} at {metrics['tracking_uri']})")
     return metrics

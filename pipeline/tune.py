@@ -24,9 +24,9 @@ from ray import tune
 
 from divdr.config import ConfigError
 from pipeline import tracking
-from pipeline.config import ExperimentConfig
+from pipeline.config import ExperimentConfig, with_data_root
 from pipeline.report import write_report
-from pipeline.train import check_output_folder, dataset_root, init_ray, run
+from pipeline.train import check_output_folder, init_ray, run, with_dataset
 from pipeline.tune_space import VARIANT_KEY, TuneSpace, load_space, trial_config
 
 
@@ -62,9 +62,9 @@ def finished_metrics(cfg: ExperimentConfig, out: Path) -> dict[str, Any] | None:
 def _trial(config: dict[str, Any], space: TuneSpace, root: str, out: str, uri: str, parent_run_id: str) -> None:
     params, seed = config["params"], config["seed"]
     name = f"{space.name}[{setting_name(params)}]-seed{seed}".replace("/", "_")
-    cfg = trial_config(space, {**params, "tracking.uri": uri}, seed, name)
+    cfg = with_data_root(trial_config(space, {**params, "tracking.uri": uri}, seed, name), root)
     # re-running a stopped sweep keeps what finished: a sweep of the study is hours of CPU
-    metrics = finished_metrics(cfg, Path(out)) or run(cfg, Path(out), Path(root), parent_run_id=parent_run_id)
+    metrics = finished_metrics(cfg, Path(out)) or run(cfg, Path(out), parent_run_id=parent_run_id)
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     tune.report({**scalars, "setting": setting_name(params), "seed": seed, "preset": cfg.preset,
                  "cluster_sizes": str(metrics.get("cluster_sizes"))})
@@ -88,7 +88,7 @@ def run_sweep(space: TuneSpace, out: Path, data: Path | None = None, tracking_ur
     out = out.resolve()
     sweep_dir = out / space.name
     check_output_folder(sweep_dir)
-    root = data.resolve() if data else dataset_root(trial_config(space, {}, seed=0))
+    root = data.resolve() if data else with_dataset(trial_config(space, {}, seed=0)).data.root
     init_ray()
     uri = tracking_uri or tracking.local_tracking_uri(out)
     experiment = trial_config(space, {}, seed=0).tracking.experiment

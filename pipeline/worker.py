@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from divdr.gates import set_temperature
-from pipeline.config import ExperimentConfig, from_dict
+from pipeline.config import ExperimentConfig
 from pipeline.faults import FaultPlan
 from pipeline.loop import (
     Checkpoints,
@@ -137,7 +137,7 @@ class RemoteSink:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    cfg: ExperimentConfig = from_dict(loop_config["experiment"])
+    cfg: ExperimentConfig = loop_config["experiment"]  # resolved once by the driver, frozen
     world = RayWorld()
     torch.set_num_threads(cfg.scaling.torch_threads)
     torch.manual_seed(cfg.train.seed)
@@ -146,7 +146,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     sink = RemoteSink(tracker) if tracker is not None and world.rank == 0 else None
     faults = FaultPlan(loop_config.get("faults"), Path(loop_config["run_dir"]))
 
-    task = make_task(cfg, Path(loop_config["data_root"]))
+    task = make_task(cfg)
     train_set = limit(task.train_dataset(), cfg.data.max_train_images)
     sampler = DistributedSampler(train_set, num_replicas=world.size, rank=world.rank, shuffle=True,
                                  seed=cfg.train.seed, drop_last=True)
@@ -219,7 +219,7 @@ class StoreCentres(Hook):
         cfg = trainer.cfg
         if self.triggers is None:
             self.triggers = kmeans_trigger_steps(cfg.train.steps, cfg.clustering.update_every,
-                                                 cfg.store.update_every_final)
+                                                 cfg.clustering.update_every_final)
         if cfg.store.mode == "refresh" and trainer.step in self.triggers:
             self._refresh(trainer)
         self._maybe_switch(trainer)

@@ -94,7 +94,7 @@ def test_inference_skips_closed_paths_and_dropped_cells_per_image():
     assert (out.down[:2] == 0).all() and out.down[2].abs().sum() > 0
     # skipping changes nothing numerically: same result as computing every path
     with torch.no_grad():
-        full = cell._forward_all_paths(x, cell.slot_weights(x))
+        full = cell._forward_all_paths(x, *cell.route(x))
     assert torch.allclose(out.keep, full.keep, atol=1e-6)
     assert torch.allclose(out.down, full.down, atol=1e-6)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import resolve, with_smoke
+from pipeline.config import resolve, with_data_root, with_smoke
 from pipeline.local import CHECKPOINT
 from pipeline.schedule import kmeans_trigger_steps, switch_step
 from pipeline.train import run
@@ -26,7 +26,7 @@ def local_run(study, tmp_path_factory):
     out = tmp_path_factory.mktemp("local")
     cfg = resolve("DivDR-A", None, ["train.steps=10", "clustering.update_every=4", "store.switch_lag=1",
                                     "train.eval_every=5", "train.checkpoint_every=5"], base=with_smoke({}))
-    return cfg, out, run(cfg, out, study, local=True)
+    return cfg, out, run(with_data_root(cfg, study), out, local=True)
 
 
 def test_no_ray_is_imported(local_run):
@@ -70,9 +70,9 @@ def test_mlflow_holds_the_local_run(local_run):
 
 def test_a_stopped_local_run_resumes_from_its_checkpoint(study, tmp_path):
     cfg = resolve("DR-A", None, ["train.steps=6", "train.checkpoint_every=3", "name=resume"], base=with_smoke({}))
-    first = run(cfg, tmp_path, study, local=True)
+    first = run(with_data_root(cfg, study), tmp_path, local=True)
     state = torch.load(Path(first["run_dir"]) / CHECKPOINT, weights_only=True)
     state["step"] = 3  # as if stopped after the checkpoint of step 3
     torch.save(state, Path(first["run_dir"]) / CHECKPOINT)
-    second = run(cfg, tmp_path, study, local=True)
+    second = run(with_data_root(cfg, study), tmp_path, local=True)
     assert second["start_step"] == 3 and second["step"] == 6

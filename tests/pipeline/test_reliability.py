@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from divdr.config import ConfigError
-from pipeline.config import resolve, with_smoke
+from pipeline.config import resolve, with_data_root, with_smoke
 from pipeline.schedule import kmeans_trigger_steps
 from tests.pipeline.conftest import make_study
 
@@ -35,7 +35,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(ray_session, study, tm
     from pipeline.train import run
 
     cfg = smoke("kill-worker", "scaling.max_failures=1")
-    metrics = run(cfg, tmp_path, study, faults="kill_worker:rank=1,step=10")
+    metrics = run(with_data_root(cfg, study), tmp_path, faults="kill_worker:rank=1,step=10")
     assert list((tmp_path / "kill-worker").glob(".fault-*"))  # the fault fired
     assert metrics["step"] == cfg.train.steps
     # the restarted group began at a checkpoint (step 4 or 8: the controller registers a reported
@@ -51,7 +51,7 @@ def test_a_killed_store_restarts_from_its_snapshot(ray_session, study, tmp_path)
     from pipeline.train import run
 
     cfg = smoke("kill-store")
-    metrics = run(cfg, tmp_path, study, faults="kill_store:step=6")
+    metrics = run(with_data_root(cfg, study), tmp_path, faults="kill_store:step=6")
     store = metrics["store"]
     assert store["restored"] is True  # Ray restarted it and it read its snapshot
     assert [h["version"] for h in store["history"]] == [1, 2]  # version 1 survived, 2 came after
@@ -62,7 +62,7 @@ def test_non_finite_steps_are_refused_and_never_reach_the_centres(ray_session, s
     from pipeline.train import run
 
     cfg = smoke("nan")
-    metrics = run(cfg, tmp_path, study, faults="nan_loss:step=2;nan_activations:step=5")
+    metrics = run(with_data_root(cfg, study), tmp_path, faults="nan_loss:step=2;nan_activations:step=5")
     assert metrics["skipped_steps"] == 2 and metrics["step"] == 12
     assert metrics["store"]["rejected_rows"] == 0  # the refused steps sent nothing
     assert 0 <= metrics["miou"] <= 1
@@ -73,7 +73,7 @@ def test_persistent_nan_stops_the_run_with_a_clear_message(ray_session, study, t
 
     cfg = smoke("nan-forever", "train.lr=1e30")
     with pytest.raises(Exception, match="non-finite for 6 consecutive steps"):
-        run(cfg, tmp_path, study)
+        run(with_data_root(cfg, study), tmp_path)
 
 
 def test_unreachable_mlflow_server_training_goes_on_and_metrics_are_kept(ray_session, study, tmp_path):
@@ -81,7 +81,7 @@ def test_unreachable_mlflow_server_training_goes_on_and_metrics_are_kept(ray_ses
 
     cfg = smoke("offline", "tracking.uri=http://127.0.0.1:9")  # port 9: nothing listens
     with pytest.warns(UserWarning, match="unreachable"):
-        metrics = run(cfg, tmp_path, study)
+        metrics = run(with_data_root(cfg, study), tmp_path)
     assert metrics["mlflow_run_id"].startswith("offline-")
     lines = (tmp_path / "offline" / "metrics_fallback.jsonl").read_text().splitlines()
     steps = [json.loads(line)["step"] for line in lines if "metrics" in json.loads(line)]

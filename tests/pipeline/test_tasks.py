@@ -14,7 +14,7 @@ from divdr.data.cityscapes import DatasetError
 from divdr.data.synthetic import generate, study_config
 from divdr.flops import budget_ratio
 from divdr.losses import total_loss
-from pipeline.config import EMBEDDED_STUDY_DETECTION, resolve
+from pipeline.config import EMBEDDED_STUDY_DETECTION, resolve, with_data_root
 from pipeline.tasks import DetectionTask, SegmentationTask, make_task
 
 
@@ -52,15 +52,15 @@ def test_embedded_study_gets_its_own_detection_scale_and_coco_the_papers():
 
 
 def test_make_task_picks_the_task(det_study: Path):
-    assert isinstance(make_task(detection_config(det_study), det_study), DetectionTask)
+    assert isinstance(make_task(with_data_root(detection_config(det_study), det_study)), DetectionTask)
     seg = resolve(None, None, [])
-    assert isinstance(make_task(seg, det_study), SegmentationTask)  # Cityscapes folders are read lazily
+    assert isinstance(make_task(with_data_root(seg, det_study)), SegmentationTask)  # Cityscapes folders are read lazily
 
 
 @pytest.mark.parametrize("task", ["detection", "instance"])
 def test_a_training_step_with_budget_and_clustering_losses(det_study: Path, task: str):
     cfg = detection_config(det_study, task)
-    job = make_task(cfg, det_study)
+    job = make_task(with_data_root(cfg, det_study))
     dataset = job.train_dataset()
     batch = job.collate([dataset[0], dataset[1]])
     assert set(batch["targets"][0]) == {"boxes", "labels"} | ({"masks"} if task == "instance" else set())
@@ -81,7 +81,7 @@ def test_a_training_step_with_budget_and_clustering_losses(det_study: Path, task
 
 def test_inference_scores_and_routing(det_study: Path):
     cfg = detection_config(det_study, "instance")
-    job = make_task(cfg, det_study)
+    job = make_task(with_data_root(cfg, det_study))
     net = job.build_model()
     n_val = job.split_size("val")
     merged = job.merge([job.inference(net, "val", list(range(0, n_val, 2))),
@@ -106,7 +106,7 @@ def test_mismatched_categories_are_named(det_study: Path, tmp_path: Path):
     shutil.copytree(det_study, root)
     _rewrite(root, "val", lambda d: d["categories"].append({"id": 99, "name": "bus"}))
     with pytest.raises(DatasetError, match=r"instances_train\.json and .*instances_val\.json list different"):
-        make_task(detection_config(root), root)
+        make_task(with_data_root(detection_config(root), root))
 
 
 def test_no_usable_training_annotation_is_named(det_study: Path, tmp_path: Path):
@@ -121,10 +121,10 @@ def test_no_usable_training_annotation_is_named(det_study: Path, tmp_path: Path)
 
     _rewrite(root, "train", all_crowd)
     with pytest.raises(DatasetError, match=r"instances_train\.json: no usable training annotation"):
-        make_task(detection_config(root), root)
+        make_task(with_data_root(detection_config(root), root))
 
 
 def test_missing_coco_split_is_named(det_study: Path):
     cfg = detection_config(det_study, "detection", "data.train_split=train2017")
     with pytest.raises(DatasetError, match=r"instances_train2017\.json"):
-        make_task(cfg, det_study)
+        make_task(with_data_root(cfg, det_study))

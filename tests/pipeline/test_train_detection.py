@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from divdr.data.synthetic import generate, study_config
-from pipeline.config import resolve, with_smoke
+from pipeline.config import resolve, with_data_root, with_smoke
 from pipeline.schedule import kmeans_trigger_steps
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -38,7 +38,7 @@ def instance_run(ray_session, det_study, tmp_path_factory):
                                     "train.steps=12", "clustering.update_every=4", "store.switch_lag=1",
                                     "train.eval_every=6", "train.lr=0.01", f"data.root={det_study}", *HEADS],
                   base=with_smoke({}))
-    return cfg, run(cfg, out, det_study)
+    return cfg, run(with_data_root(cfg, det_study), out)
 
 
 def test_workers_streamed_gate_activations_and_switched_centres(instance_run):
@@ -85,6 +85,6 @@ def test_detection_in_refresh_mode(ray_session, det_study, tmp_path):
     cfg = resolve("DR-A", None, ["task=detection", "train.steps=8", "clustering.update_every=4",
                                  "store.mode=refresh", "name=refresh", f"data.root={det_study}", *HEADS],
                   base=with_smoke({}))
-    metrics = run(cfg, tmp_path, det_study)
+    metrics = run(with_data_root(cfg, det_study), tmp_path)
     assert metrics["store"]["history"][0]["points"] == cfg.data.max_train_images
     assert "segm/AP" not in metrics and 0.0 <= metrics["bbox/AP"] <= 1.0

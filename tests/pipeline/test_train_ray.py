@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import resolve, with_smoke
+from pipeline.config import resolve, with_data_root, with_smoke
 from pipeline.schedule import kmeans_trigger_steps
 from tests.pipeline.conftest import make_study
 
@@ -28,7 +28,7 @@ def smoke_run(ray_session, tiny_study, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     cfg = resolve("DivDR-A", None, ["train.steps=12", "clustering.update_every=4", "store.switch_lag=1",
                                     "train.eval_every=6"], base=with_smoke({}))
-    return cfg, out, run(cfg, out, tiny_study)
+    return cfg, out, run(with_data_root(cfg, tiny_study), out)
 
 
 def test_centres_updated_at_the_scheduled_steps(smoke_run):
@@ -95,7 +95,7 @@ def test_refresh_mode_clusters_every_training_image_with_current_weights(ray_ses
     cfg = resolve("DivDRNet-A", None, ["train.steps=8", "clustering.update_every=4", "store.mode=refresh",
                                        "name=refresh"], base=with_smoke({}))
     assert cfg.model.gate.kind == "gumbel" and cfg.resource.weight > 0
-    metrics = run(cfg, tmp_path, tiny_study)
+    metrics = run(with_data_root(cfg, tiny_study), tmp_path)
     store = metrics["store"]
     assert [h["trigger_step"] for h in store["history"]] == [4]
     assert store["history"][0]["points"] == cfg.data.max_train_images  # every image, not just a batch
