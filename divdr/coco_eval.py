@@ -20,7 +20,6 @@ that area range or in any category): those come back as NaN from ``evaluate_coco
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import io
@@ -248,27 +247,3 @@ def evaluate_coco(
     _check_iou_type(iou_type)
     coco_gt = load_gt(gt, iou_type, verbose)
     return score(coco_gt, results_coco(results, coco_gt, iou_type, verbose), iou_type, verbose)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gt", type=Path, required=True, help="COCO instances JSON (ground truth)")
-    parser.add_argument("--pred", type=Path, required=True, help="COCO results JSON (a list of detections)")
-    parser.add_argument("--iou-type", choices=IOU_TYPES, default="bbox", help="bbox or segm (default bbox)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object (undefined metrics: null)")
-    parser.add_argument("--verbose", action="store_true", help="let pycocotools print its progress and summary")
-
-
-def run(args: argparse.Namespace) -> int:
-    coco_gt = load_gt(args.gt, args.iou_type, args.verbose)
-    coco_dt = results_coco(args.pred, coco_gt, args.iou_type, args.verbose)
-    scores = score(coco_gt, coco_dt, args.iou_type, args.verbose)
-    if args.json:
-        info: dict[str, Any] = {"iou_type": args.iou_type, "num_images": len(coco_gt.imgs),
-                                "num_results": len(coco_dt.anns)}
-        info.update({name: None if math.isnan(v) else v for name, v in scores.items()})  # JSON has no NaN
-        print(json.dumps(info))
-        return 0
-    print(f"COCO {args.iou_type}: {len(coco_dt.anns)} results on {len(coco_gt.imgs)} images")
-    for name, value in scores.items():
-        print(f"  {name:<6} {'n/a' if math.isnan(value) else f'{value:.4f}'}")
-    return 0

@@ -18,8 +18,8 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader, Subset
 
 from divdr.coco_eval import evaluate_coco
-from divdr.data.cityscapes import UNKNOWN_SUBSET, SubsetEntry
 from divdr.data.coco import CocoDetection, DetectionTarget
+from divdr.data.manifest import UNKNOWN_SUBSET, SubsetEntry
 from divdr.detection import DynamicRoutingDetector
 from divdr.evaluation import InferenceResult, merge_results
 from divdr.flops import CostTable, cost_table, real_cost

@@ -14,8 +14,6 @@ The confusion matrix has ``num_classes`` rows (ground truth) and ``num_classes +
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -253,22 +251,3 @@ def scores_to_json(scores: SegmentationScores, num_images: int) -> dict:
         "pixel_accuracy": clean(scores.pixel_accuracy),
         "num_images": num_images,
     }
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pred", type=Path, required=True,
-                        help="folder of <image id>.png train-id predictions (0-18, 255 = none), searched recursively")
-    parser.add_argument("--gt", type=Path, required=True, help="gtFine folder (holds **/*_gtFine_labelIds.png)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def run(args: argparse.Namespace) -> int:
-    scores, num_images = evaluate_folders(args.pred, args.gt)
-    if args.json:
-        print(json.dumps(scores_to_json(scores, num_images)))
-        return 0
-    print(f"{num_images} images")
-    for name, value in scores.per_class.items():
-        print(f"  {name:<16} {'n/a' if math.isnan(value) else f'{100 * value:6.2f}'}")
-    print(f"  {'mIoU':<16} {100 * scores.miou:6.2f}")
-    return 0

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from divdr.config import PRESETS
-from divdr.data.cityscapes import SUBSET_MANIFEST, CityscapesSegmentation, read_subset_manifest, write_subset_view
+from divdr.data.cityscapes import CityscapesSegmentation, write_subset_view
+from divdr.data.manifest import SUBSET_MANIFEST, read_subset_manifest
 from divdr.data.synthetic import regime_routes
 from divdr.evaluation import InferenceResult, run_inference
 from divdr.heads import DynamicRoutingSegmenter

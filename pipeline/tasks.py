@@ -24,9 +24,10 @@ from torch.utils.data import Dataset, Subset
 
 from divdr.backbone import BackboneOutput
 from divdr.config import ConfigError
-from divdr.data.cityscapes import SUBSET_MANIFEST, CityscapesSegmentation, DatasetError, read_subset_manifest
+from divdr.data.cityscapes import CityscapesSegmentation, DatasetError
 from divdr.data.coco import CocoDetection, RandomHorizontalFlip, is_degenerate, xywh_to_xyxy_clipped
 from divdr.data.labels import IGNORE_INDEX
+from divdr.data.manifest import SUBSET_MANIFEST, read_subset_manifest
 from divdr.data.transforms import RandomScaleCropFlip, SegTransformConfig
 from divdr.detection import build_detector
 from divdr.detection_eval import (

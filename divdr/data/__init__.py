@@ -12,9 +12,10 @@ from typing import Any
 _EXPORTS = {
     "divdr.data.labels": ("IGNORE_INDEX", "NUM_CLASSES", "TRAIN_ID_NAMES", "LABEL_ID_BY_NAME", "LabelError",
                           "label_ids_to_train_ids"),
-    "divdr.data.cityscapes": ("CityscapesSegmentation", "DatasetError", "SubsetEntry", "SUBSET_MANIFEST",
-                              "UNKNOWN_SUBSET", "IMAGENET_MEAN", "IMAGENET_STD", "read_subset_manifest",
-                              "write_subset_manifest"),
+    "divdr.data.cityscapes": ("CityscapesSegmentation", "IMAGENET_MEAN", "IMAGENET_STD"),
+    "divdr.data.errors": ("DatasetError",),
+    "divdr.data.manifest": ("SubsetEntry", "SUBSET_MANIFEST", "UNKNOWN_SUBSET", "read_subset_manifest",
+                            "write_subset_manifest"),
     "divdr.data.transforms": ("RandomScaleCropFlip", "SegTransformConfig"),
     "divdr.data.coco": ("CocoDetection", "collate_fn", "load_coco_json"),
     "divdr.data.synthetic": ("StudyConfig", "ShapeRule", "DEFAULT_REGIMES", "study_config", "generate",

@@ -16,8 +16,6 @@ best one-to-one matching as the method (``divdr.clustering.recovery_accuracy``):
 
 from __future__ import annotations
 
-import argparse
-import json
 from itertools import pairwise
 from pathlib import Path
 
@@ -34,14 +32,13 @@ from divdr.data.cityscapes import (
     IMAGENET_STD,
     LABEL_DIR,
     LABEL_SUFFIX,
-    SUBSET_MANIFEST,
     DatasetError,
     normalize_image,
     read_label_ids,
     read_png,
-    read_subset_manifest,
 )
 from divdr.data.labels import LABEL_ID_BY_NAME
+from divdr.data.manifest import SUBSET_MANIFEST, read_subset_manifest
 
 HISTOGRAM_BINS = 8  # per channel: an 8x8x8 joint RGB histogram
 RANDOM_CNN_WIDTHS = (3, 32, 64, 128, 128)  # 4 stages, strides 2 .. 16
@@ -162,18 +159,3 @@ def format_baselines(rows: dict[str, list[float]], n_images: int, names: list[st
         spread = f" +- {np.std(values):.3f} ({len(values)} draws)" if len(values) > 1 else ""
         lines.append(f"| {name} | {np.mean(values):.3f}{spread} |")
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("root", type=Path, help="a study folder (Cityscapes layout with subsets.parquet)")
-    parser.add_argument("--split", default="val", help="which split to cluster (default val)")
-    parser.add_argument("--json", type=Path, help="also write the recoveries to this JSON file")
-
-
-def run(args: argparse.Namespace) -> int:
-    images, labels, subsets, names = load_split(args.root, args.split)
-    rows = baseline_rows(images, labels, subsets)
-    print(format_baselines(rows, len(subsets), names))
-    if args.json:
-        args.json.write_text(json.dumps({"split": args.split, "subsets": names, "recovery": rows}, indent=1))
-    return 0

@@ -1,4 +1,4 @@
-"""Cityscapes semantic segmentation in its on-disk layout, plus the subset manifest of a controlled study.
+"""Cityscapes semantic segmentation in its on-disk layout (the subset manifest: ``divdr.data.manifest``).
 
 Layout (the real one, so the same loader reads Cityscapes and the generated study)::
 
@@ -13,17 +13,21 @@ contents are checked when a sample is loaded, so a bad file fails with its name,
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from divdr.data.errors import DatasetError
 from divdr.data.labels import label_ids_to_train_ids
+from divdr.data.manifest import (
+    SUBSET_MANIFEST,
+    UNKNOWN_SUBSET,
+    read_subset_manifest,
+    write_subset_manifest,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -34,60 +38,8 @@ LABEL_DIR = "gtFine"
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
 
-SUBSET_MANIFEST = "subsets.parquet"
-UNKNOWN_SUBSET = -1
-MANIFEST_SCHEMA = pa.schema(
-    [("image", pa.string()), ("split", pa.string()), ("subset", pa.int64()), ("subset_name", pa.string())]
-)
-
 # A joint (image, label) transform, e.g. divdr.data.transforms.RandomScaleCropFlip.
 JointTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-class DatasetError(ValueError):
-    """A dataset file or folder is missing, unreadable or inconsistent; the message names it."""
-
-
-@dataclass(frozen=True)
-class SubsetEntry:
-    """One row of the subset manifest: the hidden subset of an image (the controlled study's truth)."""
-
-    image: str  # path relative to the dataset root, POSIX separators
-    split: str
-    subset: int
-    subset_name: str
-
-
-def write_subset_manifest(path: Path, entries: list[SubsetEntry]) -> None:
-    """Write the manifest as Parquet with MANIFEST_SCHEMA (one row per image)."""
-    columns = {name: [getattr(e, name) for e in entries] for name in MANIFEST_SCHEMA.names}
-    pq.write_table(pa.table(columns, schema=MANIFEST_SCHEMA), path)
-
-
-def read_subset_manifest(path: Path) -> dict[str, SubsetEntry]:
-    """The manifest keyed by image path; raises DatasetError naming the file and the bad column/row."""
-    try:
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowException) as err:
-        raise DatasetError(f"cannot read subset manifest {path}: {err}") from err
-    missing = [name for name in MANIFEST_SCHEMA.names if name not in table.column_names]
-    if missing:
-        raise DatasetError(f"subset manifest {path}: missing column(s) {missing}; expected {MANIFEST_SCHEMA.names}")
-    for field in MANIFEST_SCHEMA:
-        actual = table.schema.field(field.name).type
-        if not (actual == field.type or (pa.types.is_integer(field.type) and pa.types.is_integer(actual))
-                or (pa.types.is_string(field.type) and pa.types.is_large_string(actual))):
-            raise DatasetError(
-                f"subset manifest {path}: column {field.name!r} has type {actual}, expected {field.type}")
-    entries: dict[str, SubsetEntry] = {}
-    for row in table.select(MANIFEST_SCHEMA.names).to_pylist():
-        if row["image"] is None or row["subset"] is None:
-            raise DatasetError(f"subset manifest {path}: null 'image' or 'subset' in row {row}")
-        if row["image"] in entries:
-            raise DatasetError(f"subset manifest {path}: image {row['image']!r} is listed twice")
-        entries[row["image"]] = SubsetEntry(row["image"], row["split"] or "", int(row["subset"]),
-                                            row["subset_name"] or "")
-    return entries
 
 
 def normalize_image(rgb: np.ndarray) -> torch.Tensor:

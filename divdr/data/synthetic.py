@@ -55,14 +55,12 @@ split, i])``, independent of every other image.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
 import os
 import shutil
 import tempfile
-import time
 import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
@@ -74,16 +72,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from divdr.config import ConfigError
-from divdr.data.cityscapes import (
-    IMAGE_DIR,
-    IMAGE_SUFFIX,
-    LABEL_DIR,
-    LABEL_SUFFIX,
-    SUBSET_MANIFEST,
-    SubsetEntry,
-    write_subset_manifest,
-)
+from divdr.data.cityscapes import IMAGE_DIR, IMAGE_SUFFIX, LABEL_DIR, LABEL_SUFFIX
 from divdr.data.labels import LABEL_ID_BY_NAME
+from divdr.data.manifest import SUBSET_MANIFEST, SubsetEntry, write_subset_manifest
 
 # Bump whenever a change to this module changes the bytes it writes: it keys the dataset cache.
 GENERATOR_VERSION = 2
@@ -898,77 +889,6 @@ def ensure_default_dataset(cache_dir: str | Path | None = None, config: StudyCon
     return final
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = StudyConfig()
-    parser.add_argument("--study", choices=sorted(STUDIES), default="default",
-                        help="default: the street study (3 regimes: large, tiny, thin); premise: the two regimes "
-                             "that need different routes by construction (fine, coarse; 96x384)")
-    parser.add_argument("--kind", choices=("seg", "det"), default="seg",
-                        help="seg: Cityscapes layout; det: COCO instances JSON (default seg)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (new or empty)")
-    parser.add_argument("--n-train", type=int, help=f"training images (default: the study's, {defaults.n_train})")
-    parser.add_argument("--n-val", type=int,
-                        help=f"validation images (default: the study's, {defaults.n_val} or {PREMISE_STUDY.n_val})")
-    parser.add_argument("--seed", type=int, help=f"default {defaults.seed}")
-    parser.add_argument("--size", help="HEIGHTxWIDTH (default: the study's, 128x256 or 96x384)")
-    parser.add_argument("--subsets", type=int,
-                        help=f"default study: number of regimes, 1-{len(DEFAULT_REGIMES)}: "
-                             f"{', '.join(r.name for r in DEFAULT_REGIMES)} (default {DEFAULT_NUM_SUBSETS})")
-    parser.add_argument("--clutter", choices=("shadow", "decoy"),
-                        help="default study: the other regimes' shapes as darkened background (shadow, "
-                             "the default) or painted like objects but labelled background (decoy)")
-    parser.add_argument("--decoy-fraction", type=float,
-                        help="decoy mode: each other geometry's share of the object budget "
-                             f"(default {defaults.decoy_fraction})")
-    parser.add_argument("--regimes", help="default study: regimes by name, in subset order, e.g. "
-                                          "large,tiny,medium (instead of --subsets)")
-
-
-DEFAULT_STUDY_OPTIONS = ("subsets", "clutter", "decoy_fraction", "regimes")
-
-
-def study_from_args(args: argparse.Namespace) -> StudyConfig:
-    """The StudyConfig the command line asks for (named study, then sizes and the default study's knobs)."""
-    from divdr.summary import parse_size  # one HEIGHTxWIDTH syntax for every command
-
-    config = STUDIES[args.study]
-    given = [name for name in DEFAULT_STUDY_OPTIONS if getattr(args, name) is not None]
-    if args.study != "default" and given:
-        raise ConfigError(f"--{given[0].replace('_', '-')} applies to --study default only; "
-                          f"the {args.study} study fixes its regimes")
-    if args.size:
-        height, width = parse_size(args.size)
-        config = replace(config, height=height, width=width)
-    for name in ("n_train", "n_val", "seed"):
-        if getattr(args, name) is not None:
-            config = replace(config, **{name: getattr(args, name)})
-    if args.study != "default":
-        return config
-    for name in ("clutter", "decoy_fraction"):
-        if getattr(args, name) is not None:
-            config = replace(config, **{name: getattr(args, name)})
-    if args.regimes:
-        return replace(config, regimes=regimes_by_name(args.regimes))
-    if args.subsets is not None:
-        return replace(config, regimes=study_config(args.subsets).regimes)
-    return config
-
-
-def run(args: argparse.Namespace) -> int:
-    config = study_from_args(args)
-    start = time.perf_counter()
-    counts = generate(config, args.out, args.kind)
-    elapsed = time.perf_counter() - start
-    print(f"wrote {args.kind} study to {args.out} in {elapsed:.1f} s "
-          f"({args.study} study, {config.height}x{config.width}, seed {config.seed})")
-    order = [r.name for r in config.regimes] + [EMPTY_SUBSET_NAME]
-    for split, per_subset in counts.items():
-        detail = ", ".join(f"{name} {per_subset[name]}" for name in order if per_subset[name])
-        print(f"  {split}: {sum(per_subset.values())} images ({detail})")
-    print(f"  subset manifest: {args.out / SUBSET_MANIFEST}")
-    if args.kind == "det":
-        print(f"  annotations: {args.out / 'annotations'}/instances_{{{','.join(SPLITS)}}}.json")
-    return 0
 
 
 __all__ = [

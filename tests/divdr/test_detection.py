@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from divdr.config import ConfigError, get_model_config
-from divdr.data.cityscapes import SUBSET_MANIFEST, read_subset_manifest
 from divdr.data.coco import CocoDetection, collate_fn
+from divdr.data.manifest import SUBSET_MANIFEST, read_subset_manifest
 from divdr.data.synthetic import LARGE, THIN, TINY, StudyConfig, generate
 from divdr.detection import POOL_LEVEL, DetectionConfig, build_detector
 from divdr.detection_eval import (

@@ -12,18 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from divdr.data.cityscapes import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    SUBSET_MANIFEST,
-    CityscapesSegmentation,
-    DatasetError,
-    SubsetEntry,
-    read_subset_manifest,
-    write_subset_manifest,
-    write_subset_view,
-)
+from divdr.data.cityscapes import IMAGENET_MEAN, IMAGENET_STD, CityscapesSegmentation, DatasetError, write_subset_view
 from divdr.data.labels import IGNORE_INDEX, LABEL_ID_BY_NAME, LabelError
+from divdr.data.manifest import SUBSET_MANIFEST, SubsetEntry, read_subset_manifest, write_subset_manifest
 from divdr.data.transforms import RandomScaleCropFlip, SegTransformConfig
 
 from .conftest import SMALL

@@ -15,8 +15,9 @@ from scipy import ndimage
 from divdr import cli
 from divdr.config import ConfigError
 from divdr.data import synthetic
-from divdr.data.cityscapes import SUBSET_MANIFEST, CityscapesSegmentation, read_subset_manifest
+from divdr.data.cityscapes import CityscapesSegmentation
 from divdr.data.labels import CITYSCAPES_LABELS, LABEL_ID_BY_NAME
+from divdr.data.manifest import SUBSET_MANIFEST, read_subset_manifest
 from divdr.data.synthetic import (
     DEFAULT_REGIMES,
     LARGE,

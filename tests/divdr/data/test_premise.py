@@ -14,7 +14,7 @@ from scipy import ndimage
 from torch.utils.data import DataLoader
 
 from divdr.data.baselines import colour_histograms, kmeans_recovery, load_split
-from divdr.data.cityscapes import SUBSET_MANIFEST, read_subset_manifest
+from divdr.data.manifest import SUBSET_MANIFEST, read_subset_manifest
 from divdr.data.synthetic import (
     PREMISE_STUDY,
     generate,
