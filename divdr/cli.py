@@ -21,18 +21,16 @@ from divdr.coco_eval import IOU_TYPES, load_gt, results_coco, score
 from divdr.config import MODEL_SIZES, ConfigError, get_model_config
 from divdr.data.baselines import baseline_rows, format_baselines, load_split
 from divdr.data.manifest import SUBSET_MANIFEST
-from divdr.data.synthetic import (
+from divdr.data.study import (
     DEFAULT_NUM_SUBSETS,
     DEFAULT_REGIMES,
-    EMPTY_SUBSET_NAME,
     PREMISE_STUDY,
-    SPLITS,
     STUDIES,
     StudyConfig,
-    generate,
     regimes_by_name,
     study_config,
 )
+from divdr.data.synthetic import EMPTY_SUBSET_NAME, SPLITS, generate
 from divdr.metrics import evaluate_folders, scores_to_json
 from divdr.summary import PAPER_REFERENCE, PAPER_SIZE, TASKS, default_task, load_model_config, summarize
 

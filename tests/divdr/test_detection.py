@@ -12,7 +12,8 @@ import torch
 from divdr.config import ConfigError, get_model_config
 from divdr.data.coco import CocoDetection, collate_fn
 from divdr.data.manifest import SUBSET_MANIFEST, read_subset_manifest
-from divdr.data.synthetic import LARGE, THIN, TINY, StudyConfig, generate
+from divdr.data.study import LARGE, THIN, TINY, StudyConfig
+from divdr.data.synthetic import generate
 from divdr.detection import POOL_LEVEL, DetectionConfig, build_detector
 from divdr.detection_eval import (
     detections_to_coco,

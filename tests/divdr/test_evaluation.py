@@ -6,7 +6,8 @@ import torch
 
 from divdr.config import get_model_config
 from divdr.data.cityscapes import CityscapesSegmentation
-from divdr.data.synthetic import generate, study_config
+from divdr.data.study import study_config
+from divdr.data.synthetic import generate
 from divdr.evaluation import merge_results, run_inference
 from divdr.heads import DynamicRoutingSegmenter
 

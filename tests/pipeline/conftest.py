@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from divdr.data.synthetic import generate, study_config
+from divdr.data.study import study_config
+from divdr.data.synthetic import generate
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from divdr.data.synthetic import generate, study_config
+from divdr.data.study import study_config
+from divdr.data.synthetic import generate
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]

@@ -11,7 +11,8 @@ import torch
 
 from divdr.config import ConfigError
 from divdr.data.cityscapes import DatasetError
-from divdr.data.synthetic import generate, study_config
+from divdr.data.study import study_config
+from divdr.data.synthetic import generate
 from divdr.flops import budget_ratio
 from divdr.losses import total_loss
 from pipeline.config import EMBEDDED_STUDY_DETECTION, resolve, with_data_root

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from divdr.data.synthetic import generate, study_config
+from divdr.data.study import study_config
+from divdr.data.synthetic import generate
 from pipeline.config import resolve, with_data_root, with_smoke
 from pipeline.schedule import kmeans_trigger_steps
 

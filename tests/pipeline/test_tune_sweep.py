@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from divdr.data.synthetic import generate, study_config
+from divdr.data.study import study_config
+from divdr.data.synthetic import generate
 from pipeline.config import SMOKE_OVERRIDES
 from pipeline.tune_space import parse_space
 

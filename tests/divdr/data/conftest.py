@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from divdr.data.synthetic import LARGE, THIN, TINY, StudyConfig, generate
+from divdr.data.study import LARGE, THIN, TINY, StudyConfig
+from divdr.data.synthetic import generate
 
 # every tiny-regime image gets a crowd, so the COCO export surely has iscrowd records
 SMALL = StudyConfig(height=64, width=128, n_train=6, n_val=4, seed=11,

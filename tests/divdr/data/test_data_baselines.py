@@ -19,7 +19,8 @@ from divdr.data.baselines import (
     object_structure,
     random_cnn_features,
 )
-from divdr.data.synthetic import StudyConfig, generate, split_records
+from divdr.data.study import StudyConfig
+from divdr.data.synthetic import generate, split_records
 
 MAX_TRIVIAL_RECOVERY = 0.6  # 3 balanced subsets: chance is ~0.42 on 60 images, perfect is 1
 MIN_STRUCTURE_RECOVERY = 0.9

@@ -14,20 +14,14 @@ from scipy import ndimage
 
 from divdr import cli
 from divdr.config import ConfigError
+from divdr.data import scenes as scenes_module
 from divdr.data import synthetic
 from divdr.data.cityscapes import CityscapesSegmentation
 from divdr.data.labels import CITYSCAPES_LABELS, LABEL_ID_BY_NAME
 from divdr.data.manifest import SUBSET_MANIFEST, read_subset_manifest
-from divdr.data.synthetic import (
-    DEFAULT_REGIMES,
-    LARGE,
-    StudyConfig,
-    ensure_default_dataset,
-    generate,
-    generate_scene,
-    split_records,
-    study_config,
-)
+from divdr.data.scenes import generate_scene
+from divdr.data.study import DEFAULT_REGIMES, LARGE, StudyConfig, study_config
+from divdr.data.synthetic import ensure_default_dataset, generate, split_records
 
 from .conftest import SMALL
 
@@ -87,12 +81,12 @@ def test_labels_use_the_cityscapes_table(small_seg_study: Path) -> None:
         assert np.isin(ids, OBJECT_IDS).any()  # every image of a regime has objects
 
 
-def scenes(regime: int, count: int = 6, config: StudyConfig | None = None) -> list[synthetic.Scene]:
+def scenes(regime: int, count: int = 6, config: StudyConfig | None = None) -> list[scenes_module.Scene]:
     config = config or StudyConfig()
     return [generate_scene(config, regime, np.random.default_rng([99, regime, i])) for i in range(count)]
 
 
-def component_stats(scene: synthetic.Scene) -> tuple[int, float, float]:
+def component_stats(scene: scenes_module.Scene) -> tuple[int, float, float]:
     """Object count, mean object area and mean elongation (longest side / area**0.5) of a scene."""
     areas = [obj.placed.mask.sum() for obj in scene.objects]
     elongation = [max(obj.placed.mask.shape) / np.sqrt(a) for obj, a in zip(scene.objects, areas, strict=True)]
@@ -122,10 +116,10 @@ def test_decoys_are_painted_like_objects_and_labelled_background() -> None:
     """``clutter="decoy"``: the other geometries look like objects, so only the regime tells them apart."""
     config = replace(StudyConfig(), clutter="decoy")
     rng = np.random.default_rng(0)
-    palette = synthetic.jittered_palette(config, rng)
+    palette = scenes_module.jittered_palette(config, rng)
     image = np.zeros((config.height, config.width, 3))
-    drafts = synthetic.fill_budget(DEFAULT_REGIMES[1], 0.05 * image.size / 3, rng, config.height)
-    synthetic.add_decoys(image, drafts, DEFAULT_REGIMES[1], config, rng, palette, np.zeros(3))
+    drafts = scenes_module.fill_budget(DEFAULT_REGIMES[1], 0.05 * image.size / 3, rng, config.height)
+    scenes_module.add_decoys(image, drafts, DEFAULT_REGIMES[1], config, rng, palette, np.zeros(3))
     painted = image[image.any(axis=-1)]
     objects = np.stack([palette[LABEL_ID_BY_NAME[c]] for c in config.object_classes])
     nearest = np.linalg.norm(painted[:, None] - objects[None], axis=-1).min(axis=1)
@@ -243,7 +237,7 @@ def test_default_cache_location_honours_the_environment(tmp_path: Path, monkeypa
 
 def test_object_components_are_compact_in_tiny_and_thin_regimes() -> None:
     """The label maps themselves tell the regimes apart: the information is in spatial structure."""
-    def median_component(scene: synthetic.Scene) -> float:
+    def median_component(scene: scenes_module.Scene) -> float:
         components, count = ndimage.label(np.isin(scene.label_ids, OBJECT_IDS))
         return float(np.median(np.bincount(components.ravel())[1:])) if count else 0.0
     large, tiny = (min(median_component(s) for s in scenes(0)), max(median_component(s) for s in scenes(1)))

@@ -15,14 +15,9 @@ from torch.utils.data import DataLoader
 
 from divdr.data.baselines import colour_histograms, kmeans_recovery, load_split
 from divdr.data.manifest import SUBSET_MANIFEST, read_subset_manifest
-from divdr.data.synthetic import (
-    PREMISE_STUDY,
-    generate,
-    generate_scene,
-    regime_routes,
-    scene_rng,
-    split_records,
-)
+from divdr.data.scenes import generate_scene
+from divdr.data.study import PREMISE_STUDY
+from divdr.data.synthetic import generate, regime_routes, scene_rng, split_records
 
 MAX_COLOUR_RECOVERY = 0.65  # 2 balanced subsets on 80 images: chance is ~0.55
 FINE_MAX_EXTENT = 10  # px: a tiny object spans at most 2-3 cells at 1/4 and 1-2 at 1/8
