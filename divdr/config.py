@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
-GateKind = Literal["soft", "gumbel"]
+GateKind = str  # a registered gate family: "soft" (DR) or "gumbel" (DRNets); see divdr.gates
 ClusterDistance = Literal["l2", "squared_l2"]
 KMeansStart = Literal["warm", "fresh"]
 Correctness = Literal["pixels", "image"]
@@ -87,7 +87,10 @@ class GateConfig:
     input_norm: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.kind in ("soft", "gumbel"), f"gate.kind must be 'soft' or 'gumbel', got {self.kind!r}")
+        from divdr.gates import GATE_FAMILIES  # the registry (a gate family registers itself there)
+
+        _require(self.kind in GATE_FAMILIES,
+                 f"gate.kind must be {' or '.join(map(repr, GATE_FAMILIES))}, got {self.kind!r}")
         _require(0 < self.threshold <= 1, f"gate.threshold must be in (0, 1], got {self.threshold}")
         _require(isinstance(self.max_branches, int) and self.max_branches >= 0,
                  f"gate.max_branches must be an integer >= 0 (0 = no cap), got {self.max_branches!r}")

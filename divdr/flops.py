@@ -23,52 +23,12 @@ import torch
 
 from divdr.cells import cell_active, path_active
 from divdr.config import NUM_SCALES, ModelConfig
-from divdr.gates import (
-    ROUTER_BLOCKS,
-    ROUTER_KERNEL,
-    ROUTER_STRIDE,
-    ROUTER_WIDTH_DIVISOR,
-    SMALL_GATE_FACTOR,
-    has_skip_branch,
-)
+from divdr.costs import CONVS_ONLY, OFFICIAL, Convention, conv, conv_bn_relu, strided  # noqa: F401 - re-exported
+from divdr.gates import gate_family
 from divdr.heads import padded_size
 from divdr.routing import DOWN, UP, CellSpec, route_paths, routing_space
 
 STEM_STRIDE = 4
-
-
-@dataclass(frozen=True)
-class Convention:
-    """Ops counted per output element for the layers that are not multiply-adds.
-
-    ``OFFICIAL`` is cal_op_flops.py (affine BN = 2, ReLU = 1, pooling = 1 per element);
-    ``CONVS_ONLY`` counts multiply-adds alone, the quantity torch's FlopCounterMode measures
-    (it reports 2 FLOPs per multiply-add and ignores BN, ReLU, pooling and interpolation).
-    """
-
-    bn: int = 2
-    relu: int = 1
-    pool: int = 1
-
-
-OFFICIAL = Convention()
-CONVS_ONLY = Convention(bn=0, relu=0, pool=0)
-
-
-def strided(n: int, stride: int) -> int:
-    """Output side of a padded convolution: ceil(n / stride). The official code floors, which is
-    the same on the padded sizes of a four-scale space; Layer17's 1/64 maps can be odd-sized."""
-    return -(-n // stride)
-
-
-def conv(h: int, w: int, c_in: int, c_out: int, k: int, stride: int = 1, groups: int = 1) -> int:
-    """Multiply-adds of a bias-free convolution."""
-    return k * k * (c_in // groups) * c_out * strided(h, stride) * strided(w, stride)
-
-
-def conv_bn_relu(h: int, w: int, c_in: int, c_out: int, k: int, cv: Convention, stride: int = 1) -> int:
-    out_elements = strided(h, stride) * strided(w, stride) * c_out
-    return conv(h, w, c_in, c_out, k, stride) + (cv.bn + cv.relu) * out_elements
 
 
 def stem_cost(h: int, w: int, c: int, cv: Convention) -> int:
@@ -94,40 +54,11 @@ def path_costs(h: int, w: int, spec: CellSpec, cv: Convention) -> list[int]:
     return costs
 
 
-def soft_gate_cost(h: int, w: int, c: int, n_paths: int, small_gate: bool, cv: Convention) -> int:
-    if small_gate:
-        h, w = max(1, h // SMALL_GATE_FACTOR), max(1, w // SMALL_GATE_FACTOR)
-    return conv_bn_relu(h, w, c, c // 2, 1, cv) + cv.pool * h * w * (c // 2) + conv(1, 1, c // 2, n_paths, 1)
-
-
-def router_cost(h: int, w: int, c: int, n_out: int, small_gate: bool, cv: Convention) -> int:
-    """DRNets' RouterNet: per block a 1x1 conv + BN + ReLU and a depth-wise 5x5 stride-2 conv + BN +
-    ReLU, then global average pooling and the affine map to ``n_out`` branch weights.
-
-    The depth-wise conv is padded (k // 2), so its output is ceil(size / 2): counted exactly, as
-    the router runs on maps as small as 1x1.
-    """
-    if small_gate:
-        h, w = max(1, h // SMALL_GATE_FACTOR), max(1, w // SMALL_GATE_FACTOR)
-    width = max(1, c // ROUTER_WIDTH_DIVISOR)
-    total, c_in = 0, c
-    for _ in range(ROUTER_BLOCKS):
-        total += conv_bn_relu(h, w, c_in, width, 1, cv)
-        h, w = -(-h // ROUTER_STRIDE), -(-w // ROUTER_STRIDE)
-        total += ROUTER_KERNEL**2 * width * h * w + (cv.bn + cv.relu) * width * h * w
-        c_in = width
-    return total + cv.pool * h * w * width + width * n_out
-
-
 def gate_cost(h: int, w: int, spec: CellSpec, config: ModelConfig, cv: Convention) -> int:
     """The cost of one cell's gate, whatever its family (0 without gates)."""
-    gate = config.gate
-    n_paths = sum(spec.paths)
-    if not gate.enabled:
+    if not config.gate.enabled:
         return 0
-    if gate.kind == "gumbel":
-        return router_cost(h, w, spec.channels, n_paths + int(has_skip_branch(gate)), gate.small_gate, cv)
-    return soft_gate_cost(h, w, spec.channels, n_paths, gate.small_gate, cv)
+    return gate_family(config.gate.kind).cost(h, w, spec.channels, sum(spec.paths), config.gate, cv)
 
 
 def decoder_cost(h4: int, w4: int, c: int, num_classes: int, cv: Convention, num_scales: int = NUM_SCALES) -> int:
@@ -202,7 +133,7 @@ def cost_table(config: ModelConfig, height: int, width: int, convention: Convent
         cell=torch.tensor(cells, dtype=torch.float64),
         paths=torch.tensor(paths, dtype=torch.float64),
         gate=torch.tensor(gates, dtype=torch.float64),
-        cell_usage="sum" if config.gate.enabled and config.gate.kind == "gumbel" else "max",
+        cell_usage=gate_family(config.gate.kind).cell_usage if config.gate.enabled else "max",
     )
 
 

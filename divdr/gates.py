@@ -1,37 +1,34 @@
 """Gate families: per cell, a weight in [0, 1] for each of its paths.
 
 A gate maps the cell input [B, C, H, W] to weights [B, n_paths] in the cell's own path order
-(the allowed slots of [up, keep, down]). ``build_gate`` is the one place that picks the family:
+(the allowed slots of [up, keep, down]). A family is a ``GateFamily`` registered under the name
+``GateConfig.kind`` selects: how to build its gate, what the gate costs, how a cell's use is read from
+its weights (``cell_usage``), whether the gate returns an extra "skip the cell" column. Everything else
+(cells, FLOPs, the training loop) asks the registry, so a new family is one module that registers itself:
 
-- ``soft``: DR's soft conditional gate, max(0, tanh), each path on its own;
-- ``gumbel``: DRNets' RouterNet, whose importance weights over the cell's branches are
-  recalibrated with Gumbel-Softmax at temperature tau in training, and at inference keep the
-  top-k branches above a threshold (the others exactly 0, so the cell skips them). With
-  ``skip_branch`` the router has one more output, "skip the cell", returned as the last column.
+- ``soft`` (here): DR's soft conditional gate, max(0, tanh), each path on its own;
+- ``gumbel`` (``divdr.gumbel``): DRNets' RouterNet, Gumbel-Softmax over the cell's branches.
 
-The temperature is a buffer of each Gumbel gate (checkpoints keep it, inference depends on it);
+A gate with a temperature keeps it as a ``tau`` buffer (checkpoints keep it, inference depends on it);
 the training loop sets it with ``set_temperature`` or ``anneal_temperature``, never via forward.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from divdr.config import GateConfig, TemperatureConfig
+from divdr.config import ConfigError, GateConfig, TemperatureConfig
+from divdr.costs import Convention, conv, conv_bn_relu
 from divdr.ops import conv_bn, kaiming_init
 
 SMALL_GATE_FACTOR = 4  # "small gate": the gate sees the input bilinearly down-sampled by 4
 
-# RouterNet (DRNets Sec. 3.2): 2 separable blocks, each a point-wise conv then a depth-wise 5x5
-# conv of stride 2 ("large stride and kernel size incurs minimal overhead"), global average pool,
-# an affine map to the branch weights. The width is C/2, as the soft gate's reduction (the paper
-# does not give one).
-ROUTER_BLOCKS = 2
-ROUTER_KERNEL = 5
-ROUTER_STRIDE = 2
-ROUTER_WIDTH_DIVISOR = 2
 
 
 def soft_gate_activation(logits: torch.Tensor) -> torch.Tensor:
@@ -54,7 +51,11 @@ def gate_input(x: torch.Tensor, small_gate: bool, input_norm: bool = False) -> t
     return x
 
 
-class SoftGate(nn.Module):
+class Gate(nn.Module):
+    """Base class of every gate family's module (what ``gate_parameters`` finds)."""
+
+
+class SoftGate(Gate):
     """DR's soft conditional gate: 1x1 conv (C -> C/2) + BN + ReLU, global average pool,
     1x1 conv (C/2 -> n_paths, bias initialised to ``bias_init``), then max(0, tanh)."""
 
@@ -83,103 +84,65 @@ class OpenGate(nn.Module):
         return x.new_ones(x.shape[0], self.n_paths)
 
 
-class RouterNet(nn.Module):
-    """DRNets' hypernetwork for one cell: [B, C, H, W] -> unnormalised importance weights [B, n_out].
+@dataclass(frozen=True)
+class GateFamily:
+    """What the library needs to know of a gate family.
 
-    Blocks of (1x1 conv + BN + ReLU, depth-wise 5x5 conv stride 2 + BN + ReLU), global average
-    pool, linear layer (bias 0: softmax is shift-invariant, every branch starts equally likely).
+    ``build(config, channels, n_paths)``: the gate of a cell with ``n_paths`` paths;
+    ``cost(h, w, channels, n_paths, config, convention)``: its FLOPs on an h x w input;
+    ``cell_usage``: a cell's probability of running, from its weights: their ``max`` (independent
+    paths, DR's soft gate) or their ``sum`` (weights that are a distribution over the branches);
+    ``skip_branch(config)``: whether the gate returns a last column "skip the cell" (DRNets).
     """
 
-    def __init__(self, channels: int, n_out: int) -> None:
-        super().__init__()
-        width = max(1, channels // ROUTER_WIDTH_DIVISOR)
-        blocks: list[nn.Module] = []
-        c_in = channels
-        for _ in range(ROUTER_BLOCKS):
-            blocks += [conv_bn(c_in, width, 1),
-                       conv_bn(width, width, ROUTER_KERNEL, stride=ROUTER_STRIDE, groups=width)]
-            c_in = width
-        self.blocks = nn.Sequential(*blocks)
-        self.affine = nn.Linear(width, n_out)
-        kaiming_init(self)
-        nn.init.zeros_(self.affine.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.affine(self.blocks(x).mean(dim=(2, 3)))
+    build: Callable[[GateConfig, int, int], nn.Module]
+    cost: Callable[[int, int, int, int, GateConfig, Convention], int]
+    cell_usage: Literal["max", "sum"] = "max"
+    skip_branch: Callable[[GateConfig], bool] = lambda config: False
 
 
-def gumbel_softmax(logits: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
-    """DRNets eq. 4: softmax((w + g) / tau) with g ~ Gumbel(0, 1) = -log(-log(u)), u ~ U(0, 1).
-
-    u is clamped inside (0, 1) so that g stays finite in the working precision.
-    """
-    info = torch.finfo(logits.dtype)
-    u = torch.rand_like(logits).clamp_(min=info.tiny, max=1.0 - info.eps)
-    return torch.softmax((logits - torch.log(-torch.log(u))) / tau, dim=-1)
+GATE_FAMILIES: dict[str, GateFamily] = {}
 
 
-def select_branches(weights: torch.Tensor, threshold: float, max_branches: int = 0) -> torch.Tensor:
-    """DRNets' inference rule, per row of ``weights`` [..., n] (non-negative, summing to 1):
-
-    keep the top-k branches, k the smallest whose weights add up to ``threshold`` (at most
-    ``max_branches`` if > 0), rescale them by 1 / their sum, and set the others to exactly 0.
-    The largest branch is always kept, so every row keeps at least one.
-    """
-    ranked, order = weights.sort(dim=-1, descending=True)
-    mass_before = ranked.cumsum(dim=-1) - ranked  # weight of the branches ranked above each one
-    keep_ranked = mass_before < threshold
-    keep_ranked[..., 0] = True  # exact even if rounding put mass_before[0] above 0
-    if max_branches > 0:
-        keep_ranked[..., max_branches:] = False
-    keep = torch.zeros_like(keep_ranked).scatter(-1, order, keep_ranked)
-    kept = torch.where(keep, weights, torch.zeros_like(weights))
-    return kept / kept.sum(dim=-1, keepdim=True)
+def register_gate_family(name: str, family: GateFamily) -> None:
+    GATE_FAMILIES[name] = family
 
 
-class GumbelGate(nn.Module):
-    """DRNets' gate on a DR cell: RouterNet importance weights over the cell's branches.
-
-    Training: Gumbel-Softmax recalibration at temperature ``tau`` (dense weights, every branch
-    trained, gradients reach the router through the reparameterisation). Inference: no noise,
-    softmax(w / tau), then ``select_branches`` (exact zeros for the branches not selected).
-    """
-
-    def __init__(self, channels: int, n_branches: int, config: GateConfig) -> None:
-        super().__init__()
-        self.small_gate = config.small_gate
-        self.input_norm = config.input_norm
-        self.threshold = config.threshold
-        self.max_branches = config.max_branches
-        self.router = RouterNet(channels, n_branches)
-        # a persistent buffer: checkpoints carry the temperature the selection was trained at
-        self.register_buffer("tau", torch.tensor(float(config.temperature.pretrain)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.router(gate_input(x, self.small_gate, self.input_norm))
-        if self.training:
-            return gumbel_softmax(logits, self.tau)
-        return select_branches(torch.softmax(logits / self.tau, dim=-1), self.threshold, self.max_branches)
+def gate_family(name: str) -> GateFamily:
+    if name not in GATE_FAMILIES:
+        raise ConfigError(f"gate.kind must be {' or '.join(map(repr, GATE_FAMILIES))}, got {name!r}")
+    return GATE_FAMILIES[name]
 
 
 def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters of every gate in ``model`` (soft or Gumbel; a DDP wrapper works too), e.g. for
-    an optimizer parameter group of their own."""
-    return [p for m in model.modules() if isinstance(m, (SoftGate, GumbelGate)) for p in m.parameters()]
+    """The parameters of every gate in ``model`` (any family; a DDP wrapper works too), e.g. for an
+    optimizer parameter group of their own."""
+    return [p for m in model.modules() if isinstance(m, Gate) for p in m.parameters()]
 
 
 def has_skip_branch(config: GateConfig) -> bool:
     """Whether the gate returns a last column for DRNets' fast-forward branch ("skip the cell")."""
-    return config.enabled and config.kind == "gumbel" and config.skip_branch
+    return config.enabled and gate_family(config.kind).skip_branch(config)
 
 
 def build_gate(config: GateConfig, channels: int, n_paths: int) -> nn.Module:
     if not config.enabled:
         return OpenGate(n_paths)
-    if config.kind == "soft":
-        return SoftGate(channels, n_paths, config.small_gate, config.bias_init, config.input_norm)
-    if config.kind == "gumbel":
-        return GumbelGate(channels, n_paths + int(has_skip_branch(config)), config)
-    raise NotImplementedError(f"gate kind {config.kind!r}")
+    return gate_family(config.kind).build(config, channels, n_paths)
+
+
+def soft_gate_cost(h: int, w: int, channels: int, n_paths: int, config: GateConfig, cv: Convention) -> int:
+    """1x1 conv C -> C/2 + BN + ReLU on the (small-gate) input, global pooling, 1x1 conv to the paths."""
+    if config.small_gate:
+        h, w = max(1, h // SMALL_GATE_FACTOR), max(1, w // SMALL_GATE_FACTOR)
+    c = channels
+    return conv_bn_relu(h, w, c, c // 2, 1, cv) + cv.pool * h * w * (c // 2) + conv(1, 1, c // 2, n_paths, 1)
+
+
+register_gate_family("soft", GateFamily(
+    build=lambda config, channels, n_paths: SoftGate(channels, n_paths, config.small_gate, config.bias_init,
+                                                     config.input_norm),
+    cost=soft_gate_cost, cell_usage="max"))
 
 
 def temperature_schedule(progress: float, config: TemperatureConfig) -> float:
@@ -196,11 +159,11 @@ def temperature_schedule(progress: float, config: TemperatureConfig) -> float:
 
 
 def set_temperature(model: nn.Module, tau: float) -> int:
-    """Set tau of every Gumbel gate in ``model`` (a DDP wrapper works too); returns how many
-    gates were set, 0 for a soft-gate model (then this is a no-op)."""
+    """Set tau of every gate of ``model`` that has a temperature (Gumbel gates; a DDP wrapper works too);
+    returns how many were set, 0 for a soft-gate model (then this is a no-op)."""
     if not tau > 0:
         raise ValueError(f"temperature must be > 0, got {tau}")
-    gates = [m for m in model.modules() if isinstance(m, GumbelGate)]
+    gates = [m for m in model.modules() if isinstance(m, Gate) and hasattr(m, "tau")]
     for gate in gates:
         gate.tau.fill_(tau)
     return len(gates)
@@ -211,3 +174,7 @@ def anneal_temperature(model: nn.Module, progress: float, config: TemperatureCon
     tau = temperature_schedule(progress, config)
     set_temperature(model, tau)
     return tau
+
+
+# The built-in families beyond the soft gate register themselves on import.
+import divdr.gumbel  # noqa: E402, F401

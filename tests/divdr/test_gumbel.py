@@ -23,17 +23,9 @@ from divdr.config import (
     config_from_dict,
     get_model_config,
 )
-from divdr.flops import CONVS_ONLY, budget_ratio, cost_table, expected_cost, real_cost, router_cost
-from divdr.gates import (
-    GumbelGate,
-    RouterNet,
-    SoftGate,
-    anneal_temperature,
-    gumbel_softmax,
-    select_branches,
-    set_temperature,
-    temperature_schedule,
-)
+from divdr.flops import CONVS_ONLY, budget_ratio, cost_table, expected_cost, real_cost
+from divdr.gates import SoftGate, anneal_temperature, set_temperature, temperature_schedule
+from divdr.gumbel import GumbelGate, RouterNet, gumbel_softmax, router_cost, select_branches
 from divdr.heads import DynamicRoutingSegmenter
 from divdr.losses import correctness, resource_loss, resource_schedule, total_loss
 from divdr.routing import DOWN, KEEP, UP, routing_space
