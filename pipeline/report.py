@@ -13,10 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from pipeline.tune_space import REPORT_METRICS, TuneSpace
-
-LABELS = {"miou": "mIoU", "gflops_real": "GFLOPs", "gflops_real_1024x2048": "GFLOPs@1024x2048",
-          "inter": "Inter", "intra": "Intra", "recovery": "recovery"}
+from pipeline.columns import LABELS, REPORT_METRICS
+from pipeline.tune_space import TuneSpace
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

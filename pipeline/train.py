@@ -24,6 +24,7 @@ import yaml
 
 from divdr.config import PRESETS, ConfigError
 from pipeline import tracking
+from pipeline.columns import format_table
 from pipeline.config import ExperimentConfig, resolve, with_data_root, with_smoke
 from pipeline.faults import faults_from_env
 from pipeline.tasks import make_task
@@ -195,29 +196,6 @@ def _run_ray(cfg: ExperimentConfig, out: Path, run_dir: Path, uri: str, run_id: 
         if store is not None:
             ray.kill(store, no_restart=True)
     return metrics
-
-
-Column = tuple[str, str, str]  # (title, metric key, format spec)
-SEGMENTATION_COLUMNS: tuple[Column, ...] = (
-    ("mIoU", "miou", ".3f"), ("GFLOPs (eval size)", "gflops_real", ".3f"),
-    ("GFLOPs @1024x2048", "gflops_real_1024x2048", ".1f"), ("Inter", "inter", ".3f"), ("Intra", "intra", ".3f"),
-    ("recovery", "recovery", ".3f"), ("val cluster sizes", "cluster_sizes", ""))
-# Detection / instance runs: COCO AP (fractions, as COCOeval), backbone GFLOPs at 800x800.
-DETECTION_COLUMNS: tuple[Column, ...] = (
-    ("bbox AP", "bbox/AP", ".3f"), ("AP50", "bbox/AP50", ".3f"), ("AP75", "bbox/AP75", ".3f"),
-    ("segm AP", "segm/AP", ".3f"), ("GFLOPs (eval size)", "gflops_real", ".3f"),
-    ("GFLOPs @800x800", "gflops_real_800x800", ".2f"), ("Inter", "inter", ".3f"), ("Intra", "intra", ".3f"),
-    ("recovery", "recovery", ".3f"), ("val cluster sizes", "cluster_sizes", ""))
-
-
-def format_table(rows: dict[str, dict[str, Any]]) -> str:
-    """One Markdown row per run; detection columns when the runs carry COCO AP."""
-    columns = DETECTION_COLUMNS if any("bbox/AP" in m for m in rows.values()) else SEGMENTATION_COLUMNS
-    lines = ["| run | " + " | ".join(title for title, _, _ in columns) + " |", "|" + "---|" * (1 + len(columns))]
-    for name, m in rows.items():
-        cells = [format(m.get(key, float("nan")), spec) if spec else str(m.get(key)) for _, key, spec in columns]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

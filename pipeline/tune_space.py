@@ -31,10 +31,10 @@ from typing import Any
 import yaml
 
 from divdr.config import PRESETS, ConfigError
+from pipeline.columns import REPORT_METRICS
 from pipeline.config import deep_merge, from_dict, load_yaml
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice")
-REPORT_METRICS = ("miou", "gflops_real", "gflops_real_1024x2048", "inter", "intra", "recovery")
 TOP_KEYS = {"name", "description", "preset", "seeds", "metric", "config", "base", "grid", "sample", "variants",
             "num_samples", "max_concurrent"}
 VARIANT_KEY = "variant"  # the swept parameter that names a variant

@@ -123,3 +123,15 @@ def test_oracle_trains_one_expert_per_subset_and_compares(smoke_run, tiny_study,
     experts = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("oracle-"))
     assert experts == ["oracle-large", "oracle-thin", "oracle-tiny"]
     assert (tmp_path / "oracle.md").read_text().startswith("| model | mIoU (all val) |")
+
+
+def test_main_job_shows_each_preset_over_seeds(ray_session, tiny_study, tmp_path):
+    """pipeline/main_job.py: every preset trained with seeds 0 .. N-1, mean +- std per preset."""
+    from pipeline.main_job import main as main_job
+
+    runs = main_job(["--smoke", "--presets", "DR-A", "--seeds", "2", "--out", str(tmp_path), "--data", str(tiny_study),
+                     "--set", "scaling.workers=1", "--set", "train.steps=4"])
+    assert list(runs) == ["DR-A"] and len(runs["DR-A"]) == 2
+    assert [Path(m["run_dir"]).name for m in runs["DR-A"]] == ["main-DR-A-seed0", "main-DR-A-seed1"]
+    summary = (tmp_path / "main_job.md").read_text()
+    assert "| DR-A | 2 | " in summary and "| DR-A seed 1 | " in summary
