@@ -1,5 +1,11 @@
 """Shared fixtures of the pipeline tests: one local Ray per test module, small generated studies."""
 
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -22,3 +28,20 @@ def make_study(tmp_path_factory, n_train: int, n_val: int, seed: int) -> Path:
     root = tmp_path_factory.mktemp("study")
     generate(study_config(n_train=n_train, n_val=n_val, height=64, width=128, seed=seed), root)
     return root
+
+
+def stop_processes_naming(temp_dir: str) -> None:
+    """End the Ray processes a test started with their own temporary folder (``ray start --temp-dir``,
+    ``RAY_TMPDIR``), and only those: every one of them names that folder on its command line. ``ray stop``
+    would end every Ray on the machine, other users' training included."""
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 2.0)):
+        found = subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True).stdout.split()
+        pids = [int(pid) for pid in found if int(pid) != os.getpid()]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while pids and time.monotonic() < deadline:
+            pids = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+            time.sleep(0.2)
+    shutil.rmtree(temp_dir, ignore_errors=True)

@@ -8,12 +8,14 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from divdr.data.study import study_config
 from divdr.data.synthetic import generate
+from tests.pipeline.conftest import stop_processes_naming
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -31,11 +33,15 @@ def head():
     gcs, dashboard = free_port(), free_port()
     # the job runs "python" from the PATH the head was started with: this environment's
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    temp_dir = tempfile.mkdtemp(prefix="ray-head-", dir="/tmp")  # short: Ray's socket paths live under it
     subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
                     "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "4",
-                    "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=120)
-    yield {**env, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}"}
-    subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+                    "--temp-dir", temp_dir, "--disable-usage-stats"], check=True, env=env, capture_output=True,
+                   timeout=120)
+    try:
+        yield {**env, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}"}
+    finally:
+        stop_processes_naming(temp_dir)
 
 
 def test_train_py_as_a_ray_job(head, tmp_path):

@@ -3,10 +3,11 @@ unreachable, the driver stops. Ray starts once for this module (the driver test 
 """
 
 import json
-import shutil
+import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 from divdr.config import ConfigError
 from pipeline.config import resolve, with_data_root, with_smoke
 from pipeline.schedule import kmeans_trigger_steps
-from tests.pipeline.conftest import make_study
+from tests.pipeline.conftest import make_study, stop_processes_naming
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -108,18 +109,19 @@ def test_unwritable_or_full_output_folder_refused_before_training(tmp_path, monk
 def test_stopped_driver_rerun_resumes_with_the_same_mlflow_run(study, tmp_path, ray_session):
     import ray
 
-    ray.shutdown()  # the driver below starts its own local Ray
+    ray.shutdown()  # the driver below starts its own local Ray, in a temporary folder of its own
+    ray_dir = tempfile.mkdtemp(prefix="ray-driver-", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": ray_dir}
     command = [sys.executable, str(REPO / "pipeline" / "train.py"), "--smoke", "--data", str(study), "--out",
                str(tmp_path), "--name", "driver", "--set", "train.steps=40", "--set", "train.checkpoint_every=4"]
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.time() + 240
     ckpt_root = tmp_path / "ray_results" / "driver"
     while time.time() < deadline and len(list(ckpt_root.glob("checkpoint_*"))) < 2:
         time.sleep(1)
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=60)
-    subprocess.run([shutil.which("ray") or str(Path(sys.executable).parent / "ray"), "stop", "--force"],
-                   capture_output=True, timeout=120)
+    stop_processes_naming(ray_dir)  # the killed driver's Ray, and nothing else on the machine
     run_id = (tmp_path / "driver" / "mlflow_run_id").read_text()
     second = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:]
