@@ -58,6 +58,23 @@ def subset_diagnostics(train_acts: np.ndarray, train_subsets: np.ndarray, val_ac
     }
 
 
+def routing_curve(val: InferenceResult, centres: np.ndarray | None) -> dict[str, float]:
+    """During training (``train.eval_every``), the controlled study's learning curves: the share of A(x)'s
+    variance between the known subsets, the recovery of the subsets by the current centres (when there are
+    some) and each subset's mean real GFLOPs. Empty when the subsets are unknown."""
+    known = val.subsets >= 0
+    subsets = val.subsets[known]
+    if np.unique(subsets).size < 2:
+        return {}
+    acts = val.activations[known]
+    metrics = {"val/subset_variance_share": clustering.subset_variance_share(acts, subsets)}
+    if centres is not None:
+        metrics["val/recovery"] = clustering.recovery_accuracy(clustering.assign(acts, centres), subsets)
+    for s in np.unique(subsets):
+        metrics[f"val/gflops_subset{int(s)}"] = float(val.real_gflops[known][subsets == s].mean())
+    return metrics
+
+
 def subset_metrics(train: InferenceResult, val: InferenceResult, reference_size: tuple[int, int]) -> dict[str, Any]:
     """Controlled study only: ``subset_diagnostics`` with GFLOPs at the reference size; empty when the
     subsets are unknown."""

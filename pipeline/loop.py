@@ -291,7 +291,8 @@ class LogMetrics(Hook):
 
 
 class PeriodicEvaluation(Hook):
-    """Val scores (mIoU, or COCO AP) and real GFLOPs every ``train.eval_every`` steps, sharded over ranks."""
+    """Val scores (mIoU, or COCO AP) and real GFLOPs every ``train.eval_every`` steps, sharded over ranks;
+    on a controlled study also the learning curves of its subsets (``pipeline.analysis.routing_curve``)."""
 
     def __init__(self, sink: MetricsSink | None) -> None:
         self.sink = sink
@@ -304,7 +305,10 @@ class PeriodicEvaluation(Hook):
         part = task.inference(trainer.net, "val", shard(task.split_size("val"), world.rank, world.size))
         merged = task.merge(world.gather(part))
         if self.sink is not None:
-            self.sink.metrics(task.val_metrics(merged), step)
+            from pipeline.analysis import routing_curve  # plotting libraries: rank 0 only
+
+            centres = trainer.centres.centres.numpy() if trainer.centres.usable() else None
+            self.sink.metrics({**task.val_metrics(merged), **routing_curve(task.routing(merged), centres)}, step)
 
 
 class Checkpoints(Hook):
