@@ -25,7 +25,7 @@ def study(tmp_path_factory) -> Path:
 def local_run(study, tmp_path_factory):
     out = tmp_path_factory.mktemp("local")
     cfg = resolve("DivDR-A", None, ["train.steps=10", "clustering.update_every=4", "store.switch_lag=1",
-                                    "train.eval_every=5", "train.checkpoint_every=5"], base=with_smoke({}))
+                                    "train.eval_every=6", "train.checkpoint_every=5"], base=with_smoke({}))
     return cfg, out, run(with_data_root(cfg, study), out, local=True)
 
 
@@ -65,10 +65,10 @@ def test_mlflow_holds_the_local_run(local_run):
     assert found.info.status == "FINISHED" and found.data.tags["runner"] == "local"
     for key in ("loss/task", "kmeans/inter", "val/miou", "final/miou"):
         assert key in found.data.metrics, key
-    assert [m.step for m in client.get_metric_history(found.info.run_id, "val/miou")] == [5]
+    assert [m.step for m in client.get_metric_history(found.info.run_id, "val/miou")] == [6]
     # the study's learning curves at each evaluation: share, recovery by the current centres, GFLOPs by subset
     for key in ("val/subset_variance_share", "val/recovery", "val/gflops_subset0"):
-        assert [m.step for m in client.get_metric_history(found.info.run_id, key)] == [5], key
+        assert [m.step for m in client.get_metric_history(found.info.run_id, key)] == [6], key
     assert 0.0 <= found.data.metrics["val/recovery"] <= 1.0
 
 
