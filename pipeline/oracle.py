@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="trained models (<run>/artifacts/model.pt) to evaluate per subset beside the oracle")
     parser.add_argument("--route-experts", action="store_true",
                         help="one expert per regime's route (study.json) instead of per subset's images")
+    parser.add_argument("--no-network-fix", action="store_true",
+                        help="with --route-experts: leave out the Network-Fix row (every path, no gates)")
     parser.add_argument("--smoke", action="store_true", help="tiny everything, to check the path")
     return parser
 
@@ -135,7 +137,8 @@ def train_route_experts(args: argparse.Namespace, base: dict[str, Any], root: Pa
                          "(make the study with `divdr make-data --study premise`)")
     experts = {f"route {list(route)} ({names[s]}'s part)": (f"expert-route-{names[s]}", [f"model.route={list(route)}"])
                for s, route in routes.items()}
-    experts["Network-Fix (every path, no gates)"] = ("expert-network-fix", [])
+    if not args.no_network_fix:
+        experts["Network-Fix (every path, no gates)"] = ("expert-network-fix", [])
     rows = {}
     for label, (name, route) in experts.items():
         cfg = resolve("DR-Raw", args.config, [*args.overrides, *ROUTE_EXPERT_OVERRIDES, *route, f"name={name}",
