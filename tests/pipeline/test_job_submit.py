@@ -31,18 +31,22 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def head():
-    gcs, dashboard = free_port(), free_port()
+    # every port the head listens on is a free one: fixed defaults (the dashboard agent's 52365, Ray
+    # Client's 10001) collide with any other Ray on the machine, a user's included
+    gcs, dashboard, agent, client = free_port(), free_port(), free_port(), free_port()
     # the job runs "python" from the PATH the head was started with: this environment's
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     temp_dir = tempfile.mkdtemp(prefix="ray-head-", dir="/tmp")  # short: Ray's socket paths live under it
     try:  # a head that starts too slowly is stopped too
         subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-                        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--num-cpus", "4",
+                        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+                        "--dashboard-agent-listen-port", str(agent), "--ray-client-server-port", str(client),
+                        "--num-cpus", "4",
                         "--temp-dir", temp_dir, "--disable-usage-stats"], check=True, env=env, capture_output=True,
                        timeout=300)
         yield {**env, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard}"}
     finally:
-        stop_processes_naming(temp_dir)
+        stop_processes_naming(temp_dir, f"--address=[^ ]+:{gcs}( |$)")  # Ray Client's server names the GCS only
 
 
 def test_train_py_as_a_ray_job(head, tmp_path):
