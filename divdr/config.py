@@ -212,9 +212,16 @@ class ClusteringConfig:
     # K-means initialisation at each update: "warm" from the previous centres (cluster k stays cluster
     # k; SPEC) or "fresh" (k-means++ every time: a partition found early cannot lock in).
     kmeans_start: KMeansStart = "warm"
+    # Not in the paper: a floor under the sigma^2 of eq. 2 (0 = none, the paper's K-means variance).
+    # Eq. 2 divides distances by 2 sigma^2, and sigma^2 is the within-cluster variance that the loss
+    # itself shrinks: on the premise study it fell from ~0.3 to 0.007, the pull grew ~40x and the
+    # clusters collapsed onto two routes. With a floor the hinge is met once clusters are
+    # 2 * alpha * floor apart, and the pull stops growing.
+    sigma2_min: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.weight >= 0, f"clustering.weight (lambda2) must be >= 0, got {self.weight}")
+        _require(self.sigma2_min >= 0, f"clustering.sigma2_min must be >= 0, got {self.sigma2_min}")
         _require(self.k >= 1, f"clustering.k must be >= 1, got {self.k}")
         _require(self.alpha >= 0, f"clustering.alpha must be >= 0, got {self.alpha}")
         # With two centres the own centre is the nearest, so eq. 2 is max(0, alpha - positive) = 0 when

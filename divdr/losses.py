@@ -139,7 +139,8 @@ def total_loss(task: torch.Tensor, *, cost_ratio: torch.Tensor, progress: float,
     per_image = None
     clustering_term = zero
     if clustering.weight and centres is not None and activations is not None and sigma2 is not None:
-        per_image = clustering_loss(activations, centres, sigma2, clustering.alpha, clustering.distance)
+        per_image = clustering_loss(activations, centres, max(sigma2, clustering.sigma2_min), clustering.alpha,
+                                    clustering.distance)
         clustering_term = per_image.mean() * clustering_schedule(progress, clustering)
     resource_term = zero
     resource_weight = resource.weight if resource is not None else 0.0

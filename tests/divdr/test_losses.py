@@ -107,7 +107,27 @@ def test_clustering_schedule_starts_late_and_ramps():
 
 
 @pytest.mark.parametrize(("field", "value"), [("start_fraction", 1.5), ("warmup_fraction", -0.1),
-                                              ("kmeans_start", "cold")])
+                                              ("kmeans_start", "cold"), ("sigma2_min", -0.1)])
 def test_clustering_schedule_options_are_validated(field, value):
     with pytest.raises(ConfigError, match=rf"clustering\.{field}"):
         ClusteringConfig(**{field: value})
+
+
+def test_sigma2_floor_bounds_the_pull_of_collapsed_clusters():
+    """With sigma^2 shrunk by the loss itself, the floor is what eq. 2 divides by; above it, nothing changes.
+    Points near the boundary between two clusters (margin below 2 * alpha * sigma^2) are the ones pulled."""
+    a = torch.tensor([[0.495, 0.495], [0.51, 0.5]], requires_grad=True)
+    centres = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    kwargs = dict(cost_ratio=torch.tensor([0.5, 0.5]), progress=1.0, budget=BudgetConfig(), activations=a,
+                  centres=centres)
+    plain, floored = (ClusteringConfig(weight=1.0, k=2, alpha=1.0, sigma2_min=m) for m in (0.0, 0.25))
+    collapsed = total_loss(torch.tensor(0.0), clustering=plain, sigma2=0.01, **kwargs).clustering
+    bounded = total_loss(torch.tensor(0.0), clustering=floored, sigma2=0.01, **kwargs).clustering
+    at_floor = total_loss(torch.tensor(0.0), clustering=plain, sigma2=0.25, **kwargs).clustering
+    assert float(bounded) == pytest.approx(float(at_floor)) and float(collapsed) > 0
+    grad_collapsed, = torch.autograd.grad(collapsed, a, retain_graph=True)
+    grad_bounded, = torch.autograd.grad(bounded, a)
+    assert float(grad_bounded.norm()) < float(grad_collapsed.norm()) / 10
+    wide = total_loss(torch.tensor(0.0), clustering=floored, sigma2=1.0, **kwargs).clustering
+    assert float(wide) == pytest.approx(float(total_loss(torch.tensor(0.0), clustering=plain, sigma2=1.0,
+                                                         **kwargs).clustering))
