@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         nets[f"closed {rate:.2f}"] = (base, rate)
     for spec in args.checkpoint:
         name, path = spec.split("=", 1)
-        state = torch.load(path, map_location="cpu", weights_only=False)["model"]
+        state = torch.load(path, map_location="cpu", weights_only=True)["model"]  # a training checkpoint: tensors only
         net = DynamicRoutingSegmenter(get_model_config(args.model_size)).eval()
         net.load_state_dict(state)
         nets[name] = (net, None)

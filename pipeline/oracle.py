@@ -34,7 +34,7 @@ if __package__ in (None, ""):
 import numpy as np
 import torch
 
-from divdr.config import PRESETS
+from divdr.config import PRESETS, GateConfig, ModelConfig, TemperatureConfig
 from divdr.data.cityscapes import CityscapesSegmentation, write_subset_view
 from divdr.data.manifest import SUBSET_MANIFEST, read_subset_manifest
 from divdr.data.synthetic import regime_routes
@@ -76,7 +76,14 @@ def load_model(path: Path) -> DynamicRoutingSegmenter:
     """A model written by the pipeline's analysis (``{"config": ModelConfig, "state_dict": ...}``)."""
     if not path.is_file():
         raise SystemExit(f"pipeline/oracle.py: error: model file {path} does not exist")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    # weights_only: tensors, plain values and the model's own config classes; nothing else is unpickled
+    # (a model file may come from shared storage, and a pickle could run code)
+    try:
+        with torch.serialization.safe_globals([ModelConfig, GateConfig, TemperatureConfig]):
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure: name the file
+        raise SystemExit(f"pipeline/oracle.py: error: {path} is not a model file written by this pipeline "
+                         f"(or holds more than weights and a ModelConfig): {str(error).splitlines()[0]}") from error
     net = DynamicRoutingSegmenter(saved["config"])
     net.load_state_dict(saved["state_dict"])
     return net.eval()
