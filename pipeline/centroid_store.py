@@ -236,13 +236,17 @@ class CentroidStoreImpl:
             if not (old / STATE_FILE).exists():
                 return False
             folder = old
-        state = json.loads((folder / STATE_FILE).read_text())
+        try:
+            state = json.loads((folder / STATE_FILE).read_text())
+            table = pq.read_table(folder / ACTIVATIONS_FILE)
+            ids = table.column("sample_id").to_numpy()
+            flat = table.column("a").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        except (OSError, ValueError, KeyError, pa.ArrowException) as err:
+            raise ValueError(f"centroid store snapshot {folder} is unreadable ({type(err).__name__}: {err}); "
+                             "move it away to resume without it, or re-run with --fresh") from None
         if state["num_samples"] != len(self.seen) or state["dim"] != self.dim:
             raise ValueError(f"snapshot in {folder} holds {state['num_samples']} x {state['dim']} activations, "
                              f"this run needs {len(self.seen)} x {self.dim}: wrong --out or run name?")
-        table = pq.read_table(folder / ACTIVATIONS_FILE)
-        ids = table.column("sample_id").to_numpy()
-        flat = table.column("a").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         self.activations[ids] = flat.reshape(len(ids), self.dim)
         self.seen[ids] = True
         self.version = state["version"]

@@ -168,12 +168,19 @@ class ExperimentConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     detection: DetectionConfig = field(default_factory=DetectionConfig)  # FPN and R-CNN heads (detection tasks)
 
+    def __post_init__(self) -> None:
+        check_run_name(self.run_name)
+
     @property
     def run_name(self) -> str:
         return self.name or f"{self.preset}-seed{self.train.seed}"
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        """Plain values, for config.yaml, MLflow params and printing: credentials in a tracking URI are
+        masked (the runtime uses ``tracking.uri`` itself)."""
+        tree = _plain(dataclasses.asdict(self))
+        tree["tracking"]["uri"] = redact_uri(self.tracking.uri)
+        return tree
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> values, for MLflow params."""
@@ -188,6 +195,43 @@ class ExperimentConfig:
 
         walk("", self.to_dict())
         return out
+
+
+# names the output folder holds beside the runs (deleting a run of that name would delete them)
+RESERVED_RUN_NAMES = ("ray_results", "mlartifacts", "mlflow.db", "mlruns")
+MAX_RUN_NAME = 200
+
+
+def check_run_name(name: str) -> None:
+    """A run name is a folder name under ``--out``, never a path: ``--fresh`` deletes ``<out>/<name>``."""
+    problem = None
+    if not name.strip() or name != name.strip():
+        problem = "it is empty or starts or ends with a space"
+    elif name in (".", "..") or name.startswith("."):
+        problem = "it names a hidden or parent folder"
+    elif any(sep in name for sep in ("/", "\\", "\0")) or any(ord(c) < 32 for c in name):
+        problem = "it holds a path separator or a control character"
+    elif name.startswith("-"):
+        problem = "it starts with '-'"
+    elif name in RESERVED_RUN_NAMES:
+        problem = f"the output folder keeps {name!r} for all runs"
+    elif len(name) > MAX_RUN_NAME:
+        problem = f"it is longer than {MAX_RUN_NAME} characters"
+    if problem:
+        raise ConfigError(f"run name {name!r} is not a valid name: {problem}. A run name is one folder name "
+                          "under --out (letters, digits, '-', '_', '.', '[', ']', '=' ...), never a path")
+
+
+def redact_uri(uri: str) -> str:
+    """``scheme://user:secret@host`` -> ``scheme://user:***@host``: what may be printed or saved."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None and not (parts.username and "@" in parts.netloc):
+        return uri
+    host = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:***" if parts.password is not None else "***"
+    return urlunsplit(parts._replace(netloc=f"{user}@{host}"))
 
 
 def _plain(value: Any) -> Any:

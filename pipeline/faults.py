@@ -8,6 +8,8 @@ group does not fail again):
 - ``kill_worker:rank=R,step=S``: worker R exits abruptly at step S (a dead process, as a lost node);
 - ``kill_store:step=S``: rank 0 has the store write a snapshot, then kills the actor at step S (Ray
   restarts it, and it restores that snapshot);
+- ``kill_store_forever:step=S``: rank 0 kills the store at step S so that Ray cannot restart it (a
+  store whose node is gone for good);
 - ``nan_loss:step=S``: the loss of step S is NaN on every rank;
 - ``nan_activations:step=S``: the gate activations of step S hold a NaN on rank 0.
 """
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FAULTS_ENV = "DIVDR_FAULTS"
-KINDS = ("kill_worker", "kill_store", "nan_loss", "nan_activations")
+KINDS = ("kill_worker", "kill_store", "kill_store_forever", "nan_loss", "nan_activations")
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from pipeline.schedule import switch_step
 from pipeline.tasks import limit, make_task
 
 CHECKPOINT = Path("checkpoint") / "state.pt"
+PREVIOUS_CHECKPOINT = Path("checkpoint") / "previous.pt"
 
 
 class LocalCentres(Hook):
@@ -85,9 +86,31 @@ def save_checkpoint(run_dir: Path) -> Any:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save(trainer.state(), tmp)
+        if path.exists():
+            os.replace(path, run_dir / PREVIOUS_CHECKPOINT)  # kept in case the newest is ever unreadable
         os.replace(tmp, path)  # a crash while writing never leaves a half-written checkpoint
 
     return save
+
+
+def load_checkpoint(trainer: Trainer, run_dir: Path) -> None:
+    """Resume from the run folder's checkpoint, or from the one before it if that cannot be read."""
+    failures = []
+    for path in (run_dir / CHECKPOINT, run_dir / PREVIOUS_CHECKPOINT):
+        if not path.is_file():
+            continue
+        try:
+            state = torch.load(path, weights_only=True)
+        except Exception as err:  # truncated or otherwise unreadable: try the previous one
+            failures.append(f"{path}: {type(err).__name__}: {err}")
+            print(f"checkpoint {path} is unreadable ({err}); trying the previous one", flush=True)
+            continue
+        trainer.load_state(state)
+        print(f"resuming {trainer.cfg.run_name} from step {trainer.step} ({path})", flush=True)
+        return
+    if failures:
+        raise RuntimeError("no readable checkpoint to resume from:\n  " + "\n  ".join(failures)
+                           + "\nmove them away, or re-run with --fresh to start over")
 
 
 def run_local(cfg: ExperimentConfig, run_dir: Path, uri: str, run_id: str) -> dict[str, Any]:
@@ -110,9 +133,7 @@ def run_local(cfg: ExperimentConfig, run_dir: Path, uri: str, run_id: str) -> di
     hooks: list[Hook] = [*([LocalCentres(store, sink)] if store is not None else []), logger,
                          PeriodicEvaluation(sink), Checkpoints(save_checkpoint(run_dir), logger)]
     trainer = Trainer(cfg, task, task.build_model(), hooks=hooks)
-    if (run_dir / CHECKPOINT).is_file():
-        trainer.load_state(torch.load(run_dir / CHECKPOINT, weights_only=True))
-        print(f"resuming {cfg.run_name} from step {trainer.step} ({run_dir / CHECKPOINT})", flush=True)
+    load_checkpoint(trainer, run_dir)
     started = time.perf_counter()
     trainer.fit(loader, sampler)
     set_temperature(trainer.net, cfg.model.gate.temperature.final)  # evaluate at the final tau (gumbel gates)

@@ -70,6 +70,7 @@ class World(Protocol):
     def all_finite(self, value: torch.Tensor) -> bool: ...
     def broadcast(self, obj: Any) -> Any: ...
     def gather(self, obj: Any) -> list[Any]: ...
+    def sync_buffers(self, net: torch.nn.Module) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,9 @@ class SingleProcess:
 
     def gather(self, obj: Any) -> list[Any]:
         return [obj]
+
+    def sync_buffers(self, net: torch.nn.Module) -> None:
+        return None
 
 
 @dataclass
@@ -302,6 +306,7 @@ class PeriodicEvaluation(Hook):
         if not every or step % every or trainer.done:
             return
         world, task = trainer.world, trainer.task
+        world.sync_buffers(trainer.net)  # every rank evaluates the model a checkpoint holds (rank 0's)
         part = task.inference(trainer.net, "val", shard(task.split_size("val"), world.rank, world.size))
         merged = task.merge(world.gather(part))
         if self.sink is not None:
@@ -335,6 +340,9 @@ def final_evaluation(trainer: Trainer, store_status: dict[str, Any], sink: Metri
     images assigned to their nearest centre (Inter, Intra, sizes, subset recovery). Sharded over ranks;
     the summary on rank 0 (``{}`` elsewhere), sent to ``sink`` with the run's artifacts."""
     world, task, net = trainer.world, trainer.task, trainer.net
+    # BatchNorm statistics are per rank (each saw its own batches; DDP only broadcasts rank 0's at the
+    # start of each forward): every rank takes rank 0's, so the scores are those of the model saved
+    world.sync_buffers(net)
     train_part = task.inference(net, "train", shard(task.split_size("train"), world.rank, world.size), score=False)
     val_part = task.inference(net, "val", shard(task.split_size("val"), world.rank, world.size))
     train_parts, val_parts = world.gather(train_part), world.gather(val_part)

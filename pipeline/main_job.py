@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     init_ray()
     runs: dict[str, list[dict[str, Any]]] = {}
     for cfg in configs:
-        runs.setdefault(cfg.preset, []).append(run(cfg, args.out, fresh=True))
+        runs.setdefault(cfg.preset, []).append(run(cfg, args.out, existing="fresh"))
     wall = time.perf_counter() - started
     per_run = format_table({f"{preset} seed {i}": m for preset, ms in runs.items() for i, m in enumerate(ms)})
     summary = (f"{format_seed_table(runs)}\n\nper run:\n\n{per_run}\n\n"

@@ -81,7 +81,7 @@ def load_model(path: Path) -> DynamicRoutingSegmenter:
     try:
         with torch.serialization.safe_globals([ModelConfig, GateConfig, TemperatureConfig]):
             saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure: name the file
+    except Exception as error:
         raise SystemExit(f"pipeline/oracle.py: error: {path} is not a model file written by this pipeline "
                          f"(or holds more than weights and a ModelConfig): {str(error).splitlines()[0]}") from error
     net = DynamicRoutingSegmenter(saved["config"])
@@ -131,7 +131,7 @@ def train_subset_experts(args: argparse.Namespace, base: dict[str, Any], views: 
     for s, view in views.items():
         cfg = resolve(args.preset, args.config, [*args.overrides, f"name=oracle-{names[s]}", f"data.root={view}"],
                       base=base)
-        metrics = run(cfg, out, fresh=True)
+        metrics = run(cfg, out, existing="fresh")
         experts[s] = load_model(Path(metrics["run_dir"]) / "artifacts" / "model.pt")
     return {f"oracle ({args.preset} expert per subset)": evaluate_per_subset(experts, views)}
 
@@ -151,7 +151,7 @@ def train_route_experts(args: argparse.Namespace, base: dict[str, Any], root: Pa
     for label, (name, route) in experts.items():
         cfg = resolve("DR-Raw", args.config, [*args.overrides, *ROUTE_EXPERT_OVERRIDES, *route, f"name={name}",
                                               f"data.root={root}"], base=base)
-        metrics = run(cfg, out, fresh=True)
+        metrics = run(cfg, out, existing="fresh")
         model = load_model(Path(metrics["run_dir"]) / "artifacts" / "model.pt")
         rows[label] = evaluate_per_subset(dict.fromkeys(views, model), views)
     return rows

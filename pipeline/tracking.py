@@ -19,10 +19,20 @@ from typing import Any
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+from pipeline.config import redact_uri
+
 log = logging.getLogger(__name__)
 RUN_ID_FILE = "mlflow_run_id"
 FALLBACK_FILE = "metrics_fallback.jsonl"
 MAX_PARAM_LENGTH = 500  # MLflow's limit on a param value
+
+
+def mask_secret(text: str, uri: str) -> str:
+    """``text`` with the password of ``uri`` (if any) masked: error messages may quote the URL."""
+    from urllib.parse import urlsplit
+
+    secret = urlsplit(uri).password
+    return text.replace(secret, "***") if secret else text
 
 
 def local_tracking_uri(out_dir: Path) -> str:
@@ -61,7 +71,8 @@ def start_or_resume_run(uri: str, experiment: str, run_name: str, run_dir: Path,
     try:
         return _start_or_resume(uri, experiment, run_name, run_dir, out_dir, tags, parent_run_id)
     except Exception as err:  # tracking must never stop training
-        warnings.warn(f"MLflow tracking at {uri} is unreachable ({type(err).__name__}: {err}); training goes on "
+        detail = mask_secret(f"{type(err).__name__}: {err}", uri)
+        warnings.warn(f"MLflow tracking at {redact_uri(uri)} is unreachable ({detail}); training goes on "
                       f"and metrics are written to {Path(run_dir) / FALLBACK_FILE}", stacklevel=2)
         return f"{OFFLINE_PREFIX}{uuid.uuid4().hex}"
 
@@ -90,6 +101,7 @@ class RunLogger:
     def __init__(self, uri: str, run_id: str, fallback_dir: Path) -> None:
         _short_http_retries()
         self.client = MlflowClient(uri)
+        self.uri = uri
         self.run_id = run_id
         self.offline = run_id.startswith(OFFLINE_PREFIX)
         self.fallback = Path(fallback_dir) / FALLBACK_FILE
@@ -101,7 +113,8 @@ class RunLogger:
 
     def _failed(self, what: str, err: Exception, record: dict[str, Any]) -> None:
         if not self._warned:
-            warnings.warn(f"MLflow {what} failed ({err}); writing to {self.fallback} instead", stacklevel=3)
+            warnings.warn(f"MLflow {what} failed ({mask_secret(str(err), self.uri)}); writing to {self.fallback} "
+                          "instead", stacklevel=3)
             self._warned = True
         self.fallback.parent.mkdir(parents=True, exist_ok=True)
         with self.fallback.open("a") as f:

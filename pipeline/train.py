@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,24 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import yaml
 
 from divdr.config import PRESETS, ConfigError
+from divdr.data.errors import DatasetError
 from pipeline import tracking
 from pipeline.columns import format_table
-from pipeline.config import ExperimentConfig, resolve, with_data_root, with_smoke
+from pipeline.config import ExperimentConfig, redact_uri, resolve, with_data_root, with_smoke
 from pipeline.faults import faults_from_env
-from pipeline.tasks import make_task
+from pipeline.run_folder import (
+    Existing,
+    RunFolderError,
+    RunState,
+    check_resumable,
+    checkpoint_folder,
+    delete_run,
+    finished_message,
+    run_lock,
+    run_state,
+    stored_result,
+)
+from pipeline.tasks import limit, make_task
 
 MIN_FREE_BYTES = 200 * 2**20  # refuse to start a run with less free disk than this in --out
 
@@ -44,7 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", help="run name (default: <preset>-seed<seed>); the same name resumes")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under --out)")
     parser.add_argument("--smoke", action="store_true", help="tiny everything: the whole path in about a minute")
-    parser.add_argument("--fresh", action="store_true", help="delete an existing run of the same name first")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--fresh", action="store_true",
+                       help="train from scratch: delete the run of the same name (its folder and checkpoints) first")
+    again.add_argument("--resume", action="store_true",
+                       help="resume the run of the same name; if it already finished, print its stored result")
     parser.add_argument("--local", action="store_true",
                         help="train in this process, without Ray: the same loop, the centroid store's logic "
                              "in-process (one worker; scaling.* is ignored)")
@@ -102,51 +120,110 @@ def init_ray() -> None:
         ray.init(num_cpus=max(4, os.cpu_count() or 1))
 
 
-def run(cfg: ExperimentConfig, out: Path, parent_run_id: str | None = None, fresh: bool = False,
+def check_store_fits(cfg: ExperimentConfig, train_images: int) -> None:
+    """K-means needs at least K training images: refuse before training, not after (a store that cannot
+    cluster leaves every step waiting for centres that never come)."""
+    if cfg.store.enabled and cfg.clustering.k > train_images:
+        raise ConfigError(f"clustering.k = {cfg.clustering.k} needs at least {cfg.clustering.k} training images; "
+                          f"the run trains on {train_images} (data.max_train_images = {cfg.data.max_train_images}, "
+                          f"data {cfg.data.root})")
+
+
+def run(cfg: ExperimentConfig, out: Path, parent_run_id: str | None = None, existing: Existing = "continue",
         faults: str | None = None, local: bool = False) -> dict[str, Any]:
     """One training run of ``cfg`` on its ``data.root`` (the embedded study if unset): tracking, then Ray
     Train (TorchTrainer.fit with its centroid store actor) or, with ``local``, the same loop in this
-    process (``pipeline.local``); the final metrics."""
+    process (``pipeline.local``); the final metrics.
+
+    ``existing`` says what to do with a run of the same name under ``out`` (``pipeline.run_folder``):
+    "continue" trains a new run and resumes an interrupted one (same configuration only) but refuses a
+    finished one; "resume" also returns a finished run's stored result; "fresh" deletes the run (its
+    folder and checkpoints) and trains from scratch. Nothing is deleted before the data is checked."""
     cfg = with_dataset(cfg)
     out = out.resolve()
     run_dir = out / cfg.run_name
-    if fresh and run_dir.exists():
-        shutil.rmtree(run_dir)
-    check_output_folder(run_dir)
+    check_output_folder(out)
     task = make_task(cfg)  # missing splits, bad annotation files, mismatched categories fail here
-    task.train_dataset()
+    check_store_fits(cfg, len(limit(task.train_dataset(), cfg.data.max_train_images)))
     task.split_size("val")  # a missing or empty val split fails here, before training
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    with run_lock(out, cfg.run_name):
+        if not _prepare_folder(cfg, out, run_dir, existing):
+            return stored_result(run_dir)
+        return _train(cfg, out, run_dir, parent_run_id, faults, local)
 
+
+def _prepare_folder(cfg: ExperimentConfig, out: Path, run_dir: Path, existing: Existing) -> bool:
+    """Apply ``existing`` to the run folder; False if the run is finished and only its result is wanted."""
+    state = run_state(run_dir)
+    if existing == "fresh":
+        for path in delete_run(cfg, out):
+            print(f"--fresh: deleted {path}", flush=True)
+    elif state is RunState.FINISHED:
+        if existing == "resume":
+            print(f"run '{cfg.run_name}' already finished: its stored result ({run_dir / 'result.json'})", flush=True)
+            return False
+        raise RunFolderError(finished_message(cfg, run_dir))
+    elif state is RunState.INTERRUPTED:
+        check_resumable(cfg, run_dir)
+        print(f"resuming run '{cfg.run_name}' ({run_dir})", flush=True)
+    else:
+        if existing == "resume":
+            raise RunFolderError(f"--resume: there is no run '{cfg.run_name}' in {out} to resume")
+        _refuse_orphan_checkpoints(cfg, out)
+    check_output_folder(run_dir)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return True
+
+
+def _refuse_orphan_checkpoints(cfg: ExperimentConfig, out: Path) -> None:
+    """A new run must not silently start from the checkpoints of a deleted one of the same name."""
+    folder = checkpoint_folder(cfg, out)
+    if "://" not in folder and Path(folder).is_dir() and any(Path(folder).glob("checkpoint_*")):
+        raise RunFolderError(f"run '{cfg.run_name}' has no run folder in {out}, but Ray Train checkpoints of an "
+                             f"earlier run of that name are in {folder}; --fresh deletes them and starts over")
+
+
+def _train(cfg: ExperimentConfig, out: Path, run_dir: Path, parent_run_id: str | None, faults: str | None,
+           local: bool) -> dict[str, Any]:
+    """Track and train (the run folder is ready); the MLflow run ends FINISHED, FAILED or KILLED."""
     uri = cfg.tracking.uri or tracking.local_tracking_uri(out)
     run_id = tracking.start_or_resume_run(uri, cfg.tracking.experiment, cfg.run_name, run_dir, out,
                                           tags={"preset": cfg.preset, "runner": "local" if local else "ray"},
                                           parent_run_id=parent_run_id)
     logger = tracking.RunLogger(uri, run_id, run_dir)
-    logger.params(cfg.flat())
-    logger.artifact(run_dir / "config.yaml")
-    started = time.perf_counter()
-    if local:
-        from pipeline.local import run_local
+    status = "FAILED"
+    try:
+        logger.params(cfg.flat())
+        logger.artifact(run_dir / "config.yaml")
+        started = time.perf_counter()
+        if local:
+            from pipeline.local import run_local
 
-        status = "FAILED"
-        try:
             metrics = run_local(cfg, run_dir, uri, run_id)
-            status = "FINISHED"
-        finally:
-            logger.finish(status)
-    else:
-        metrics = _run_ray(cfg, out, run_dir, uri, run_id, logger, faults)
-    metrics["wall_seconds"] = time.perf_counter() - started
-    metrics["run_dir"] = str(run_dir)
-    metrics["mlflow_run_id"] = run_id
-    metrics["tracking_uri"] = uri
-    (run_dir / "result.json").write_text(json.dumps(metrics, indent=2, default=str))
+        else:
+            metrics = _run_ray(cfg, out, run_dir, uri, run_id, faults)
+        metrics["wall_seconds"] = time.perf_counter() - started
+        metrics["run_dir"] = str(run_dir)
+        metrics["mlflow_run_id"] = run_id
+        metrics["tracking_uri"] = redact_uri(uri)
+        (run_dir / "result.json").write_text(json.dumps(metrics, indent=2, default=str))
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except Exception:
+        print(f"run '{cfg.run_name}' failed. Kept: the run folder {run_dir} (config, store snapshot, metrics), "
+              f"its checkpoints ({run_dir / 'checkpoint' if local else checkpoint_folder(cfg, out)}); MLflow run "
+              f"{run_id} marked FAILED. Re-running the same command resumes from the last checkpoint.",
+              file=sys.stderr, flush=True)
+        raise
+    finally:
+        logger.finish(status)
     return metrics
 
 
 def _run_ray(cfg: ExperimentConfig, out: Path, run_dir: Path, uri: str, run_id: str,
-             logger: tracking.RunLogger, faults: str | None) -> dict[str, Any]:
+             faults: str | None) -> dict[str, Any]:
     """TorchTrainer.fit with the run's tracker and centroid store actors."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -156,46 +233,66 @@ def _run_ray(cfg: ExperimentConfig, out: Path, run_dir: Path, uri: str, run_id: 
     from pipeline.centroid_store import CentroidStore, store_name
     from pipeline.worker import train_loop_per_worker
 
+    init_ray()  # a no-op where Ray is already up (tests, Tune trials)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     tracker = ray.remote(num_cpus=0)(tracking.Tracker).options(scheduling_strategy=here).remote(
         uri, run_id, str(run_dir))
     store = None  # store.enabled=false: DR trained with no centroid store
-    if cfg.store.enabled:
-        num_samples = len(make_task(cfg).train_dataset())
-        store = CentroidStore.options(name=store_name(cfg.run_name), num_cpus=0, get_if_exists=True,
-                                      scheduling_strategy=here).remote(
-            num_samples, cfg.model.a_dim, cfg.scaling.workers, cfg.train.steps, cfg.clustering, cfg.store,
-            str(run_dir / "store"), cfg.train.seed)
-
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"experiment": cfg, "store": store, "tracker": tracker,
-                           "run_dir": str(run_dir), "faults": faults_from_env() if faults is None else faults},
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
-                                        resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
-        run_config=RunConfig(name=cfg.run_name, storage_path=cfg.storage.path or str(out / "ray_results"),
-                             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
-    status = "FAILED"
     try:
+        if cfg.store.enabled:
+            num_samples = len(make_task(cfg).train_dataset())
+            store = CentroidStore.options(name=store_name(cfg.run_name), num_cpus=0, get_if_exists=True,
+                                          scheduling_strategy=here).remote(
+                num_samples, cfg.model.a_dim, cfg.scaling.workers, cfg.train.steps, cfg.clustering, cfg.store,
+                str(run_dir / "store"), cfg.train.seed)
+            _check_store(store, run_dir)
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"experiment": cfg, "store": store, "tracker": tracker, "run_dir": str(run_dir),
+                               "faults": faults_from_env() if faults is None else faults},
+            torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
+                                         resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+            run_config=RunConfig(name=cfg.run_name, storage_path=cfg.storage.path or str(out / "ray_results"),
+                                 failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        )
         result = trainer.fit()
-        status = "FINISHED"
         # the tracker (on this node) wrote rank 0's final metrics; Result.metrics only holds the
         # last report that carried a checkpoint
         final_file = run_dir / "artifacts" / "final_metrics.json"
         metrics = json.loads(final_file.read_text()) if final_file.exists() else dict(result.metrics or {})
         metrics["store"] = ray.get(store.status.remote()) if store is not None else None
+        return metrics
     finally:
-        # a failed run keeps its store snapshot and checkpoints: re-running the command resumes
+        # a failed run keeps its store snapshot and checkpoints: re-running the command resumes. Each
+        # clean-up step is on its own: a dead store must not keep the tracker alive or hide the error.
         if store is not None:
-            ray.get(store.snapshot.remote())
-        logger.finish(status)
-        ray.kill(tracker)
-        if store is not None:
-            ray.kill(store, no_restart=True)
-    return metrics
+            _quietly(lambda: ray.get(store.snapshot.remote(), timeout=120), "writing the store's last snapshot")
+            _quietly(lambda: ray.kill(store, no_restart=True), "stopping the store")
+        _quietly(lambda: ray.kill(tracker), "stopping the tracker")
+
+
+def _check_store(store: Any, run_dir: Path) -> None:
+    """The store answers before the first step, or the run fails now with the store's own error (a
+    snapshot that cannot be read or belongs to another configuration)."""
+    import ray
+
+    try:
+        ray.get(store.status.remote(), timeout=300)
+    except ray.exceptions.RayActorError as err:
+        cause = getattr(err, "error_msg", None) or str(err)
+        reason = next((line.strip() for line in reversed(cause.splitlines()) if "Error:" in line), cause.strip())
+        raise RuntimeError(f"the centroid store could not start ({reason}); nothing was trained. Its snapshot "
+                           f"is in {run_dir / 'store'}") from None
+
+
+def _quietly(action: Callable[[], Any], what: str) -> None:
+    try:
+        action()
+    except Exception as err:
+        summary = (str(err).strip().splitlines() or [""])[0]
+        print(f"warning: {what} failed ({type(err).__name__}: {summary})", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -208,9 +305,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(2) from None
     print("Resolved configuration:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     cfg = with_dataset(cfg)
-    if not args.local:
-        init_ray()
-    metrics = run(cfg, args.out, fresh=args.fresh, local=args.local)
+    existing = "fresh" if args.fresh else "resume" if args.resume else "continue"
+    try:
+        metrics = run(cfg, args.out, existing=existing, local=args.local)
+    except (ConfigError, DatasetError) as err:  # a finished or locked run, a data problem: nothing was touched
+        print(f"pipeline/train.py: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(format_table({cfg.run_name: metrics}))
     print(f"run folder: {metrics['run_dir']}  (MLflow run {metrics['mlflow_run_id']} at {metrics['tracking_uri']})")
     return metrics

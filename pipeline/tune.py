@@ -19,13 +19,13 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ray
-import yaml
 from ray import tune
 
 from divdr.config import ConfigError
 from pipeline import tracking
 from pipeline.config import ExperimentConfig, with_data_root
 from pipeline.report import write_report
+from pipeline.run_folder import Existing, RunState, config_differences, run_state, saved_config
 from pipeline.train import check_output_folder, init_ray, run, with_dataset
 from pipeline.tune_space import VARIANT_KEY, TuneSpace, load_space, trial_config
 
@@ -54,9 +54,18 @@ def finished_metrics(cfg: ExperimentConfig, out: Path) -> dict[str, Any] | None:
     result, saved = run_dir / "result.json", run_dir / "config.yaml"
     if not (result.is_file() and saved.is_file()):
         return None
-    if yaml.safe_load(saved.read_text()) != yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False)):
+    if config_differences(saved_config(run_dir), cfg.to_dict()):
         return None
     return json.loads(result.read_text())
+
+
+def trial_existing(cfg: ExperimentConfig, out: Path) -> Existing:
+    """A trial stopped midway resumes; one whose configuration changed since (the space was edited)
+    is trained again from scratch."""
+    run_dir = out / cfg.run_name
+    if run_state(run_dir) is RunState.NEW:
+        return "fresh"  # also clears checkpoints a deleted trial folder may have left
+    return "continue" if not config_differences(saved_config(run_dir), cfg.to_dict()) else "fresh"
 
 
 def _trial(config: dict[str, Any], space: TuneSpace, root: str, out: str, uri: str, parent_run_id: str) -> None:
@@ -64,7 +73,8 @@ def _trial(config: dict[str, Any], space: TuneSpace, root: str, out: str, uri: s
     name = f"{space.name}[{setting_name(params)}]-seed{seed}".replace("/", "_")
     cfg = with_data_root(trial_config(space, {**params, "tracking.uri": uri}, seed, name), root)
     # re-running a stopped sweep keeps what finished: a sweep of the study is hours of CPU
-    metrics = finished_metrics(cfg, Path(out)) or run(cfg, Path(out), parent_run_id=parent_run_id)
+    metrics = finished_metrics(cfg, Path(out)) or run(cfg, Path(out), parent_run_id=parent_run_id,
+                                                       existing=trial_existing(cfg, Path(out)))
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     tune.report({**scalars, "setting": setting_name(params), "seed": seed, "preset": cfg.preset,
                  "cluster_sizes": str(metrics.get("cluster_sizes"))})

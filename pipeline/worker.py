@@ -77,6 +77,8 @@ class ActivationSender:
     def _settle(self, ref: Any) -> None:
         try:
             ray.get(ref)
+        except ray.exceptions.ActorDiedError as err:
+            raise StoreLost(self.rank, err) from None
         except Exception as err:
             self.failures += 1
             if self.failures == 1:
@@ -88,6 +90,20 @@ class ActivationSender:
             done, _ = ray.wait([ref], timeout=SEND_TIMEOUT_S)
             if done:
                 self._settle(ref)
+
+
+class StoreLost(RuntimeError):
+    """The centroid store died for good (Ray could not restart it): the run ends now, not at its end."""
+
+    def __init__(self, rank: int, err: Exception) -> None:
+        super().__init__(f"rank {rank}: the centroid store died and could not be restarted ({_first_line(err)}); "
+                         "the run stops here. Its last checkpoint and store snapshot are kept: re-running the "
+                         "same command resumes from them")
+
+
+def _first_line(err: Exception) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 class RayWorld:
@@ -116,6 +132,14 @@ class RayWorld:
         out: list[Any] = [None] * self.size
         dist.all_gather_object(out, obj)
         return out
+
+    def sync_buffers(self, net: torch.nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm running statistics) on every rank: the model rank 0 saves."""
+        if self.size == 1:
+            return
+        with torch.no_grad():
+            for buffer in net.buffers():
+                dist.broadcast(buffer, src=0)
 
 
 class RemoteSink:
@@ -191,6 +215,10 @@ class InjectFaults(Hook):
             # the restart has something to restore (what the fault tests), whatever the machine's load
             ray.get(self.store.snapshot.remote())
             ray.kill(self.store, no_restart=False)
+        if rank == 0 and self.faults.due("kill_store_forever", step, rank):
+            log.warning("fault injection: killing the centroid store for good at step %d", step)
+            ray.get(self.store.snapshot.remote())
+            ray.kill(self.store, no_restart=True)
 
     def perturb(self, trainer: Trainer, task_loss: torch.Tensor, activations: torch.Tensor,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,7 +261,10 @@ class StoreCentres(Hook):
             self.sender.send(step - 1, result.sample_ids[i:i + REFRESH_CHUNK].tolist(), acts[i:i + REFRESH_CHUNK],
                              complete=False)
         self.sender.flush()
-        ray.get(self.store.mark.remote(world.rank, step - 1))
+        try:
+            ray.get(self.store.mark.remote(world.rank, step - 1))
+        except ray.exceptions.ActorDiedError as err:
+            raise StoreLost(world.rank, err) from None
 
     def _maybe_switch(self, trainer: Trainer) -> None:
         centres, step, world = trainer.centres, trainer.step, trainer.world
@@ -245,6 +276,8 @@ class StoreCentres(Hook):
             try:
                 payload = ray.get(self.store.get_centres.remote(nxt, world.rank, step, STORE_TIMEOUT_S),
                                   timeout=STORE_TIMEOUT_S + 10)
+            except ray.exceptions.ActorDiedError as err:
+                raise StoreLost(world.rank, err) from None
             except Exception as err:
                 log.warning("centroid store unavailable at step %d (%s); keeping version %d", step, err,
                             centres.version)
@@ -269,11 +302,42 @@ class StreamActivations(Hook):
 # ---- checkpoints ------------------------------------------------------------------------------
 
 def _restore(trainer: Trainer) -> None:
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    """Resume from Ray Train's latest checkpoint; if it cannot be read (a truncated file, a lost
+    upload), from the newest older one that can, saying which was skipped."""
+    latest = ray.train.get_checkpoint()
+    if latest is None:
         return
-    with checkpoint.as_directory() as folder:
-        trainer.load_state(torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=True))
+    failures = []
+    for checkpoint in _newest_first(latest):
+        try:
+            with checkpoint.as_directory() as folder:
+                state = torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=True)
+        except Exception as err:  # any unreadable checkpoint: try the one before
+            failures.append(f"{checkpoint.path}/{CHECKPOINT_FILE}: {type(err).__name__}: {err}")
+            log.error("rank %d: checkpoint %s/%s is unreadable (%s); trying the one before", trainer.world.rank,
+                      checkpoint.path, CHECKPOINT_FILE, err)
+            continue
+        trainer.load_state(state)
+        if failures:
+            log.warning("rank %d: resumed from the older checkpoint %s (step %d)", trainer.world.rank,
+                        checkpoint.path, trainer.step)
+        return
+    raise RuntimeError("no readable checkpoint to resume from:\n  " + "\n  ".join(failures)
+                       + "\nmove them away, or re-run with --fresh to start over")
+
+
+def _newest_first(latest: ray.train.Checkpoint) -> list[ray.train.Checkpoint]:
+    """``latest``, then the other checkpoints beside it (``checkpoint_<timestamp>``), newest first."""
+    import pyarrow.fs as pafs
+
+    parent = latest.path.rstrip("/").rsplit("/", 1)[0]
+    try:
+        infos = latest.filesystem.get_file_info(pafs.FileSelector(parent))
+    except OSError:
+        return [latest]
+    older = sorted((info.path for info in infos if info.type == pafs.FileType.Directory
+                    and info.base_name.startswith("checkpoint_") and info.path != latest.path), reverse=True)
+    return [latest, *(ray.train.Checkpoint(path, filesystem=latest.filesystem) for path in older)]
 
 
 def _report_checkpoint(trainer: Trainer, metrics: dict[str, float]) -> None:

@@ -76,7 +76,8 @@ def test_a_stopped_local_run_resumes_from_its_checkpoint(study, tmp_path):
     cfg = resolve("DR-A", None, ["train.steps=6", "train.checkpoint_every=3", "name=resume"], base=with_smoke({}))
     first = run(with_data_root(cfg, study), tmp_path, local=True)
     state = torch.load(Path(first["run_dir"]) / CHECKPOINT, weights_only=True)
-    state["step"] = 3  # as if stopped after the checkpoint of step 3
+    state["step"] = 3  # as if stopped after the checkpoint of step 3 (so before writing its result)
     torch.save(state, Path(first["run_dir"]) / CHECKPOINT)
+    (Path(first["run_dir"]) / "result.json").unlink()
     second = run(with_data_root(cfg, study), tmp_path, local=True)
     assert second["start_step"] == 3 and second["step"] == 6
