@@ -78,7 +78,7 @@ class ActivationSender:
         try:
             ray.get(ref)
         except ray.exceptions.ActorDiedError as err:
-            raise StoreLost(self.rank, err) from None
+            raise StoreLost.at(self.rank, err) from None
         except Exception as err:
             self.failures += 1
             if self.failures == 1:
@@ -95,10 +95,11 @@ class ActivationSender:
 class StoreLost(RuntimeError):
     """The centroid store died for good (Ray could not restart it): the run ends now, not at its end."""
 
-    def __init__(self, rank: int, err: Exception) -> None:
-        super().__init__(f"rank {rank}: the centroid store died and could not be restarted ({_first_line(err)}); "
-                         "the run stops here. Its last checkpoint and store snapshot are kept: re-running the "
-                         "same command resumes from them")
+    @classmethod
+    def at(cls, rank: int, err: Exception) -> StoreLost:
+        return cls(f"rank {rank}: the centroid store died and could not be restarted ({_first_line(err)}); "
+                   "the run stops here. Its last checkpoint and store snapshot are kept: re-running the same "
+                   "command resumes from them")
 
 
 def _first_line(err: Exception) -> str:
@@ -264,7 +265,7 @@ class StoreCentres(Hook):
         try:
             ray.get(self.store.mark.remote(world.rank, step - 1))
         except ray.exceptions.ActorDiedError as err:
-            raise StoreLost(world.rank, err) from None
+            raise StoreLost.at(world.rank, err) from None
 
     def _maybe_switch(self, trainer: Trainer) -> None:
         centres, step, world = trainer.centres, trainer.step, trainer.world
@@ -277,7 +278,7 @@ class StoreCentres(Hook):
                 payload = ray.get(self.store.get_centres.remote(nxt, world.rank, step, STORE_TIMEOUT_S),
                                   timeout=STORE_TIMEOUT_S + 10)
             except ray.exceptions.ActorDiedError as err:
-                raise StoreLost(world.rank, err) from None
+                raise StoreLost.at(world.rank, err) from None
             except Exception as err:
                 log.warning("centroid store unavailable at step %d (%s); keeping version %d", step, err,
                             centres.version)

@@ -77,6 +77,44 @@ def test_persistent_nan_stops_the_run_with_a_clear_message(ray_session, study, t
         run(with_data_root(cfg, study), tmp_path)
 
 
+def test_a_truncated_latest_checkpoint_is_named_and_the_one_before_used(ray_session, study, tmp_path):
+    from pipeline.train import run
+
+    cfg = with_data_root(smoke("truncated"), study)
+    run(cfg, tmp_path)
+    (tmp_path / "truncated" / "result.json").unlink()  # as if the driver stopped before writing it
+    checkpoints = sorted(p for p in (tmp_path / "ray_results" / "truncated").glob("checkpoint_*") if p.is_dir())
+    assert len(checkpoints) == 2  # steps 8 and 12 (num_to_keep=2)
+    latest = checkpoints[-1] / "state.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])
+    metrics = run(cfg, tmp_path)
+    assert metrics["start_step"] == 8 and metrics["step"] == 12  # the older checkpoint, 4 steps trained again
+
+
+def test_a_store_lost_for_good_ends_the_run_at_once_and_a_corrupt_snapshot_before_training(
+        ray_session, study, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.train import run
+
+    cfg = with_data_root(smoke("store-gone", "train.steps=40"), study)
+    with pytest.raises(Exception, match="centroid store died and could not be restarted"):
+        run(cfg, tmp_path, faults="kill_store_forever:step=6")
+    run_dir = tmp_path / "store-gone"
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = (run_dir / "mlflow_run_id").read_text()
+    assert client.get_run(run_id).info.status == "FAILED"
+    logged = [m.step for m in client.get_metric_history(run_id, "loss/task")]
+    assert max(logged) <= 12  # it stopped within a few steps, not at step 40
+    assert list((tmp_path / "ray_results" / "store-gone").glob("checkpoint_*"))  # kept for the resume
+    # the snapshot the store left, corrupted: the re-run fails before its first step and names it
+    (run_dir / "store" / "state.json").write_text("{not json")
+    with pytest.raises(RuntimeError, match=f"centroid store could not start .*{run_dir / 'store'} is unreadable"):
+        run(cfg, tmp_path)
+    assert client.get_run(run_id).info.status == "FAILED"
+    assert [m.step for m in client.get_metric_history(run_id, "loss/task")] == logged  # nothing trained
+
+
 def test_unreachable_mlflow_server_training_goes_on_and_metrics_are_kept(ray_session, study, tmp_path):
     from pipeline.train import run
 

@@ -86,6 +86,18 @@ def test_mlflow_holds_the_run_with_metrics_and_artifacts(smoke_run):
     assert a.shape == (6, cfg.model.a_dim)
 
 
+def test_the_saved_model_scores_what_the_run_reported(smoke_run, tiny_study):
+    """Two ranks keep their own BatchNorm statistics; the run's scores must be those of the model it saves."""
+    from pipeline.oracle import load_model
+    from pipeline.tasks import make_task
+
+    cfg, _, metrics = smoke_run
+    net = load_model(Path(metrics["run_dir"]) / "artifacts" / "model.pt")
+    task = make_task(with_data_root(cfg, tiny_study))
+    scores = task.val_metrics(task.inference(net, "val", range(task.split_size("val"))))
+    assert scores["val/miou"] == pytest.approx(metrics["miou"], abs=1e-9)
+
+
 def test_refresh_mode_clusters_every_training_image_with_current_weights(ray_session, tiny_study, tmp_path):
     """The paper's exact semantics: before each K-means every worker recomputes A(x) of its share
     of the training set; training steps send nothing. Run with DRNets' Gumbel gates and resource
