@@ -223,6 +223,11 @@ class ClusteringConfig:
         _require(self.weight >= 0, f"clustering.weight (lambda2) must be >= 0, got {self.weight}")
         _require(self.sigma2_min >= 0, f"clustering.sigma2_min must be >= 0, got {self.sigma2_min}")
         _require(self.k >= 1, f"clustering.k must be >= 1, got {self.k}")
+        # With one centre eq. 2 has no other centre to push from: the loss is identically 0 and "DivDR"
+        # would silently train as DR. (K = 1 with lambda2 = 0 only measures; Inter is then NaN.)
+        _require(not (self.weight > 0 and self.k < 2),
+                 f"clustering.k must be >= 2 when the clustering loss is on (clustering.weight (lambda2) = "
+                 f"{self.weight} > 0), got {self.k}: with one cluster eq. 2 is identically 0")
         _require(self.alpha >= 0, f"clustering.alpha must be >= 0, got {self.alpha}")
         # With two centres the own centre is the nearest, so eq. 2 is max(0, alpha - positive) = 0 when
         # alpha = 0: "DivDR" would silently train as DR.
