@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -60,7 +61,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
         _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
-        _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _require(math.isfinite(self.lr) and self.lr > 0, f"train.lr must be finite and > 0, got {self.lr}")
         _require(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
         _require(len(self.crop) == 2 and all(int(c) >= 32 for c in self.crop),
                  f"train.crop must be [height, width] >= 32, got {self.crop}")
