@@ -220,13 +220,14 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """``tree[a][b] = value`` for ``key = "a.b"``, making the sections on the way."""
     parts = key.split(".")
     node = tree
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts[:-1], 1):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"cannot set {key!r}: {part!r} is not a section")
+            raise ConfigError(f"cannot set {key!r}: {'.'.join(parts[:depth])!r} holds {child!r}, not a section")
         node = child
     node[parts[-1]] = value
 
@@ -263,7 +264,7 @@ def resolve(preset: str | None = None, file: Path | None = None, overrides: list
         tree = deep_merge(tree, load_yaml(file))
     for text in overrides:
         key, value = parse_override(text)
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     if preset is not None:
         tree["preset"] = preset
     return from_dict(tree)
@@ -322,6 +323,8 @@ EMBEDDED_STUDY_DETECTION: dict[str, Any] = {
 def _override(default: Any, section: dict[str, Any] | None, where: str) -> Any:
     if not section:
         return default
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(section).__name__}: {section!r}")
     base = dataclasses.asdict(default)
     merged = deep_merge(base, section)
     # validate keys against the dataclass (nested sections included)

@@ -66,6 +66,15 @@ def test_non_finite_numbers_and_bad_list_items_rejected_by_name(override, messag
         resolve("DivDR-A", None, [override])
 
 
+@pytest.mark.parametrize(("override", "message"), [
+    ("clustering=5", r"clustering must be a mapping, got int: 5"),
+    ("model=[1]", r"model must be a mapping, got list: \[1\]"),
+])
+def test_a_section_given_a_plain_value_is_rejected_by_name(override, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve("DivDR-A", None, [override])
+
+
 def test_learning_rate_must_be_finite_even_when_built_directly():
     from pipeline.config import TrainConfig
 
