@@ -26,7 +26,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
-from divdr.data.cityscapes import MAX_PIXEL_VALUE, DatasetError, read_png
+from divdr.data.cityscapes import MAX_PIXEL_VALUE, DatasetError, read_rgb
 
 REQUIRED_FIELDS = {
     "images": ("id", "file_name", "height", "width"),
@@ -142,7 +142,7 @@ class CocoDetection(Dataset):
 
     def _load_image(self, info: dict[str, Any]) -> torch.Tensor:
         path = self.image_dir / info["file_name"]
-        rgb = read_png(path, "image").convert("RGB")
+        rgb = read_rgb(path)
         if (rgb.height, rgb.width) != (info["height"], info["width"]):
             raise DatasetError(
                 f"image {path} is {rgb.width}x{rgb.height} (WxH) but {self.annotation_json} says "

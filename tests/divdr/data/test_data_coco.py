@@ -238,3 +238,11 @@ def test_torchvision_mask_rcnn_trains_on_a_batch(small_det_study: Path) -> None:
     losses = model(images, targets)
     assert {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness"} <= set(losses)
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_sixteen_bit_grey_image_is_scaled_to_eight_bits_not_clipped(tmp_path: Path) -> None:
+    path, _ = hand_written(tmp_path)
+    grey16 = np.full((10, 12), 32896, dtype=np.uint16)  # 128 * 257: mid-grey
+    Image.fromarray(grey16).save(tmp_path / "images" / "a.png")
+    image, _ = CocoDetection(tmp_path / "images", path)[1]
+    assert torch.allclose(image, torch.full((3, 10, 12), 128 / 255))
