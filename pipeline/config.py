@@ -277,6 +277,8 @@ def from_dict(tree: dict[str, Any]) -> ExperimentConfig:
     unknown = sorted(set(tree) - SECTIONS)
     if unknown:
         raise ConfigError(f"unknown key(s) {unknown}; known sections: {sorted(SECTIONS)}")
+    for key in ("name", "preset", "model_size", "task"):  # looked up by name: a list would fail unhashable
+        _require(isinstance(tree.get(key, ""), str), f"{key} must be a string, got {tree.get(key)!r}")
     preset = get_preset(tree.get("preset", ExperimentConfig.preset))
     size = tree.get("model_size", ExperimentConfig.model_size)
     sized = get_model_config(size)

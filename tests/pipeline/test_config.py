@@ -69,10 +69,13 @@ def test_non_finite_numbers_and_bad_list_items_rejected_by_name(override, messag
 @pytest.mark.parametrize(("override", "message"), [
     ("clustering=5", r"clustering must be a mapping, got int: 5"),
     ("model=[1]", r"model must be a mapping, got list: \[1\]"),
+    ("preset=[DR-A]", r"preset must be a string, got \['DR-A'\]"),
+    ("model_size=[1]", r"model_size must be a string, got \[1\]"),
+    ("name=[1]", r"name must be a string, got \[1\]"),
 ])
-def test_a_section_given_a_plain_value_is_rejected_by_name(override, message):
+def test_a_section_or_a_name_given_a_value_of_the_wrong_kind_is_rejected_by_name(override, message):
     with pytest.raises(ConfigError, match=message):
-        resolve("DivDR-A", None, [override])
+        resolve(None, None, [override])
 
 
 def test_learning_rate_must_be_finite_even_when_built_directly():
