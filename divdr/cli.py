@@ -44,6 +44,24 @@ def parse_size(text: str) -> tuple[int, int]:
         raise ConfigError(f"--size must be positive, got {text!r}")
     return height, width
 
+def _integer_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``; argparse names the argument in its error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+count = _integer_at_least(1)  # image counts: an empty split is no study
+non_negative = _integer_at_least(0)  # seeds: numpy refuses negative ones
+
 # ---- summary -----------------------------------------------------------------------------------
 
 def summary_arguments(parser: argparse.ArgumentParser) -> None:
@@ -106,10 +124,10 @@ def make_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kind", choices=("seg", "det"), default="seg",
                         help="seg: Cityscapes layout; det: COCO instances JSON (default seg)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (new or empty)")
-    parser.add_argument("--n-train", type=int, help=f"training images (default: the study's, {defaults.n_train})")
-    parser.add_argument("--n-val", type=int,
+    parser.add_argument("--n-train", type=count, help=f"training images (default: the study's, {defaults.n_train})")
+    parser.add_argument("--n-val", type=count,
                         help=f"validation images (default: the study's, {defaults.n_val} or {PREMISE_STUDY.n_val})")
-    parser.add_argument("--seed", type=int, help=f"default {defaults.seed}")
+    parser.add_argument("--seed", type=non_negative, help=f"default {defaults.seed}")
     parser.add_argument("--size", help="HEIGHTxWIDTH (default: the study's, 128x256 or 96x384)")
     parser.add_argument("--subsets", type=int,
                         help=f"default study: number of regimes, 1-{len(DEFAULT_REGIMES)}: "

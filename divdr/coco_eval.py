@@ -81,9 +81,22 @@ def _require_fields(entry: Any, fields: Sequence[str], where: str) -> None:
             raise CocoEvalError(f"{where} has no '{name}' field")
 
 
+BBOX_FIELDS = ("x", "y", "width", "height")
+
+
 def _check_bbox(value: Any, where: str) -> None:
-    if not (isinstance(value, Sequence) and len(value) == 4):
+    """Four finite numbers, width and height >= 0 (COCOeval would fail on a string with a bare
+    "could not convert", and score a negative box without a word)."""
+    if not (isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 4):
         raise CocoEvalError(f"{where}: 'bbox' must be [x, y, width, height], got {value!r}")
+    for j, (name, number) in enumerate(zip(BBOX_FIELDS, value, strict=True)):
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise CocoEvalError(f"{where}: bbox[{j}] ({name}) must be a number, got {number!r}")
+        if not math.isfinite(number):
+            raise CocoEvalError(f"{where}: bbox[{j}] ({name}) must be a finite number, got {number!r}")
+    for name, number in zip(BBOX_FIELDS[2:], value[2:], strict=True):
+        if number < 0:
+            raise CocoEvalError(f"{where}: bbox {name} must be >= 0, got {number} (bbox {list(value)})")
 
 
 def _id_set(entries: Sequence[Mapping], field: str, where: str) -> set:
@@ -92,6 +105,15 @@ def _id_set(entries: Sequence[Mapping], field: str, where: str) -> set:
     except TypeError:  # a list or object where an id belongs
         bad = next(e[field] for e in entries if not isinstance(e[field], (int, str)))
         raise CocoEvalError(f"{where}: '{field}' values must be numbers or strings, got {bad!r}") from None
+
+
+def _raise_duplicate(entries: Sequence[Mapping], section: str, what: str, source: str) -> None:
+    first: dict[Any, int] = {}
+    for i, entry in enumerate(entries):
+        if entry["id"] in first:
+            raise CocoEvalError(f"duplicate {what} id {entry['id']!r} in {source} "
+                                f"({section}[{first[entry['id']]}] and {section}[{i}])")
+        first[entry["id"]] = i
 
 
 def validate_gt(dataset: Any, source: str, iou_type: IouType) -> None:
@@ -108,6 +130,9 @@ def validate_gt(dataset: Any, source: str, iou_type: IouType) -> None:
         _require_fields(category, ("id",), f"{source}: categories[{i}]")
     image_ids = _id_set(dataset["images"], "id", f"{source}: images")
     category_ids = _id_set(dataset["categories"], "id", f"{source}: categories")
+    for section, ids, what in (("images", image_ids, "image"), ("categories", category_ids, "category")):
+        if len(ids) < len(dataset[section]):  # pycocotools would keep the last of a repeated id, silently
+            _raise_duplicate(dataset[section], section, what, source)
     shape_field = "bbox" if iou_type == "bbox" else "segmentation"
     for i, ann in enumerate(dataset["annotations"]):
         where = f"{source}: annotations[{i}]"

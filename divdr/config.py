@@ -6,8 +6,9 @@ validated on construction, so a bad value fails where it is made, with its name 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_type_hints
 
 GateKind = str  # a registered gate family: "soft" (DR) or "gumbel" (DRNets); see divdr.gates
 ClusterDistance = Literal["l2", "squared_l2"]
@@ -223,6 +224,11 @@ class ClusteringConfig:
         _require(self.weight >= 0, f"clustering.weight (lambda2) must be >= 0, got {self.weight}")
         _require(self.sigma2_min >= 0, f"clustering.sigma2_min must be >= 0, got {self.sigma2_min}")
         _require(self.k >= 1, f"clustering.k must be >= 1, got {self.k}")
+        # With one centre eq. 2 has no other centre to push from: the loss is identically 0 and "DivDR"
+        # would silently train as DR. (K = 1 with lambda2 = 0 only measures; Inter is then NaN.)
+        _require(not (self.weight > 0 and self.k < 2),
+                 f"clustering.k must be >= 2 when the clustering loss is on (clustering.weight (lambda2) = "
+                 f"{self.weight} > 0), got {self.k}: with one cluster eq. 2 is identically 0")
         _require(self.alpha >= 0, f"clustering.alpha must be >= 0, got {self.alpha}")
         # With two centres the own centre is the nearest, so eq. 2 is max(0, alpha - positive) = 0 when
         # alpha = 0: "DivDR" would silently train as DR.
@@ -328,31 +334,53 @@ def get_model_config(name: str, **overrides: Any) -> ModelConfig:
     return replace(MODEL_SIZES[name], **overrides) if overrides else MODEL_SIZES[name]
 
 
-def _coerce(value: Any, default: Any, where: str) -> Any:
+def _number(value: Any, expected: type, where: str) -> int | float:
+    """``value`` as an ``expected`` (int or float) number. Non-finite values are refused: no field here
+    means anything by inf or nan (``float('inf')`` would train at an infinite learning rate, and
+    ``int(inf)`` raises a bare OverflowError)."""
+    given = value  # named in the message as written (a YAML string stays a string)
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{where} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {given!r}")
+    if expected is int:
+        if float(value) != int(value):
+            raise ConfigError(f"{where} must be an integer, got {given!r}")
+        return int(value)
+    return float(value)
+
+
+def _tuple_item_type(cls: type, name: str) -> type | None:
+    """The element type of a ``tuple[int, ...]`` / ``tuple[int, int]`` field (None if not one type)."""
+    item_types = {t for t in get_args(get_type_hints(cls).get(name)) if t is not Ellipsis}
+    return item_types.pop() if len(item_types) == 1 else None
+
+
+def _coerce(value: Any, default: Any, where: str, item_type: type | None = None) -> Any:
     """Check a value against the type of the field's default; YAML spellings are forgiven
-    (``1e30`` is a string to YAML 1.1, lists stand for tuples, 2 for 2.0)."""
+    (``1e30`` is a string to YAML 1.1, lists stand for tuples, 2 for 2.0). ``item_type``: a tuple
+    field's element type, each element checked like a field of that type."""
     expected = type(default)
     if expected is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false, got {value!r}")
         return value
     if expected in (int, float):
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(f"{where} must be a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
-        if expected is int:
-            if float(value) != int(value):
-                raise ConfigError(f"{where} must be an integer, got {value!r}")
-            return int(value)
-        return float(value)
+        return _number(value, expected, where)
     if expected is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} must be a list, got {value!r}")
-        return tuple(value)
+        if item_type not in (int, float):
+            return tuple(value)
+        try:
+            return tuple(_number(item, item_type, f"{where}[{i}]") for i, item in enumerate(value))
+        except ConfigError as err:
+            raise ConfigError(f"{err} (in {where} = {value!r})") from None
     if expected is str and not isinstance(value, str):
         raise ConfigError(f"{where} must be a string, got {value!r}")
     return value
@@ -377,7 +405,8 @@ def config_from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
         if hasattr(default, "__dataclass_fields__"):
             kwargs[name] = config_from_dict(type(default), value, f"{where}.{name}")
         else:
-            kwargs[name] = _coerce(value, default, f"{where}.{name}")
+            item_type = _tuple_item_type(cls, name) if isinstance(default, tuple) else None
+            kwargs[name] = _coerce(value, default, f"{where}.{name}", item_type)
     try:
         return cls(**kwargs)
     except TypeError as err:  # e.g. a wrong type that dataclasses cannot take

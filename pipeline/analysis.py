@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from divdr import clustering
+from divdr.data.cityscapes import DatasetError, read_rgb
 from divdr.evaluation import REFERENCE_SIZE, InferenceResult
 from pipeline.config import ExperimentConfig
 
@@ -208,8 +209,8 @@ def nearest_grid(result: InferenceResult, centres: np.ndarray, root: Path) -> by
 
 def _thumbnail(path: Path) -> Image.Image:
     try:
-        image = Image.open(path).convert("RGB")
-    except OSError:
+        image = read_rgb(path)  # 16-bit images scaled, not clipped to white
+    except DatasetError:  # unreadable: a grey tile, the montage is only a picture
         return Image.new("RGB", (THUMBNAIL_HEIGHT, THUMBNAIL_HEIGHT), "gray")
     scale = THUMBNAIL_HEIGHT / image.height
     return image.resize((max(1, round(image.width * scale)), THUMBNAIL_HEIGHT))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -60,7 +61,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
         _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
-        _require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _require(math.isfinite(self.lr) and self.lr > 0, f"train.lr must be finite and > 0, got {self.lr}")
         _require(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
         _require(len(self.crop) == 2 and all(int(c) >= 32 for c in self.crop),
                  f"train.crop must be [height, width] >= 32, got {self.crop}")
@@ -263,13 +264,14 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """``tree[a][b] = value`` for ``key = "a.b"``, making the sections on the way."""
     parts = key.split(".")
     node = tree
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts[:-1], 1):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"cannot set {key!r}: {part!r} is not a section")
+            raise ConfigError(f"cannot set {key!r}: {'.'.join(parts[:depth])!r} holds {child!r}, not a section")
         node = child
     node[parts[-1]] = value
 
@@ -306,7 +308,7 @@ def resolve(preset: str | None = None, file: Path | None = None, overrides: list
         tree = deep_merge(tree, load_yaml(file))
     for text in overrides:
         key, value = parse_override(text)
-        _set_dotted(tree, key, value)
+        set_dotted(tree, key, value)
     if preset is not None:
         tree["preset"] = preset
     return from_dict(tree)
@@ -319,6 +321,8 @@ def from_dict(tree: dict[str, Any]) -> ExperimentConfig:
     unknown = sorted(set(tree) - SECTIONS)
     if unknown:
         raise ConfigError(f"unknown key(s) {unknown}; known sections: {sorted(SECTIONS)}")
+    for key in ("name", "preset", "model_size", "task"):  # looked up by name: a list would fail unhashable
+        _require(isinstance(tree.get(key, ""), str), f"{key} must be a string, got {tree.get(key)!r}")
     preset = get_preset(tree.get("preset", ExperimentConfig.preset))
     size = tree.get("model_size", ExperimentConfig.model_size)
     sized = get_model_config(size)
@@ -365,6 +369,8 @@ EMBEDDED_STUDY_DETECTION: dict[str, Any] = {
 def _override(default: Any, section: dict[str, Any] | None, where: str) -> Any:
     if not section:
         return default
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(section).__name__}: {section!r}")
     base = dataclasses.asdict(default)
     merged = deep_merge(base, section)
     # validate keys against the dataclass (nested sections included)

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from divdr import clustering
-from divdr.data.cityscapes import DatasetError, read_png
+from divdr.data.cityscapes import DatasetError, read_rgb
 from pipeline.analysis import subset_diagnostics
 
 ARTIFACTS = "artifacts"
@@ -52,7 +52,7 @@ def read_activations(run_dir: Path, split: str) -> dict[str, np.ndarray]:
 
 def brightness(root: Path, images: np.ndarray) -> np.ndarray:
     """Mean grey level (0-255) of each image (paths relative to ``root``)."""
-    return np.array([np.asarray(read_png(root / image, "image").convert("L"), dtype=np.float64).mean()
+    return np.array([np.asarray(read_rgb(root / image).convert("L"), dtype=np.float64).mean()
                      for image in images])
 
 

@@ -5,6 +5,7 @@ TorchTrainer (through ``pipeline.train.run``, so each trial has its own centroid
 it). Trials take a sliver of CPU themselves and at most as many run at once as the cluster can give
 their workers, so trials and workers never wait on each other. MLflow: one parent run per sweep, one
 child run per trial; a report (Markdown, CSV, plots) is written at the end and logged to the parent.
+The command exits 1 when any trial failed, naming each failed trial and its error file.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,8 @@ if __package__ in (None, ""):
 
 import ray
 from ray import tune
+from ray.air.constants import EXPR_ERROR_FILE
+from ray.tune import Result
 
 from divdr.config import ConfigError
 from pipeline import tracking
@@ -32,6 +37,39 @@ from pipeline.tune_space import VARIANT_KEY, TuneSpace, load_space, trial_config
 
 def setting_name(params: dict[str, Any]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(params.items())) or "base"
+
+
+@dataclass(frozen=True)
+class FailedTrial:
+    trial: str  # its setting and seed, as the report names them
+    error: str  # the exception, one line (Ray wraps it in a traceback: its last line)
+    error_file: str  # the full traceback: Tune's error.txt in the trial's folder
+
+
+def failed_trials(results: Iterable[Result]) -> list[FailedTrial]:
+    """The trials of a sweep that ended in an error, in the order Tune lists them."""
+    failed = []
+    for result in results:
+        if result.error is None:
+            continue
+        config = result.config or {}  # None when the trial never reported: name it by its folder
+        trial = (f"{setting_name(config['params'])} seed {config.get('seed')}" if "params" in config
+                 else Path(result.path).name)
+        lines = [line.strip() for line in str(result.error).splitlines() if line.strip()]
+        failed.append(FailedTrial(trial, lines[-1] if lines else type(result.error).__name__,
+                                  str(Path(result.path) / EXPR_ERROR_FILE)))
+    return failed
+
+
+def failure_report(failed: list[FailedTrial], total: int) -> str:
+    lines = [f"{len(failed)} of {total} trial(s) failed; the report covers the others only. Full tracebacks:"]
+    lines += [f"  {f.trial}: {f.error}\n    {f.error_file}" for f in failed]
+    return "\n".join(lines)
+
+
+def exit_status(outcome: dict[str, Any]) -> int:
+    """1 when any trial failed (its setting is missing from the report, or has fewer seeds), else 0."""
+    return 1 if outcome["failed"] else 0
 
 
 def _search_space(space: TuneSpace) -> dict[str, Any]:
@@ -120,13 +158,15 @@ def run_sweep(space: TuneSpace, out: Path, data: Path | None = None, tracking_ur
     rows = [{**r.metrics, **{f"param:{k}": v for k, v in (r.config or {}).get("params", {}).items()}}
             for r in grid if r.metrics]
     errors = [str(r.error) for r in grid if r.error]
+    failed = failed_trials(grid)
     report = write_report(space, rows, sweep_dir / "report")
     logger.artifact(sweep_dir / "report", "report")
     logger.finish("FINISHED" if not errors else "FAILED")
     print(report["markdown"])
-    if errors:
-        print(f"{len(errors)} trial(s) failed; first error:\n{errors[0]}", file=sys.stderr)
-    return {**report, "parent_run_id": parent, "tracking_uri": uri, "errors": errors, "rows": rows}
+    if failed:
+        print(failure_report(failed, len(grid)), file=sys.stderr)
+    return {**report, "parent_run_id": parent, "tracking_uri": uri, "errors": errors, "failed": failed,
+            "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -144,5 +184,9 @@ def main(argv: list[str] | None = None) -> dict:
     return run_sweep(space, args.out, args.data, args.tracking_uri)
 
 
+def cli(argv: list[str] | None = None) -> int:
+    return exit_status(main(argv))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

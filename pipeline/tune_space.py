@@ -32,11 +32,21 @@ import yaml
 
 from divdr.config import PRESETS, ConfigError
 from pipeline.columns import REPORT_METRICS
-from pipeline.config import deep_merge, from_dict, load_yaml
+from pipeline.config import deep_merge, from_dict, load_yaml, set_dotted
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice")
-TOP_KEYS = {"name", "description", "preset", "seeds", "metric", "config", "base", "grid", "sample", "variants",
-            "num_samples", "max_concurrent"}
+# what each top-level key holds, checked before anything reads it (a list where a mapping belongs
+# would otherwise fail deep inside, as a bare AttributeError)
+TOP_KEY_TYPES: dict[str, tuple[type, str]] = {
+    "name": (str, "a string"), "description": (str, "a string"), "preset": (str, "a string"),
+    "seeds": (int, "an integer >= 1"), "metric": (str, "a string"), "config": (str, "a string (a path)"),
+    "base": (dict, "a mapping of experiment overrides (the keys of an experiment file)"),
+    "grid": (dict, "a mapping of dotted keys to lists of values"),
+    "sample": (dict, "a mapping of dotted keys to distributions"),
+    "variants": (dict, "a mapping of variant names to mappings of dotted keys to values"),
+    "num_samples": (int, "an integer >= 1"), "max_concurrent": (int, "an integer >= 0"),
+}
+TOP_KEYS = set(TOP_KEY_TYPES)
 VARIANT_KEY = "variant"  # the swept parameter that names a variant
 
 
@@ -72,6 +82,16 @@ def parse_space(data: Any, source: str = "<dict>") -> TuneSpace:
         _fail(source, f"unknown key(s) {unknown}; known: {sorted(TOP_KEYS)}")
     if not data.get("name"):
         _fail(source, "'name' is required")
+    for key, value in data.items():
+        _check_top_type(source, key, value)
+    for section in ("grid", "sample"):
+        for key in data.get(section) or {}:
+            _check_dotted(source, section, key)
+    for variant, overrides in (data.get("variants") or {}).items():
+        if not isinstance(variant, str) or not variant:
+            _fail(source, f"variants key {variant!r} must be a name (a string)")
+        for key in overrides if isinstance(overrides, dict) else ():
+            _check_dotted(source, f"variants.{variant}", key)
     space = TuneSpace(**{k: v for k, v in data.items() if v is not None})
     if space.preset not in PRESETS:
         _fail(source, f"preset {space.preset!r} is not one of {sorted(PRESETS)}")
@@ -99,6 +119,17 @@ def parse_space(data: Any, source: str = "<dict>") -> TuneSpace:
         _fail(source, f"{sorted(overlap)} appear in both grid and sample")
     _check_trials(source, space)
     return space
+
+
+def _check_top_type(source: str, key: str, value: Any) -> None:
+    expected, described = TOP_KEY_TYPES[key]
+    if value is not None and (isinstance(value, bool) or not isinstance(value, expected)):
+        _fail(source, f"{key} must be {described}, got {value!r}")
+
+
+def _check_dotted(source: str, where: str, key: Any) -> None:
+    if not isinstance(key, str) or not all(key.split(".")):
+        _fail(source, f"{where} key {key!r} must be a dotted key such as clustering.k")
 
 
 def _check_distribution(source: str, key: str, spec: Any) -> None:
@@ -133,14 +164,6 @@ def _check_trials(source: str, space: TuneSpace) -> None:
             _fail(source, f"{probe or 'base'}: {err}")
 
 
-def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    node = tree
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-
-
 def trial_config(space: TuneSpace, params: dict[str, Any], seed: int, name: str = ""):
     """The ExperimentConfig of one trial: preset <- base <- variant <- swept values <- seed."""
     tree = yaml.safe_load(yaml.safe_dump(space.base)) or {}
@@ -151,10 +174,10 @@ def trial_config(space: TuneSpace, params: dict[str, Any], seed: int, name: str 
         if variant not in space.variants:
             raise ConfigError(f"unknown variant {variant!r}; the space has {sorted(space.variants)}")
         for key, value in space.variants[variant].items():
-            _set(tree, key, value)
+            set_dotted(tree, key, value)
     for key, value in params.items():
-        _set(tree, key, value)
-    _set(tree, "train.seed", seed)
+        set_dotted(tree, key, value)
+    set_dotted(tree, "train.seed", seed)
     if name:
         tree["name"] = name
     return from_dict(tree)
@@ -164,9 +187,9 @@ def load_space(path: Path) -> TuneSpace:
     """A tune space from YAML; its ``config`` experiment file (a path relative to the space's folder)
     is loaded here and ``base`` applied over it, so every trial starts from that file."""
     data = load_yaml(path)
-    if isinstance(data, dict) and data.get("config"):
-        if not isinstance(data["config"], str):
-            _fail(str(path), f"config must be a path, got {data['config']!r}")
+    if data.get("config"):
+        for key in ("config", "base"):  # read here, before parse_space checks the rest
+            _check_top_type(str(path), key, data.get(key))
         experiment = Path(path).parent / data["config"]
         data = {**data, "base": deep_merge(load_yaml(experiment), data.get("base") or {})}
     return parse_space(data, str(path))

@@ -35,7 +35,7 @@ from divdr.data.cityscapes import (
     DatasetError,
     normalize_image,
     read_label_ids,
-    read_png,
+    read_rgb,
 )
 from divdr.data.labels import LABEL_ID_BY_NAME
 from divdr.data.manifest import SUBSET_MANIFEST, read_subset_manifest
@@ -131,7 +131,7 @@ def load_split(root: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
     entries = sorted((path, e) for path, e in read_subset_manifest(manifest).items() if e.split == split)
     if not entries:
         raise DatasetError(f"{manifest} lists no {split!r} image")
-    images = np.stack([np.asarray(read_png(root / path, "image").convert("RGB")) for path, _ in entries])
+    images = np.stack([np.asarray(read_rgb(root / path)) for path, _ in entries])
     labels = np.stack([read_label_ids(root / path.replace(IMAGE_DIR, LABEL_DIR, 1).replace(IMAGE_SUFFIX, LABEL_SUFFIX))
                        for path, _ in entries])
     subsets = np.array([e.subset for _, e in entries])

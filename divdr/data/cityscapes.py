@@ -32,6 +32,10 @@ from divdr.data.manifest import (
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_PIXEL_VALUE = 255.0
+# Integer grey modes: a 16-bit grey PNG opens as "I;16" (older Pillow and TIFFs: "I"). Pillow's
+# convert("RGB") clips them at 255, so everything above 255 of 65535 would turn white.
+INTEGER_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+MAX_16_BIT_VALUE = 65535
 
 IMAGE_DIR = "leftImg8bit"
 LABEL_DIR = "gtFine"
@@ -58,6 +62,23 @@ def read_png(path: Path, what: str) -> Image.Image:
             return img.copy()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise DatasetError(f"cannot read {what} {path}: {err}") from err
+
+
+def read_rgb(path: Path, what: str = "image") -> Image.Image:
+    """An image file as 8-bit RGB: 16-bit grey scaled to 8 bits (round(v / 257)), never clipped."""
+    image = read_png(path, what)
+    if image.mode == "F":
+        raise DatasetError(f"{what} {path}: floating-point pixels (mode F) have no fixed range; "
+                           "save it as an 8- or 16-bit PNG")
+    if image.mode not in INTEGER_GREY_MODES:
+        return image.convert("RGB")
+    values = np.asarray(image).astype(np.int64)
+    low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+    if low < 0 or high > MAX_16_BIT_VALUE:
+        raise DatasetError(f"{what} {path}: mode {image.mode} pixel values {low}..{high} lie outside the "
+                           f"16-bit range 0..{MAX_16_BIT_VALUE}")
+    grey = (values * int(MAX_PIXEL_VALUE) + MAX_16_BIT_VALUE // 2) // MAX_16_BIT_VALUE
+    return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
 
 
 def read_label_ids(path: Path) -> np.ndarray:
@@ -117,7 +138,7 @@ class CityscapesSegmentation(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         image_path, label_path = self.images[index], self.labels[index]
-        rgb = read_png(image_path, "image").convert("RGB")
+        rgb = read_rgb(image_path)
         label_ids = read_label_ids(label_path)
         if label_ids.shape != (rgb.height, rgb.width):
             raise DatasetError(

@@ -7,7 +7,8 @@ uint8 [N, H, W], ``image_id`` (the COCO id), ``area`` float32 [N], ``iscrowd`` i
 
 Following torchvision's references: crowd annotations are left out of training targets (``train=True``)
 but kept for evaluation; boxes are clipped to the image and degenerate ones (zero width or height)
-are dropped, counted in ``dropped_degenerate``.
+are dropped, counted in ``dropped_degenerate`` and reported in one warning. A negative width or
+height, a non-numeric box entry or a repeated id is an error naming the file and the record.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -26,13 +28,15 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
-from divdr.data.cityscapes import MAX_PIXEL_VALUE, DatasetError, read_png
+from divdr.data.cityscapes import MAX_PIXEL_VALUE, DatasetError, read_rgb
 
 REQUIRED_FIELDS = {
     "images": ("id", "file_name", "height", "width"),
     "annotations": ("id", "image_id", "category_id", "bbox", "segmentation", "iscrowd"),
     "categories": ("id", "name"),
 }
+
+BBOX_FIELDS = ("x", "y", "width", "height")  # COCO's [x, y, width, height]
 
 DetectionTarget = dict[str, Any]
 DetectionTransform = Callable[[torch.Tensor, DetectionTarget], tuple[torch.Tensor, DetectionTarget]]
@@ -58,9 +62,42 @@ def load_coco_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def _unique_ids(path: Path, records: list[dict[str, Any]], section: str, what: str) -> set[int]:
+    """The ids of one section; a non-integer or repeated id is named (pycocotools would silently
+    keep the last record of a repeated id, and annotations of the others would look "unknown")."""
+    first: dict[int, int] = {}
+    for i, record in enumerate(records):
+        record_id = record["id"]
+        if isinstance(record_id, bool) or not isinstance(record_id, int):
+            raise DatasetError(f"{path}: {section}[{i}] id must be an integer, got {record_id!r}")
+        if record_id in first:
+            raise DatasetError(f"duplicate {what} id {record_id} in {path} "
+                               f"({section}[{first[record_id]}] and {section}[{i}])")
+        first[record_id] = i
+    return set(first)
+
+
+def _check_bbox(path: Path, i: int, ann: dict[str, Any]) -> None:
+    """[x, y, width, height]: four finite numbers, width and height >= 0 (a negative one is a broken
+    annotation, not an empty box: it is refused rather than dropped)."""
+    where = f"{path}: annotations[{i}] (id {ann['id']}) bbox"
+    bbox = ann["bbox"]
+    if not isinstance(bbox, list) or len(bbox) != 4:
+        raise DatasetError(f"{where} must have 4 numbers, got {bbox}")
+    for j, (name, value) in enumerate(zip(BBOX_FIELDS, bbox, strict=True)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DatasetError(f"{where}[{j}] ({name}) must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise DatasetError(f"{where}[{j}] ({name}) must be a finite number, got {value!r}")
+    for name, value in zip(BBOX_FIELDS[2:], bbox[2:], strict=True):
+        if value < 0:
+            raise DatasetError(f"{where} {name} must be >= 0, got {value} (bbox {bbox})")
+
+
 def _check_references(path: Path, data: dict[str, Any]) -> None:
-    image_ids = {img["id"] for img in data["images"]}
-    category_ids = {cat["id"] for cat in data["categories"]}
+    image_ids = _unique_ids(path, data["images"], "images", "image")
+    category_ids = _unique_ids(path, data["categories"], "categories", "category")
+    _unique_ids(path, data["annotations"], "annotations", "annotation")
     for i, ann in enumerate(data["annotations"]):
         if ann["image_id"] not in image_ids:
             raise DatasetError(
@@ -68,8 +105,7 @@ def _check_references(path: Path, data: dict[str, Any]) -> None:
         if ann["category_id"] not in category_ids:
             raise DatasetError(
                 f"{path}: annotations[{i}] (id {ann['id']}) refers to unknown category_id {ann['category_id']}")
-        if not isinstance(ann["bbox"], list) or len(ann["bbox"]) != 4:
-            raise DatasetError(f"{path}: annotations[{i}] (id {ann['id']}) bbox must have 4 numbers, got {ann['bbox']}")
+        _check_bbox(path, i, ann)
 
 
 def build_coco(data: dict[str, Any]) -> COCO:
@@ -112,6 +148,10 @@ class CocoDetection(Dataset):
         self.category_names = {self.category_to_label[c]: self.coco.cats[c]["name"] for c in category_ids}
         self._check_files_exist()
         self.dropped_degenerate = self._count_degenerate()
+        if self.dropped_degenerate:  # once per dataset, not once per sample
+            warnings.warn(f"{self.annotation_json}: {self.dropped_degenerate} annotation(s) have a zero-width or "
+                          "zero-height box once clipped to the image; they are left out of the targets",
+                          stacklevel=2)
 
     @property
     def num_categories(self) -> int:
@@ -142,7 +182,7 @@ class CocoDetection(Dataset):
 
     def _load_image(self, info: dict[str, Any]) -> torch.Tensor:
         path = self.image_dir / info["file_name"]
-        rgb = read_png(path, "image").convert("RGB")
+        rgb = read_rgb(path)
         if (rgb.height, rgb.width) != (info["height"], info["width"]):
             raise DatasetError(
                 f"image {path} is {rgb.width}x{rgb.height} (WxH) but {self.annotation_json} says "

@@ -211,9 +211,15 @@ def generate(config: StudyConfig, out: str | Path, kind: DataKind = "seg") -> di
     if kind not in ("seg", "det"):
         raise ConfigError(f"kind must be 'seg' or 'det', got {kind!r}")
     out = Path(out)
+    existing = next(path for path in (out, *out.parents) if path.exists())  # the cwd, at worst
+    if not existing.is_dir():
+        raise ConfigError(f"cannot write the study to {out}: {existing} is a file, not a folder")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"output folder {out} is not empty; choose a new one")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # e.g. no permission
+        raise ConfigError(f"cannot create output folder {out}: {err}") from err
     counts = (write_seg_study if kind == "seg" else write_det_study)(config, out)
     (out / STUDY_FILE).write_text(json.dumps(config_document(config, kind), indent=1, sort_keys=True))
     return counts

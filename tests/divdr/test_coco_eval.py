@@ -200,3 +200,21 @@ def test_polygon_and_uncompressed_rle_results_accepted():
     results = [{**r, "segmentation": a["segmentation"]}
                for r, a in zip(_self_results(gt), [a for a in gt["annotations"] if not a["iscrowd"]], strict=True)]
     assert evaluate_coco(gt, results, "segm")["AP"] == pytest.approx(1.0)
+
+
+def test_bad_boxes_and_duplicate_ids_in_the_ground_truth_are_named(tmp_path, capsys):
+    res = _self_results(_gt())
+    gt = _gt()
+    gt["annotations"][1]["bbox"][1] = "a"
+    _cli_error(tmp_path, capsys, gt, res, "gt.json", "annotations[1]", "bbox[1] (y) must be a number, got 'a'")
+    gt = _gt()
+    gt["annotations"][0]["bbox"][2] = -3.0
+    _cli_error(tmp_path, capsys, gt, res, "gt.json", "annotations[0]", "bbox width must be >= 0, got -3.0")
+    gt = _gt()
+    gt["images"][1]["id"] = 0
+    _cli_error(tmp_path, capsys, gt, res, "duplicate image id 0 in", "gt.json", "(images[0] and images[1])")
+    gt = _gt()
+    gt["categories"][2]["id"] = 3
+    _cli_error(tmp_path, capsys, gt, res, "duplicate category id 3 in", "gt.json")
+    res[0]["bbox"][3] = float("nan")
+    _cli_error(tmp_path, capsys, _gt(), res, "res.json", "results[0]", "bbox[3] (height) must be a finite number")

@@ -46,6 +46,45 @@ def test_invalid_values_rejected_by_name(override, message):
         resolve(None, None, [override])
 
 
+@pytest.mark.parametrize(("override", "message"), [
+    ("clustering.k=1", r"clustering\.k must be >= 2 when the clustering loss is on"),
+    ("train.steps=inf", r"train\.steps must be a finite number, got 'inf'"),
+    ("train.steps=.nan", r"train\.steps must be a finite number, got nan"),
+    ("train.steps=1e400", r"train\.steps must be a finite number"),
+    ("train.lr=inf", r"train\.lr must be a finite number, got 'inf'"),
+    ("train.lr=-.inf", r"train\.lr must be a finite number, got -inf"),
+    ("train.grad_clip=nan", r"train\.grad_clip must be a finite number"),
+    ("scaling.cpus_per_worker=.inf", r"scaling\.cpus_per_worker must be a finite number"),
+    ("train.crop=[a,b]", r"train\.crop\[0\] must be a number, got 'a' \(in train\.crop = \['a', 'b'\]\)"),
+    ("train.crop=[64.5,64]", r"train\.crop\[0\] must be an integer, got 64\.5"),
+    ("train.crop=[64,.inf]", r"train\.crop\[1\] must be a finite number"),
+    ("detection.anchor_sizes=[a,b,c,d,e]", r"detection\.anchor_sizes\[0\] must be a number, got 'a'"),
+    ("model.route=[x]", r"model\.route\[0\] must be a number, got 'x'"),
+])
+def test_non_finite_numbers_and_bad_list_items_rejected_by_name(override, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve("DivDR-A", None, [override])
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("clustering=5", r"clustering must be a mapping, got int: 5"),
+    ("model=[1]", r"model must be a mapping, got list: \[1\]"),
+    ("preset=[DR-A]", r"preset must be a string, got \['DR-A'\]"),
+    ("model_size=[1]", r"model_size must be a string, got \[1\]"),
+    ("name=[1]", r"name must be a string, got \[1\]"),
+])
+def test_a_section_or_a_name_given_a_value_of_the_wrong_kind_is_rejected_by_name(override, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve(None, None, [override])
+
+
+def test_learning_rate_must_be_finite_even_when_built_directly():
+    from pipeline.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"train\.lr must be finite and > 0, got inf"):
+        TrainConfig(lr=float("inf"))
+
+
 def test_bad_experiment_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         resolve(None, tmp_path / "missing.yaml")

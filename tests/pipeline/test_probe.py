@@ -61,3 +61,12 @@ def test_brightness_eta2_says_what_the_clusters_follow(tmp_path):
         Image.fromarray(np.full((8, 8, 3), grey, np.uint8)).save(tmp_path / image)
     row = probe_run(run_dir, data=tmp_path)
     assert row["brightness_eta2_clusters"] > 0.99 and row["brightness_eta2_subsets"] < 0.2
+
+
+def test_brightness_of_a_sixteen_bit_image_is_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    from pipeline.probe import brightness
+
+    Image.fromarray(np.full((4, 6), 32896, np.uint16)).save(tmp_path / "grey16.png")  # 128 * 257
+    assert brightness(tmp_path, np.array(["grey16.png"])).tolist() == [128.0]

@@ -110,3 +110,46 @@ def test_a_space_starts_from_its_experiment_file(tmp_path):
     space_file.write_text("name: s\nconfig: ../configs/missing.yaml\n")
     with pytest.raises(ConfigError, match=r"missing\.yaml"):
         load_space(space_file)
+
+
+@pytest.mark.parametrize(("space", "message"), [
+    ({"name": "x", "grid": [1, 2]}, r"grid must be a mapping .*, got \[1, 2\]"),
+    ({"name": "x", "grid": "a"}, r"grid must be a mapping .*, got 'a'"),
+    ({"name": "x", "base": 5}, r"base must be a mapping .*, got 5"),
+    ({"name": "x", "base": [1]}, r"base must be a mapping .*, got \[1\]"),
+    ({"name": "x", "sample": [1]}, r"sample must be a mapping .*, got \[1\]"),
+    ({"name": "x", "variants": [1]}, r"variants must be a mapping .*, got \[1\]"),
+    ({"name": 5}, r"name must be a string, got 5"),
+    ({"name": "x", "description": 5}, r"description must be a string, got 5"),
+    ({"name": "x", "preset": ["a"]}, r"preset must be a string, got \['a'\]"),
+    ({"name": "x", "config": 5}, r"config must be a string \(a path\), got 5"),
+    ({"name": "x", "seeds": True}, r"seeds must be an integer >= 1, got True"),
+    ({"name": "x", "grid": {5: [1]}}, r"grid key 5 must be a dotted key such as clustering\.k"),
+    ({"name": "x", "grid": {"clustering..k": [3]}}, r"grid key 'clustering\.\.k' must be a dotted key"),
+    ({"name": "x", "sample": {5: {"uniform": [0, 1]}}}, r"sample key 5 must be a dotted key"),
+    ({"name": "x", "variants": {5: {}}}, r"variants key 5 must be a name \(a string\)"),
+    ({"name": "x", "variants": {"v": {5: 1}}}, r"variants\.v key 5 must be a dotted key"),
+    ({"name": "x", "base": {"train": 5}}, r"base: cannot set 'train\.seed': 'train' holds 5, not a section"),
+    ({"name": "x", "variants": {"v": {"train": 5}}},
+     r"'variant': 'v'.*cannot set 'train\.seed': 'train' holds 5, not a section"),
+    ({"name": "x", "base": {"clustering": {"alpha": 1.0}}, "grid": {"clustering": [5]}},
+     r"\{'clustering': 5\}: clustering must be a mapping, got int: 5"),
+    ({"name": "x", "base": {"train": {"steps": "inf"}}}, r"base: train\.steps must be a finite number"),
+    ({"name": "x", "sample": {"clustering.alpha": {"uniform": [0, float("inf")]}}},
+     r"clustering\.alpha must be a finite number"),
+])
+def test_malformed_spaces_name_the_file_and_the_key(space, message):
+    with pytest.raises(ConfigError, match=r"^tune space test\.yaml: ") as info:
+        parse_space(space, "test.yaml")
+    assert info.match(message)
+
+
+def test_a_malformed_base_over_an_experiment_file_names_the_file(tmp_path):
+    (tmp_path / "exp.yaml").write_text("model_size: micro\n")
+    space_file = tmp_path / "s.yaml"
+    space_file.write_text("name: s\nconfig: exp.yaml\nbase: 5\n")
+    with pytest.raises(ConfigError, match=rf"tune space {space_file}: base must be a mapping .*, got 5"):
+        load_space(space_file)
+    space_file.write_text("name: s\nconfig: [exp.yaml]\n")
+    with pytest.raises(ConfigError, match=rf"tune space {space_file}: config must be a string"):
+        load_space(space_file)

@@ -198,3 +198,31 @@ def test_subset_view_errors_name_what_is_missing(small_seg_study: Path, tmp_path
     write_pair(bare, "train", "aachen_000000_000000", road_and_car())
     with pytest.raises(DatasetError, match=f"has no {SUBSET_MANIFEST}"):
         write_subset_view(bare, tmp_path / "v", subset=0)
+
+
+def test_sixteen_bit_grey_image_is_scaled_to_eight_bits_not_clipped(tmp_path: Path) -> None:
+    image, _ = write_pair(tmp_path, "val", "lindau_000001_000019", road_and_car(2, 3))
+    grey16 = np.array([[0, 257, 1000], [32896, 60000, 65535]], dtype=np.uint16)
+    Image.fromarray(grey16).save(image)  # a 16-bit grey PNG: Pillow opens it as mode I;16
+    assert Image.open(image).mode == "I;16"
+    sample = CityscapesSegmentation(tmp_path, "val")[0]
+    grey8 = np.array([[0, 1, 4], [128, 233, 255]], dtype=np.float32)  # round(v / 257)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    expected = (torch.from_numpy(grey8 / 255).expand(3, -1, -1) - mean) / std
+    assert torch.allclose(sample["image"], expected, atol=1e-6)
+
+
+def test_read_rgb_scales_integer_modes_and_refuses_what_it_cannot(tmp_path: Path) -> None:
+    from divdr.data.cityscapes import read_rgb
+
+    path = tmp_path / "grey32.tif"  # mode I (32-bit integers), as older Pillow opens 16-bit PNGs
+    Image.fromarray(np.array([[0, 65535]], dtype=np.int32)).save(path)
+    assert Image.open(path).mode == "I"
+    assert np.asarray(read_rgb(path)).tolist() == [[[0, 0, 0], [255, 255, 255]]]
+    Image.fromarray(np.array([[0, 70000]], dtype=np.int32)).save(path)
+    with pytest.raises(DatasetError, match=r"grey32\.tif: mode I pixel values 0\.\.70000 lie outside"):
+        read_rgb(path)
+    path = tmp_path / "float.tif"
+    Image.fromarray(np.array([[0.5, 2.0]], dtype=np.float32)).save(path)
+    with pytest.raises(DatasetError, match=r"float\.tif: floating-point pixels \(mode F\)"):
+        read_rgb(path)

@@ -17,6 +17,9 @@ from divdr.data.labels import LABEL_ID_BY_NAME
 
 from .conftest import SMALL
 
+# the hand-written file has one zero-width box on purpose; the warning about it is tested on its own
+pytestmark = pytest.mark.filterwarnings("ignore:.*zero-width or zero-height box:UserWarning")
+
 OBJECT_IDS = sorted(LABEL_ID_BY_NAME[c] for c in SMALL.object_classes)
 
 
@@ -238,3 +241,61 @@ def test_torchvision_mask_rcnn_trains_on_a_batch(small_det_study: Path) -> None:
     losses = model(images, targets)
     assert {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness"} <= set(losses)
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_sixteen_bit_grey_image_is_scaled_to_eight_bits_not_clipped(tmp_path: Path) -> None:
+    path, _ = hand_written(tmp_path)
+    grey16 = np.full((10, 12), 32896, dtype=np.uint16)  # 128 * 257: mid-grey
+    Image.fromarray(grey16).save(tmp_path / "images" / "a.png")
+    image, _ = CocoDetection(tmp_path / "images", path)[1]
+    assert torch.allclose(image, torch.full((3, 10, 12), 128 / 255))
+
+
+@pytest.mark.parametrize(("mutate", "message"), [
+    (lambda d: d["annotations"][0].update(bbox=[2, 1, -4, 3]),
+     r"annotations\[0\] \(id 500\) bbox width must be >= 0, got -4 \(bbox \[2, 1, -4, 3\]\)"),
+    (lambda d: d["annotations"][2].update(bbox=[1, 5, 3, -0.5]),
+     r"annotations\[2\] \(id 502\) bbox height must be >= 0, got -0\.5"),
+    (lambda d: d["annotations"][0].update(bbox=[2, "one", 4, 3]),
+     r"annotations\[0\] \(id 500\) bbox\[1\] \(y\) must be a number, got 'one'"),
+    (lambda d: d["annotations"][0].update(bbox=[2, 1, True, 3]),
+     r"annotations\[0\] \(id 500\) bbox\[2\] \(width\) must be a number, got True"),
+    (lambda d: d["annotations"][0].update(bbox=[2, 1, 4, float("nan")]),
+     r"annotations\[0\] \(id 500\) bbox\[3\] \(height\) must be a finite number, got nan"),
+    (lambda d: d["images"][0].update(id=[42]), r"images\[0\] id must be an integer, got \[42\]"),
+])
+def test_bad_boxes_and_duplicate_ids_name_the_file_the_annotation_and_the_field(tmp_path: Path, mutate,
+                                                                                message: str) -> None:
+    path, data = hand_written(tmp_path)
+    mutate(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match=r"instances\.json: " + message):
+        CocoDetection(tmp_path / "images", path)
+
+
+def test_zero_area_boxes_are_dropped_with_one_warning_that_counts_them(tmp_path: Path) -> None:
+    path, data = hand_written(tmp_path)
+    data["annotations"].append({**data["annotations"][0], "id": 503, "bbox": [3, 2, 5, 0]})  # zero height
+    data["annotations"].append({**data["annotations"][0], "id": 504, "bbox": [20, 2, 5, 3]})  # right of the image
+    path.write_text(json.dumps(data))
+    warning = r"instances\.json: 3 annotation\(s\) have a zero-width or zero-height box"
+    with pytest.warns(UserWarning, match=warning) as caught:
+        dataset = CocoDetection(tmp_path / "images", path)
+    assert len(caught) == 1 and dataset.dropped_degenerate == 3
+    assert dataset.target(1)["boxes"].tolist() == [[2.0, 1.0, 6.0, 4.0]]
+
+
+@pytest.mark.parametrize(("mutate", "message"), [
+    (lambda d: d["images"][1].update(id=42),
+     r"duplicate image id 42 in .*instances\.json \(images\[0\] and images\[1\]\)"),
+    (lambda d: d["annotations"][1].update(id=500),
+     r"duplicate annotation id 500 in .*instances\.json \(annotations\[0\] and annotations\[1\]\)"),
+    (lambda d: d["categories"][2].update(id=3),
+     r"duplicate category id 3 in .*instances\.json \(categories\[1\] and categories\[2\]\)"),
+])
+def test_duplicate_ids_are_named_not_reported_as_unknown(tmp_path: Path, mutate, message: str) -> None:
+    path, data = hand_written(tmp_path)
+    mutate(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match=message):
+        CocoDetection(tmp_path / "images", path)

@@ -186,7 +186,7 @@ def test_make_data_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert cli.main(["make-data", "--out", str(tmp_path / "x"), "--size", "48by96"]) == 2
     assert "--size" in capsys.readouterr().err
     other = tmp_path / "other-rule"  # another subset rule: regimes picked by name, in that order
-    assert cli.main(["make-data", "--out", str(other), "--n-train", "3", "--n-val", "0", "--size", "48x96",
+    assert cli.main(["make-data", "--out", str(other), "--n-train", "3", "--n-val", "1", "--size", "48x96",
                      "--regimes", "medium,tiny,large"]) == 0
     assert "train: 3 images (medium 1, tiny 1, large 1)" in capsys.readouterr().out
     assert cli.main(["make-data", "--out", str(tmp_path / "y"), "--regimes", "large,huge"]) == 2
@@ -242,3 +242,38 @@ def test_object_components_are_compact_in_tiny_and_thin_regimes() -> None:
         return float(np.median(np.bincount(components.ravel())[1:])) if count else 0.0
     large, tiny = (min(median_component(s) for s in scenes(0)), max(median_component(s) for s in scenes(1)))
     assert large > 10 * tiny
+
+
+@pytest.mark.parametrize(("argument", "value"), [("--n-train", "0"), ("--n-val", "0"), ("--n-train", "-3"),
+                                                 ("--n-val", "two"), ("--seed", "-1")])
+def test_make_data_refuses_counts_below_one_and_negative_seeds(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                               argument: str, value: str) -> None:
+    args = {"--n-train": "2", "--n-val": "1", "--seed": "0", argument: value}
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["make-data", "--out", str(tmp_path / "out"), "--size", "48x96",
+                  *(item for pair in args.items() for item in pair)])
+    assert exit_info.value.code == 2
+    assert f"argument {argument}: " in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_make_data_argument_errors_name_the_argument_and_value(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["make-data", "--out", str(tmp_path / "out"), "--n-train", "0"])
+    assert "argument --n-train: must be an integer >= 1, got '0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["make-data", "--out", str(tmp_path / "out"), "--seed", "-1"])
+    assert "argument --seed: must be an integer >= 0, got '-1'" in capsys.readouterr().err
+    assert cli.main(["make-data", "--out", str(tmp_path / "out"), "--size", "0x96"]) == 2
+    assert "--size must be positive, got '0x96'" in capsys.readouterr().err
+
+
+def test_make_data_names_an_output_path_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "sub"):
+        assert cli.main(["make-data", "--out", str(out), "--n-train", "1", "--n-val", "1", "--size", "48x96"]) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path / 'file'} is a file, not a folder" in err, err
+    with pytest.raises(ConfigError, match=r"is a file, not a folder"):
+        generate(TINY_STUDY, tmp_path / "file")
