@@ -240,7 +240,7 @@ def test_k_larger_than_the_training_set_is_refused_before_anything_is_written(st
     from pipeline.train import run
 
     cfg = with_data_root(smoke("name=big-k", "clustering.k=7", "data.max_train_images=6"), study)
-    with pytest.raises(ConfigError, match="clustering.k = 7 needs at least 7 training images; the run trains on 6"):
+    with pytest.raises(ConfigError, match=r"clustering\.k = 7 needs at least 7 training images; the run trains on 6"):
         run(cfg, tmp_path, local=True)
     assert not (tmp_path / "big-k").exists()
 
