@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -83,6 +84,9 @@ def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
 
 def check_output_folder(out: Path) -> None:
     """Fail before any training if the output folder cannot hold the run."""
+    blocking = next((p for p in (out, *out.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise ConfigError(f"output folder {out}: {blocking} is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-probe"
@@ -208,7 +212,7 @@ def _train(cfg: ExperimentConfig, out: Path, run_dir: Path, parent_run_id: str |
         metrics["tracking_uri"] = redact_uri(uri)
         (run_dir / "result.json").write_text(json.dumps(metrics, indent=2, default=str))
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (``ray job stop``, a scheduler): see main
         status = "KILLED"
         raise
     except Exception:
@@ -305,6 +309,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(2) from None
     print("Resolved configuration:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     cfg = with_dataset(cfg)
+    # SIGTERM ends the run like Ctrl-C: the lock is released and the MLflow run marked KILLED, not RUNNING
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     existing = "fresh" if args.fresh else "resume" if args.resume else "continue"
     try:
         metrics = run(cfg, args.out, existing=existing, local=args.local)
