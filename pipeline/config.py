@@ -140,7 +140,8 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrackingConfig:
     uri: str = ""  # "" = a local SQLite store under the run's output folder
-    experiment: str = "divdr"
+    # MLflow experiment: each entry point names its own ("single runs", "main job", "sweep <space>", "oracle")
+    experiment: str = "single runs"
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The controlled study's oracle (DivDR sec. 5): one expert per *known* subset, against DivDR.
 
-``python pipeline/oracle.py [--out runs/oracle] [--preset DR-A] [--set key=value ...] [--compare MODEL.pt ...]``
+``python pipeline/oracle.py [--out runs] [--preset DR-A] [--set key=value ...] [--compare MODEL.pt ...]``
 
 For every subset s of the dataset's manifest, a network of the same size as the main job's is
 trained on the images of s only (a symlinked view of the dataset, ``divdr.data.cityscapes.write_subset_view``)
@@ -33,35 +33,33 @@ if __package__ in (None, ""):
 
 import numpy as np
 import torch
+import yaml
 
-from divdr.config import PRESETS, GateConfig, ModelConfig, TemperatureConfig
+from divdr.config import PRESETS, ConfigError, GateConfig, ModelConfig, TemperatureConfig
 from divdr.data.cityscapes import CityscapesSegmentation, write_subset_view
 from divdr.data.manifest import SUBSET_MANIFEST, read_subset_manifest
 from divdr.data.synthetic import regime_routes
 from divdr.evaluation import InferenceResult, run_inference
 from divdr.heads import DynamicRoutingSegmenter
 from divdr.metrics import scores_from_confusion
-from pipeline.config import resolve, with_smoke
+from pipeline import tracking
+from pipeline.cli_args import add_common, data_overrides, parser_for, preset_help
+from pipeline.config import deep_merge, redact_uri, resolve, with_smoke
 from pipeline.main_job import MAIN_JOB
 from pipeline.train import init_ray, run, with_dataset
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pipeline/oracle.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/oracle"), help="output folder (default runs/oracle)")
-    parser.add_argument("--preset", default="DR-A", choices=sorted(PRESETS),
-                        help="preset of the experts (default DR-A: the budget of the main job, no clustering)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a value of every expert (repeatable; the main job's values are the base)")
-    parser.add_argument("--config", type=Path, help="YAML experiment file of overrides (on the main job's values)")
-    parser.add_argument("--data", type=Path, help="dataset root with a subset manifest (default: the embedded study)")
+    parser = parser_for("pipeline/oracle.py", __doc__)
+    add_common(parser, "every expert (on the main job's values)")
+    parser.add_argument("--preset", default="DR-A", choices=sorted(PRESETS), metavar="PRESET",
+                        help=preset_help("DR-A: the budget of the main job, no clustering", "preset of the experts: "))
     parser.add_argument("--compare", nargs="*", type=Path, default=[], metavar="MODEL_PT",
                         help="trained models (<run>/artifacts/model.pt) to evaluate per subset beside the oracle")
     parser.add_argument("--route-experts", action="store_true",
                         help="one expert per regime's route (study.json) instead of per subset's images")
     parser.add_argument("--no-network-fix", action="store_true",
                         help="with --route-experts: leave out the Network-Fix row (every path, no gates)")
-    parser.add_argument("--smoke", action="store_true", help="tiny everything, to check the path")
     return parser
 
 
@@ -159,14 +157,19 @@ def train_route_experts(args: argparse.Namespace, base: dict[str, Any], root: Pa
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     args = build_parser().parse_args(argv)
-    base = with_smoke(MAIN_JOB) if args.smoke else MAIN_JOB
-    data = [f"data.root={args.data.resolve()}"] if args.data else []
-    args.overrides = [*data, *args.overrides]
-    probe = resolve(args.preset, args.config, args.overrides, base=base)
+    base = deep_merge(with_smoke(MAIN_JOB) if args.smoke else MAIN_JOB, {"tracking": {"experiment": "oracle"}})
+    args.overrides = [*data_overrides(args), *args.overrides]
+    try:
+        probe = resolve(args.preset, args.config, args.overrides, base=base)
+    except ConfigError as err:
+        raise SystemExit(f"pipeline/oracle.py: error: {err}") from None
+    if args.print_config:
+        print(yaml.safe_dump(probe.to_dict(), sort_keys=False))
+        return {}
     root = Path(with_dataset(probe).data.root)
     names = subset_names(root)
     out = args.out.resolve()
-    views = {s: write_subset_view(root, out / "views" / f"subset-{s}-{names[s]}", s) for s in sorted(names)}
+    views = {s: write_subset_view(root, out / "oracle-views" / f"subset-{s}-{names[s]}", s) for s in sorted(names)}
     started = time.perf_counter()
     init_ray()
     if args.route_experts:
@@ -182,6 +185,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     (out / "oracle.md").write_text(table + "\n")
     (out / "oracle.json").write_text(json.dumps({"wall_seconds": wall, "subsets": names, "rows": rows},
                                                 indent=2, default=float))
+    uri = redact_uri(probe.tracking.uri) or tracking.local_tracking_uri(out)
+    print(f"\nOutputs:\n  tables          {out / 'oracle.md'}, {out / 'oracle.json'}\n"
+          f"  experts         run folders oracle-* under {out} (MLflow experiment 'oracle')\n"
+          f"  MLflow UI       {tracking.ui_command(uri)}")
     return rows
 
 

@@ -39,16 +39,50 @@ def local_tracking_uri(out_dir: Path) -> str:
     return f"sqlite:///{(Path(out_dir) / 'mlflow.db').resolve()}"
 
 
+def ui_command(uri: str) -> str:
+    """How to look at the runs of ``uri``: the MLflow UI on a local store, or the server itself."""
+    import sys
+
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser (experiments: the 'Model training' view)"
+    mlflow = Path(sys.executable).parent / "mlflow"
+    return (f"{mlflow} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then open "
+            "http://127.0.0.1:5000 ('Model training' view)")
+
+
 def artifact_root(out_dir: Path) -> str:
     return (Path(out_dir) / "mlartifacts").resolve().as_uri()
 
 
+# MLflow 3's UI opens an experiment in its GenAI view unless told it holds model training
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+REPO = Path(__file__).resolve().parent.parent
+
+
 def get_or_create_experiment(client: MlflowClient, name: str, out_dir: Path | None) -> str:
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = artifact_root(out_dir) if out_dir is not None else None
-    return client.create_experiment(name, artifact_location=location)
+    if experiment is None:
+        location = artifact_root(out_dir) if out_dir is not None else None
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
+    for key, value in EXPERIMENT_TAGS.items():
+        if experiment.tags.get(key) != value:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
+
+
+def source_tags() -> dict[str, str]:
+    """The code a run was trained with: MLflow's own git tags, where the project is a git checkout
+    (a ``ray job submit`` working directory is not: then none)."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"mlflow.source.git.commit": commit, "divdr.git.dirty": str(bool(dirty)).lower()}
 
 
 OFFLINE_PREFIX = "offline-"
@@ -86,7 +120,7 @@ def _start_or_resume(uri: str, experiment: str, run_name: str, run_dir: Path, ou
         client.update_run(run_id, status="RUNNING")
         return run_id
     experiment_id = get_or_create_experiment(client, experiment, out_dir)
-    all_tags = {"mlflow.runName": run_name, **(tags or {})}
+    all_tags = {"mlflow.runName": run_name, **source_tags(), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)

@@ -15,7 +15,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import yaml
 from divdr.config import PRESETS, ConfigError
 from divdr.data.errors import DatasetError
 from pipeline import tracking
+from pipeline.cli_args import add_common, data_overrides, parser_for, preset_help
 from pipeline.columns import format_table
 from pipeline.config import ExperimentConfig, redact_uri, resolve, with_data_root, with_smoke
 from pipeline.faults import faults_from_env
@@ -48,17 +49,10 @@ MIN_FREE_BYTES = 200 * 2**20  # refuse to start a run with less free disk than t
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pipeline/train.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="DR-A ... DivDR-Raw (default DivDR-A)")
-    parser.add_argument("--config", type=Path, help="YAML experiment file of overrides")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one value, e.g. --set clustering.k=4 (repeatable)")
-    parser.add_argument("--data", type=Path, help="dataset root: Cityscapes layout, or COCO layout for task "
-                        "detection / instance (default: the embedded study in that layout)")
-    parser.add_argument("--out", type=Path, default=Path("runs"), help="output folder (default runs/)")
-    parser.add_argument("--name", help="run name (default: <preset>-seed<seed>); the same name resumes")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under --out)")
-    parser.add_argument("--smoke", action="store_true", help="tiny everything: the whole path in about a minute")
+    parser = parser_for("pipeline/train.py", __doc__)
+    parser.add_argument("--preset", choices=sorted(PRESETS), metavar="PRESET", help=preset_help("DivDR-A"))
+    add_common(parser)
+    parser.add_argument("--name", help="run name, a folder under --out (default: <preset>-seed<seed>)")
     again = parser.add_mutually_exclusive_group()
     again.add_argument("--fresh", action="store_true",
                        help="train from scratch: delete the run of the same name (its folder and checkpoints) first")
@@ -72,13 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
     base: dict[str, Any] = with_smoke({}) if args.smoke else {}
-    overrides = list(args.overrides)
-    if args.name:
-        overrides.append(f"name={args.name}")
-    if args.tracking_uri:
-        overrides.append(f"tracking.uri={args.tracking_uri}")
-    if args.data:
-        overrides.append(f"data.root={args.data.resolve()}")
+    overrides = [*data_overrides(args), *args.overrides, *([f"name={args.name}"] if args.name else [])]
     return resolve(args.preset, args.config, overrides, base=base)
 
 
@@ -210,6 +198,8 @@ def _train(cfg: ExperimentConfig, out: Path, run_dir: Path, parent_run_id: str |
         metrics["run_dir"] = str(run_dir)
         metrics["mlflow_run_id"] = run_id
         metrics["tracking_uri"] = redact_uri(uri)
+        metrics["mlflow_experiment"] = cfg.tracking.experiment
+        metrics["checkpoints"] = str(run_dir / "checkpoint") if local else checkpoint_folder(cfg, out)
         (run_dir / "result.json").write_text(json.dumps(metrics, indent=2, default=str))
         status = "FINISHED"
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (``ray job stop``, a scheduler): see main
@@ -308,6 +298,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"pipeline/train.py: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     print("Resolved configuration:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if args.print_config:
+        return {}
     cfg = with_dataset(cfg)
     # SIGTERM ends the run like Ctrl-C: the lock is released and the MLflow run marked KILLED, not RUNNING
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -318,8 +310,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"pipeline/train.py: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     print(format_table({cfg.run_name: metrics}))
-    print(f"run folder: {metrics['run_dir']}  (MLflow run {metrics['mlflow_run_id']} at {metrics['tracking_uri']})")
+    print_outputs({cfg.run_name: metrics})
     return metrics
+
+
+RUN_FILES = ("config.yaml", "result.json", "artifacts/model.pt", "artifacts/activations_train.parquet",
+             "artifacts/activations_val.parquet", "artifacts/a_space.png", "artifacts/nearest_images.png")
+
+
+def print_outputs(results: dict[str, dict[str, Any]], tables: Sequence[Path] = ()) -> None:
+    """Where everything is, at the end of every entry point: the run folders and what they hold, the
+    tables written, the MLflow store and the command that opens its UI on it."""
+    first = next(iter(results.values()))
+    lines = ["", "Outputs:"]
+    if len(results) == 1:
+        run_dir = Path(first["run_dir"])
+        lines += [f"  {'run folder':<15} {run_dir}",
+                  *(f"  {name:<15} {run_dir / file}" for name, file in zip(
+                      ("config", "result", "model", "A(x) train", "A(x) val", "A-space plot", "nearest images"),
+                      RUN_FILES, strict=True) if (run_dir / file).exists()),
+                  f"  {'checkpoints':<15} {first.get('checkpoints', '-')}"]
+    else:
+        lines += [f"  {'run folders':<15} {', '.join(str(Path(m['run_dir'])) for m in results.values())}",
+                  f"  {'':<15} each: {', '.join(RUN_FILES)}; checkpoints in {Path(first['checkpoints']).parent}"]
+    lines += [f"  {'table':<15} {path}" for path in tables]
+    uri = first["tracking_uri"]
+    lines += [f"  {'MLflow':<15} {uri}, experiment '{first.get('mlflow_experiment', '')}' "
+              f"(run {first['mlflow_run_id']}{' and the others' if len(results) > 1 else ''})",
+              f"  {'MLflow UI':<15} {tracking.ui_command(uri)}"]
+    print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":

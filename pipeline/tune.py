@@ -11,6 +11,7 @@ The command exits 1 when any trial failed, naming each failed trial and its erro
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Iterable
@@ -22,13 +23,24 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ray
+import yaml
 from ray import tune
 from ray.air.constants import EXPR_ERROR_FILE
 from ray.tune import Result
 
 from divdr.config import ConfigError
 from pipeline import tracking
-from pipeline.config import ExperimentConfig, with_data_root
+from pipeline.cli_args import add_common, parser_for
+from pipeline.config import (
+    ExperimentConfig,
+    deep_merge,
+    load_yaml,
+    parse_override,
+    redact_uri,
+    set_dotted,
+    with_data_root,
+    with_smoke,
+)
 from pipeline.report import write_report
 from pipeline.run_folder import Existing, RunState, config_differences, run_state, saved_config
 from pipeline.train import check_output_folder, init_ray, run, with_dataset
@@ -97,6 +109,11 @@ def finished_metrics(cfg: ExperimentConfig, out: Path) -> dict[str, Any] | None:
     return json.loads(result.read_text())
 
 
+def sweep_experiment(space: TuneSpace) -> str:
+    """The MLflow experiment of a sweep and its trials: the space's own, else "sweep <name>"."""
+    return (space.base.get("tracking") or {}).get("experiment") or f"sweep {space.name}"
+
+
 def trial_existing(cfg: ExperimentConfig, out: Path) -> Existing:
     """A trial stopped midway resumes; one whose configuration changed since (the space was edited)
     is trained again from scratch."""
@@ -109,7 +126,8 @@ def trial_existing(cfg: ExperimentConfig, out: Path) -> Existing:
 def _trial(config: dict[str, Any], space: TuneSpace, root: str, out: str, uri: str, parent_run_id: str) -> None:
     params, seed = config["params"], config["seed"]
     name = f"{space.name}[{setting_name(params)}]-seed{seed}".replace("/", "_")
-    cfg = with_data_root(trial_config(space, {**params, "tracking.uri": uri}, seed, name), root)
+    cfg = with_data_root(trial_config(space, {**params, "tracking.uri": uri,
+                                              "tracking.experiment": sweep_experiment(space)}, seed, name), root)
     # re-running a stopped sweep keeps what finished: a sweep of the study is hours of CPU
     metrics = finished_metrics(cfg, Path(out)) or run(cfg, Path(out), parent_run_id=parent_run_id,
                                                        existing=trial_existing(cfg, Path(out)))
@@ -139,7 +157,7 @@ def run_sweep(space: TuneSpace, out: Path, data: Path | None = None, tracking_ur
     root = data.resolve() if data else with_dataset(trial_config(space, {}, seed=0)).data.root
     init_ray()
     uri = tracking_uri or tracking.local_tracking_uri(out)
-    experiment = trial_config(space, {}, seed=0).tracking.experiment
+    experiment = sweep_experiment(space)
     parent = tracking.start_or_resume_run(uri, experiment, f"sweep:{space.name}", sweep_dir, out,
                                           tags={"sweep": space.name, "description": space.description})
     logger = tracking.RunLogger(uri, parent, sweep_dir)
@@ -163,6 +181,10 @@ def run_sweep(space: TuneSpace, out: Path, data: Path | None = None, tracking_ur
     logger.artifact(sweep_dir / "report", "report")
     logger.finish("FINISHED" if not errors else "FAILED")
     print(report["markdown"])
+    print(f"\nOutputs:\n  {'report':<15} {sweep_dir / 'report'} (report.md, report.csv, trials.csv, plots)\n"
+          f"  {'trials':<15} run folders {space.name}[...]-seed* under {out}\n"
+          f"  {'MLflow':<15} {redact_uri(uri)}, experiment '{experiment}' (the sweep's run and its trials)\n"
+          f"  {'MLflow UI':<15} {tracking.ui_command(redact_uri(uri))}", flush=True)
     if failed:
         print(failure_report(failed, len(grid)), file=sys.stderr)
     return {**report, "parent_run_id": parent, "tracking_uri": uri, "errors": errors, "failed": failed,
@@ -170,18 +192,31 @@ def run_sweep(space: TuneSpace, out: Path, data: Path | None = None, tracking_ur
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="pipeline/tune.py", description=__doc__.splitlines()[0])
+    parser = parser_for("pipeline/tune.py", __doc__)
     parser.add_argument("--space", type=Path, required=True, help="a YAML file of tune_spaces/")
-    parser.add_argument("--out", type=Path, default=Path("runs/sweeps"), help="output folder")
-    parser.add_argument("--data", type=Path, help="dataset root (default: the embedded study)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under --out)")
+    add_common(parser, "every trial (over the space's base)")
     args = parser.parse_args(argv)
     try:
-        space = load_space(args.space)
+        space = with_cli_overrides(load_space(args.space), args)
+        probe = trial_config(space, {"tracking.experiment": sweep_experiment(space)}, seed=0)
     except ConfigError as err:
         print(f"pipeline/tune.py: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    if args.print_config:
+        print(yaml.safe_dump(probe.to_dict(), sort_keys=False))
+        return {"failed": []}
     return run_sweep(space, args.out, args.data, args.tracking_uri)
+
+
+def with_cli_overrides(space: TuneSpace, args: argparse.Namespace) -> TuneSpace:
+    """``--smoke``, ``--config`` and ``--set`` applied to every trial, over the space's own base; the swept
+    keys still win. ``--smoke`` also keeps one seed."""
+    base = with_smoke(space.base) if args.smoke else dict(space.base)
+    if args.config:
+        base = deep_merge(base, load_yaml(args.config))
+    for text in args.overrides:
+        set_dotted(base, *parse_override(text))
+    return dataclasses.replace(space, base=base, seeds=1 if args.smoke else space.seeds)
 
 
 def cli(argv: list[str] | None = None) -> int:

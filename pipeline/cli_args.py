@@ -1,0 +1,49 @@
+"""The options every entry point shares (train, main job, sweeps, oracle), spelled and explained once.
+
+``--data``, ``--out``, ``--config``, ``--set``, ``--smoke``, ``--tracking-uri`` and ``--print-config`` mean
+the same thing wherever they appear; ``--out`` defaults to ``runs/`` everywhere, so every entry point
+shares one MLflow store (``runs/mlflow.db``), each in an experiment named for what it holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from divdr.config import PRESETS
+
+DEFAULT_OUT = Path("runs")
+
+
+def description(doc: str | None) -> str:
+    """A module docstring's first line as plain help text (no RST backticks)."""
+    return (doc or "").strip().splitlines()[0].replace("``", "")
+
+
+def parser_for(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=prog, description=description(doc))
+
+
+def preset_help(default: str, what: str = "") -> str:
+    return f"{what}one of {', '.join(sorted(PRESETS))} (default {default})"
+
+
+def add_common(parser: argparse.ArgumentParser, what: str = "the run") -> None:
+    """The shared options; ``what`` names what ``--set`` / ``--config`` apply to."""
+    parser.add_argument("--data", type=Path, help="dataset root: Cityscapes layout, or COCO layout for task "
+                        "detection / instance (default: the embedded study, generated on first use)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="output folder (default runs/, shared by every entry point: one MLflow store)")
+    parser.add_argument("--config", type=Path, help=f"YAML experiment file applied to {what} (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override one value of {what}, e.g. --set clustering.k=4 (repeatable)")
+    parser.add_argument("--smoke", action="store_true", help="tiny everything: the whole path in a minute or two")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite store under --out)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved configuration and exit without training")
+
+
+def data_overrides(args: argparse.Namespace) -> list[str]:
+    """``--data`` and ``--tracking-uri`` as overrides, placed before the user's own ``--set``."""
+    return [*([f"data.root={args.data.resolve()}"] if args.data else []),
+            *([f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else [])]
