@@ -32,17 +32,16 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
-import torch
 import yaml
 
-from divdr.config import PRESETS, ConfigError, GateConfig, ModelConfig, TemperatureConfig
+from divdr.config import PRESETS, ConfigError
 from divdr.data.cityscapes import CityscapesSegmentation, write_subset_view
 from divdr.data.manifest import SUBSET_MANIFEST, read_subset_manifest
 from divdr.data.synthetic import regime_routes
 from divdr.evaluation import InferenceResult, run_inference
 from divdr.heads import DynamicRoutingSegmenter
 from divdr.metrics import scores_from_confusion
-from pipeline import tracking
+from pipeline import model_file, tracking
 from pipeline.cli_args import add_common, data_overrides, parser_for, preset_help
 from pipeline.config import deep_merge, redact_uri, resolve, with_smoke
 from pipeline.main_job import MAIN_JOB
@@ -71,20 +70,11 @@ def subset_names(root: Path) -> dict[int, str]:
 
 
 def load_model(path: Path) -> DynamicRoutingSegmenter:
-    """A model written by the pipeline's analysis (``{"config": ModelConfig, "state_dict": ...}``)."""
-    if not path.is_file():
-        raise SystemExit(f"pipeline/oracle.py: error: model file {path} does not exist")
-    # weights_only: tensors, plain values and the model's own config classes; nothing else is unpickled
-    # (a model file may come from shared storage, and a pickle could run code)
+    """A model file's network (``pipeline.model_file``), or the command's error naming the file."""
     try:
-        with torch.serialization.safe_globals([ModelConfig, GateConfig, TemperatureConfig]):
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise SystemExit(f"pipeline/oracle.py: error: {path} is not a model file written by this pipeline "
-                         f"(or holds more than weights and a ModelConfig): {str(error).splitlines()[0]}") from error
-    net = DynamicRoutingSegmenter(saved["config"])
-    net.load_state_dict(saved["state_dict"])
-    return net.eval()
+        return model_file.load_model(path)
+    except model_file.ModelFileError as err:
+        raise SystemExit(f"pipeline/oracle.py: error: {err}") from None
 
 
 def combine(parts: list[InferenceResult]) -> dict[str, float]:

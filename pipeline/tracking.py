@@ -184,6 +184,27 @@ class RunLogger:
         except Exception as err:
             self._failed("log_artifact", err, {"artifact": str(path)})
 
+    def model(self, path: Path) -> None:
+        """The trained network as an MLflow model (``mlflow.pytorch.load_model(uri)`` gives it back), with
+        the ``divdr`` package as its code: the run page lists it under its logged models."""
+        import mlflow
+        import mlflow.pytorch
+        import torch
+
+        from pipeline.model_file import load_model
+
+        try:
+            self._online()
+            net = load_model(path)
+            mlflow.set_tracking_uri(self.uri)
+            with mlflow.start_run(run_id=self.run_id):
+                # pickle, not pt2: torch.export would trace one route, and routes are chosen per image
+                mlflow.pytorch.log_model(net, name="model", serialization_format="pickle",
+                                         code_paths=[str(REPO / "divdr")],
+                                         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        except Exception as err:
+            self._failed("log_model", err, {"model": str(path)})
+
     def finish(self, status: str = "FINISHED") -> None:
         try:
             self._online()
@@ -191,6 +212,15 @@ class RunLogger:
         except Exception as err:
             self._failed("set_terminated", err, {"status": status})
 
+
+
+def _per_class_metrics(folder: Path) -> dict[str, float]:
+    """``final/iou/<class>`` from the run's per-class IoU (segmentation runs)."""
+    path = folder / "per_class_iou.json"
+    if not path.exists():
+        return {}
+    return {f"final/iou/{name}": float(value) for name, value in json.loads(path.read_text()).items()
+            if value is not None and math.isfinite(float(value))}
 
 
 def _scalar_metrics(values: dict[str, Any], prefix: str) -> dict[str, float]:
@@ -220,5 +250,7 @@ class Tracker:
         folder.mkdir(parents=True, exist_ok=True)
         for name, data in artifacts.items():
             (folder / name).write_bytes(data)
-        self.logger.metrics(_scalar_metrics(summary, "final/"), step=0)
+        self.logger.metrics({**_scalar_metrics(summary, "final/"), **_per_class_metrics(folder)}, step=0)
         self.logger.artifact(folder)
+        if (folder / "model.pt").exists():
+            self.logger.model(folder / "model.pt")

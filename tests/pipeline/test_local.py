@@ -72,6 +72,32 @@ def test_mlflow_holds_the_local_run(local_run):
     assert 0.0 <= found.data.metrics["val/recovery"] <= 1.0
 
 
+def test_mlflow_has_the_model_the_per_class_iou_and_the_code(local_run):
+    """What MLflow's users look for: a loadable model, per-class scores, the commit, the training view."""
+    import json
+
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.tracking import MlflowClient
+
+    _, _, metrics = local_run
+    client = MlflowClient(metrics["tracking_uri"])
+    found = client.get_run(metrics["mlflow_run_id"])
+    per_class = json.loads((Path(metrics["run_dir"]) / "artifacts" / "per_class_iou.json").read_text())
+    scored = {name: value for name, value in per_class.items() if value == value}  # NaN: a class never seen
+    assert scored and all(found.data.metrics[f"final/iou/{name}"] == pytest.approx(v) for name, v in scored.items())
+    assert len(found.data.tags["mlflow.source.git.commit"]) == 40
+    experiment = client.get_experiment(found.info.experiment_id)
+    assert experiment.name == "single runs"
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    mlflow.set_tracking_uri(metrics["tracking_uri"])
+    [logged] = mlflow.search_logged_models(experiment_ids=[found.info.experiment_id], output_format="list")
+    assert logged.source_run_id == found.info.run_id
+    net = mlflow.pytorch.load_model(logged.model_uri)
+    saved = torch.load(Path(metrics["run_dir"]) / "artifacts" / "model.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in saved.items())
+
+
 def test_a_stopped_local_run_resumes_from_its_checkpoint(study, tmp_path):
     cfg = resolve("DR-A", None, ["train.steps=6", "train.checkpoint_every=3", "name=resume"], base=with_smoke({}))
     first = run(with_data_root(cfg, study), tmp_path, local=True)
