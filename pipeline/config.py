@@ -301,12 +301,31 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+EXTENDS_KEY = "extends"
+MAX_EXTENDS_DEPTH = 8
+
+
+def load_experiment(path: Path, depth: int = 0) -> dict[str, Any]:
+    """An experiment file; ``extends: other.yaml`` (relative to the file) is loaded first and this file's
+    keys applied over it, so a family of settings (the presets on one schedule) shares one file."""
+    data = load_yaml(path)
+    parent = data.pop(EXTENDS_KEY, None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"experiment file {path}: {EXTENDS_KEY} must name a file, got {parent!r}")
+    if depth >= MAX_EXTENDS_DEPTH:
+        raise ConfigError(f"experiment file {path}: more than {MAX_EXTENDS_DEPTH} levels of {EXTENDS_KEY} "
+                          "(a cycle?)")
+    return deep_merge(load_experiment(Path(path).parent / parent, depth + 1), data)
+
+
 def resolve(preset: str | None = None, file: Path | None = None, overrides: list[str] = (),
             base: dict[str, Any] | None = None) -> ExperimentConfig:
     """Preset defaults <- ``base`` <- YAML file <- ``--set`` overrides, validated."""
     tree: dict[str, Any] = dict(base or {})
     if file is not None:
-        tree = deep_merge(tree, load_yaml(file))
+        tree = deep_merge(tree, load_experiment(file))
     for text in overrides:
         key, value = parse_override(text)
         set_dotted(tree, key, value)

@@ -34,7 +34,7 @@ from pipeline.cli_args import add_common, parser_for
 from pipeline.config import (
     ExperimentConfig,
     deep_merge,
-    load_yaml,
+    load_experiment,
     parse_override,
     redact_uri,
     set_dotted,
@@ -213,7 +213,7 @@ def with_cli_overrides(space: TuneSpace, args: argparse.Namespace) -> TuneSpace:
     keys still win. ``--smoke`` also keeps one seed."""
     base = with_smoke(space.base) if args.smoke else dict(space.base)
     if args.config:
-        base = deep_merge(base, load_yaml(args.config))
+        base = deep_merge(base, load_experiment(args.config))
     for text in args.overrides:
         set_dotted(base, *parse_override(text))
     return dataclasses.replace(space, base=base, seeds=1 if args.smoke else space.seeds)

@@ -32,7 +32,7 @@ import yaml
 
 from divdr.config import PRESETS, ConfigError
 from pipeline.columns import REPORT_METRICS
-from pipeline.config import deep_merge, from_dict, load_yaml, set_dotted
+from pipeline.config import deep_merge, from_dict, load_experiment, load_yaml, set_dotted
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice")
 # what each top-level key holds, checked before anything reads it (a list where a mapping belongs
@@ -191,5 +191,5 @@ def load_space(path: Path) -> TuneSpace:
         for key in ("config", "base"):  # read here, before parse_space checks the rest
             _check_top_type(str(path), key, data.get(key))
         experiment = Path(path).parent / data["config"]
-        data = {**data, "base": deep_merge(load_yaml(experiment), data.get("base") or {})}
+        data = {**data, "base": deep_merge(load_experiment(experiment), data.get("base") or {})}
     return parse_space(data, str(path))

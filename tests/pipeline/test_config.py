@@ -1,10 +1,13 @@
 import itertools
+from pathlib import Path
 
 import pytest
 
 from divdr.config import ConfigError
 from pipeline.config import resolve, with_smoke
 from pipeline.schedule import kmeans_trigger_steps
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_preset_then_file_then_overrides(tmp_path):
@@ -153,3 +156,33 @@ def test_store_can_be_disabled_for_dr_only():
     assert not resolve("DR-A", overrides=["store.enabled=false"]).store.enabled
     with pytest.raises(ConfigError, match=r"store\.enabled=false needs clustering\.weight"):
         resolve("DivDR-A", overrides=["store.enabled=false"])
+
+
+CITYSCAPES_PRESETS = {"layer16": "DivDR-A", "network-fix": "DR-Raw", "dr-a": "DR-A", "dr-b": "DR-B", "dr-c": "DR-C",
+                      "dr-raw": "DR-Raw", "divdr-a": "DivDR-A", "divdr-raw": "DivDR-Raw"}
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_experiment_file_resolves(path):
+    cfg = resolve(None, path, [])
+    if path.parent.name == "cityscapes":
+        assert cfg.model_size == "layer16" and cfg.train.crop == (768, 768) and cfg.train.lr == 0.05
+        assert cfg.train.steps == 180000 and cfg.train.batch_size * cfg.scaling.workers == 8
+        assert cfg.preset == CITYSCAPES_PRESETS[path.stem]
+    if path.parent.name == "coco":
+        assert cfg.model_size == "layer17" and cfg.train.lr == 0.02 and cfg.detection.min_size == 800
+        assert cfg.task == {"layer17-detection": "detection", "layer17-instance": "instance"}[path.stem]
+
+
+def test_an_experiment_file_extends_another_and_a_cycle_is_refused(tmp_path):
+    (tmp_path / "base.yaml").write_text("model_size: tiny\ntrain: {steps: 50, lr: 0.01}\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\npreset: DR-B\ntrain: {steps: 70}\n")
+    cfg = resolve(None, tmp_path / "child.yaml", ["train.batch_size=2"])
+    assert (cfg.model_size, cfg.preset, cfg.train.steps, cfg.train.lr, cfg.train.batch_size) == ("tiny", "DR-B", 70,
+                                                                                                  0.01, 2)
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="levels of extends"):
+        resolve(None, tmp_path / "loop.yaml", [])
+    (tmp_path / "bad.yaml").write_text("extends: [a]\n")
+    with pytest.raises(ConfigError, match="extends must name a file"):
+        resolve(None, tmp_path / "bad.yaml", [])
