@@ -183,6 +183,7 @@ def _train(cfg: ExperimentConfig, out: Path, run_dir: Path, parent_run_id: str |
                                           tags={"preset": cfg.preset, "runner": "local" if local else "ray"},
                                           parent_run_id=parent_run_id)
     logger = tracking.RunLogger(uri, run_id, run_dir)
+    print(banner(cfg, run_dir, local), flush=True)
     status = "FAILED"
     try:
         logger.params(cfg.flat())
@@ -214,6 +215,14 @@ def _train(cfg: ExperimentConfig, out: Path, run_dir: Path, parent_run_id: str |
     finally:
         logger.finish(status)
     return metrics
+
+
+def banner(cfg: ExperimentConfig, run_dir: Path, local: bool) -> str:
+    """One line naming the run, what it trains and where it goes."""
+    device = " on GPU" if cfg.scaling.use_gpu else ""
+    where = "in this process" if local else f"{cfg.scaling.workers} Ray worker(s){device}"
+    return (f"=== run '{cfg.run_name}': {cfg.preset}, {cfg.model_size} net, {cfg.train.steps} steps, {where}; "
+            f"data {cfg.data.root}; into {run_dir} ===")
 
 
 def _run_ray(cfg: ExperimentConfig, out: Path, run_dir: Path, uri: str, run_id: str,

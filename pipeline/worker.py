@@ -161,8 +161,15 @@ class RemoteSink:
         ray.get(self.tracker.final.remote(summary, artifacts))
 
 
+# Ray Train's per-report and per-checkpoint INFO lines (a dump of every report's metrics); progress lines
+# and the run's banner say the same, once
+QUIET_LOGGERS = ("ray.train.v2._internal.execution.context", "ray.train.v2._internal.execution.storage")
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg: ExperimentConfig = loop_config["experiment"]  # resolved once by the driver, frozen
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     world = RayWorld()
     torch.set_num_threads(cfg.scaling.torch_threads)
     torch.manual_seed(cfg.train.seed)
