@@ -23,6 +23,7 @@ from pipeline.config import redact_uri
 
 log = logging.getLogger(__name__)
 RUN_ID_FILE = "mlflow_run_id"
+PROGRESS_FILE = "metrics.jsonl"  # every metric the tracker logs, also kept in the run folder (Tune follows it)
 FALLBACK_FILE = "metrics_fallback.jsonl"
 MAX_PARAM_LENGTH = 500  # MLflow's limit on a param value
 
@@ -184,6 +185,13 @@ class RunLogger:
         except Exception as err:
             self._failed("log_artifact", err, {"artifact": str(path)})
 
+    def tag(self, key: str, value: str) -> None:
+        try:
+            self._online()
+            self.client.set_tag(self.run_id, key, value)
+        except Exception as err:
+            self._failed("set_tag", err, {"tag": {key: value}})
+
     def model(self, path: Path) -> None:
         """The trained network as an MLflow model (``mlflow.pytorch.load_model(uri)`` gives it back), with
         the ``divdr`` package as its code: the run page lists it under its logged models."""
@@ -241,6 +249,9 @@ class Tracker:
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         self.logger.metrics(values, step)
+        clean = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
+        with (self.run_dir / PROGRESS_FILE).open("a") as f:
+            f.write(json.dumps({"step": step, "metrics": clean}) + "\n")
 
     def progress(self, line: str) -> None:
         print(line, flush=True)

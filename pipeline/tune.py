@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ from pipeline.config import (
     with_smoke,
 )
 from pipeline.report import write_report
-from pipeline.run_folder import Existing, RunState, config_differences, run_state, saved_config
+from pipeline.run_folder import LOCKS, Existing, RunState, config_differences, run_state, saved_config
 from pipeline.train import check_output_folder, init_ray, run, with_dataset
 from pipeline.tune_space import VARIANT_KEY, TuneSpace, load_space, trial_config
 
@@ -123,17 +124,102 @@ def trial_existing(cfg: ExperimentConfig, out: Path) -> Existing:
     return "continue" if not config_differences(saved_config(run_dir), cfg.to_dict()) else "fresh"
 
 
+def trial_name(space: TuneSpace, params: dict[str, Any], seed: int) -> str:
+    return f"{space.name}[{setting_name(params)}]-seed{seed}".replace("/", "_")
+
+
 def _trial(config: dict[str, Any], space: TuneSpace, root: str, out: str, uri: str, parent_run_id: str) -> None:
     params, seed = config["params"], config["seed"]
-    name = f"{space.name}[{setting_name(params)}]-seed{seed}".replace("/", "_")
     cfg = with_data_root(trial_config(space, {**params, "tracking.uri": uri,
-                                              "tracking.experiment": sweep_experiment(space)}, seed, name), root)
+                                              "tracking.experiment": sweep_experiment(space)}, seed,
+                                      trial_name(space, params, seed)), root)
     # re-running a stopped sweep keeps what finished: a sweep of the study is hours of CPU
-    metrics = finished_metrics(cfg, Path(out)) or run(cfg, Path(out), parent_run_id=parent_run_id,
-                                                       existing=trial_existing(cfg, Path(out)))
+    metrics = finished_metrics(cfg, Path(out))
+    if metrics is None:
+        progress = ProgressReports(Path(out) / cfg.run_name / tracking.PROGRESS_FILE, space.metric)
+        progress.start()
+        try:
+            metrics = run(cfg, Path(out), parent_run_id=parent_run_id, existing=trial_existing(cfg, Path(out)))
+        finally:
+            progress.stop()
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    tune.report({**scalars, "setting": setting_name(params), "seed": seed, "preset": cfg.preset,
-                 "cluster_sizes": str(metrics.get("cluster_sizes"))})
+    tune.report({**scalars, "step": cfg.train.steps, "setting": setting_name(params), "seed": seed,
+                 "preset": cfg.preset, "cluster_sizes": str(metrics.get("cluster_sizes"))})
+
+
+class ProgressReports(threading.Thread):
+    """While a trial trains, report each periodic evaluation to Tune (``val/<metric>`` as ``<metric>``, with
+    its ``step``), so a scheduler can stop bad trials early. It follows the run's local metrics file, which
+    the run's tracker appends to on this node."""
+
+    POLL_S = 2.0
+
+    def __init__(self, path: Path, metric: str) -> None:
+        super().__init__(daemon=True, name="tune-progress")
+        self.path, self.metric, self.offset = path, metric, 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.POLL_S):
+            self.report_new()
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(timeout=30)
+
+    def report_new(self) -> None:
+        if not self.path.exists():
+            return
+        with self.path.open() as f:
+            f.seek(self.offset)
+            lines = f.readlines()
+            if lines and not lines[-1].endswith("\n"):
+                lines.pop()  # a line being written: read it next time
+            self.offset += sum(len(line) for line in lines)
+        for line in lines:
+            record = json.loads(line)
+            value = record["metrics"].get(f"val/{self.metric}")
+            if value is not None:
+                tune.report({self.metric: value, "step": record["step"], "intermediate": True})
+
+
+def metric_mode(metric: str) -> str:
+    """Whether a scheduler should keep the trials with the most or the least of ``metric``."""
+    return "min" if metric.startswith("gflops") or metric == "intra" else "max"
+
+
+def build_scheduler(space: TuneSpace) -> Any:
+    """The space's early-stopping scheduler (None: every trial runs to its end)."""
+    if not space.scheduler:
+        return None
+    from ray.tune.schedulers import ASHAScheduler, MedianStoppingRule
+
+    kind, settings = next(iter(space.scheduler.items()))
+    steps = trial_config(space, {}, seed=0).train.steps
+    if kind == "asha":
+        return ASHAScheduler(time_attr="step", max_t=steps, **(settings or {}))
+    return MedianStoppingRule(time_attr="step", **(settings or {}))
+
+
+def close_stopped_trials(grid: Iterable[Result], space: TuneSpace, out: Path, uri: str) -> list[str]:
+    """Trials a scheduler stopped were killed mid-run: their MLflow runs are marked KILLED (tagged
+    ``stopped_by: scheduler``, not left RUNNING) and their locks released. Their run folders stay, so a
+    later sweep without the scheduler resumes them. Returns their names."""
+    stopped = []
+    for result in grid:
+        params = (result.config or {}).get("params")
+        if result.error is not None or params is None:
+            continue
+        run_dir = out / trial_name(space, params, result.config["seed"])
+        if (run_dir / "result.json").exists() or not (run_dir / tracking.RUN_ID_FILE).exists():
+            continue
+        run_id = (run_dir / tracking.RUN_ID_FILE).read_text().strip()
+        logger = tracking.RunLogger(uri, run_id, run_dir)
+        logger.tag("stopped_by", "scheduler")
+        logger.finish("KILLED")
+        (out / LOCKS / f"{run_dir.name}.lock").unlink(missing_ok=True)
+        stopped.append(run_dir.name)
+    return stopped
 
 
 # A trial only drives its TorchTrainer: it asks for a sliver of CPU (Tune refuses an empty request),
@@ -169,12 +255,16 @@ def run_sweep(space: TuneSpace, out: Path, data: Path | None = None, tracking_ur
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"CPU": TRIAL_CPU}),
         param_space=_search_space(space),
-        tune_config=tune.TuneConfig(num_samples=space.num_samples, max_concurrent_trials=max_concurrent(space)),
+        tune_config=tune.TuneConfig(num_samples=space.num_samples, max_concurrent_trials=max_concurrent(space),
+                                    scheduler=build_scheduler(space), metric=space.metric if space.scheduler else None,
+                                    mode=metric_mode(space.metric) if space.scheduler else None),
         run_config=tune.RunConfig(name=space.name, storage_path=str(out / "tune"), verbose=1),
     )
     grid = tuner.fit()
+    stopped = close_stopped_trials(grid, space, out, uri)
+    # a trial's last result is its final metrics, or, for one a scheduler stopped, an intermediate report
     rows = [{**r.metrics, **{f"param:{k}": v for k, v in (r.config or {}).get("params", {}).items()}}
-            for r in grid if r.metrics]
+            for r in grid if r.metrics and not r.metrics.get("intermediate")]
     errors = [str(r.error) for r in grid if r.error]
     failed = failed_trials(grid)
     report = write_report(space, rows, sweep_dir / "report")
@@ -187,8 +277,12 @@ def run_sweep(space: TuneSpace, out: Path, data: Path | None = None, tracking_ur
           f"  {'MLflow UI':<15} {tracking.ui_command(redact_uri(uri))}", flush=True)
     if failed:
         print(failure_report(failed, len(grid)), file=sys.stderr)
+    if stopped:
+        print(f"stopped early by the scheduler ({len(stopped)}): {', '.join(stopped)}", flush=True)
     return {**report, "parent_run_id": parent, "tracking_uri": uri, "errors": errors, "failed": failed,
-            "rows": rows}
+            "rows": rows, "stopped": stopped,
+            "reports_per_trial": {trial_name(space, r.config["params"], r.config["seed"]): len(r.metrics_dataframe)
+                                  for r in grid if r.config and r.metrics_dataframe is not None}}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -19,7 +19,14 @@ variants:                    # optional: named bundles of overrides, one setting
   no-budget: {budget.weight: 0.0}
 num_samples: 1
 max_concurrent: 0            # 0 = as many as the cluster's CPUs allow
+scheduler:                   # optional: stop bad trials early on their periodic val/<metric>
+  asha: {grace_period: 300, reduction_factor: 3}   # or median: {grace_period: 300}
 ```
+
+A scheduler acts on what trials report while they train: every ``train.eval_every`` steps (required),
+``val/<metric>`` is reported to Tune under ``<metric>`` with ``step`` as its time. Population-based
+training is not offered: it would restart one trial from another's checkpoint, and a DivDR trial's
+state is also its centroid store.
 """
 
 from __future__ import annotations
@@ -45,7 +52,9 @@ TOP_KEY_TYPES: dict[str, tuple[type, str]] = {
     "sample": (dict, "a mapping of dotted keys to distributions"),
     "variants": (dict, "a mapping of variant names to mappings of dotted keys to values"),
     "num_samples": (int, "an integer >= 1"), "max_concurrent": (int, "an integer >= 0"),
+    "scheduler": (dict, "a mapping with one key, asha or median, to its settings"),
 }
+SCHEDULERS = {"asha": ("grace_period", "reduction_factor"), "median": ("grace_period", "min_samples_required")}
 TOP_KEYS = set(TOP_KEY_TYPES)
 VARIANT_KEY = "variant"  # the swept parameter that names a variant
 
@@ -64,6 +73,7 @@ class TuneSpace:
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     num_samples: int = 1
     max_concurrent: int = 0
+    scheduler: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def swept(self) -> list[str]:
@@ -117,8 +127,27 @@ def parse_space(data: Any, source: str = "<dict>") -> TuneSpace:
     overlap = set(space.grid) & set(space.sample)
     if overlap:
         _fail(source, f"{sorted(overlap)} appear in both grid and sample")
+    _check_scheduler(source, space)
     _check_trials(source, space)
     return space
+
+
+def _check_scheduler(source: str, space: TuneSpace) -> None:
+    if not space.scheduler:
+        return
+    if len(space.scheduler) != 1 or next(iter(space.scheduler)) not in SCHEDULERS:
+        _fail(source, f"scheduler must have one key, one of {sorted(SCHEDULERS)}, got {space.scheduler!r}")
+    kind, settings = next(iter(space.scheduler.items()))
+    settings = settings or {}
+    if not isinstance(settings, dict):
+        _fail(source, f"scheduler.{kind} must be a mapping of settings, got {settings!r}")
+    for key, value in settings.items():
+        if key not in SCHEDULERS[kind]:
+            _fail(source, f"scheduler.{kind}: unknown setting {key!r}; known: {list(SCHEDULERS[kind])}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            _fail(source, f"scheduler.{kind}.{key} must be a number > 0, got {value!r}")
+    if trial_config(space, {}, seed=0).train.eval_every <= 0:
+        _fail(source, "a scheduler acts on the trials' periodic evaluation: set train.eval_every in base")
 
 
 def _check_top_type(source: str, key: str, value: Any) -> None:

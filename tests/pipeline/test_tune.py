@@ -73,3 +73,73 @@ def failed_trials_of(tmp_path, n):
     from pipeline.tune import failed_trials
 
     return failed_trials([_result(tmp_path, f"trial_{i}", {"variant": "a"}, i, ValueError("boom")) for i in range(n)])
+
+
+def test_periodic_evaluations_are_reported_to_tune_as_the_trial_trains(tmp_path, monkeypatch):
+    import pipeline.tune as tune_script
+
+    reported = []
+    monkeypatch.setattr(tune_script.tune, "report", reported.append)
+    progress_file = tmp_path / "metrics.jsonl"
+    progress = tune_script.ProgressReports(progress_file, "miou")
+    progress.report_new()  # nothing written yet
+    with progress_file.open("w") as f:
+        f.write(json.dumps({"step": 10, "metrics": {"loss/task": 1.0}}) + "\n")
+        f.write(json.dumps({"step": 30, "metrics": {"val/miou": 0.2, "val/recovery": 0.5}}) + "\n")
+        f.write('{"step": 60, "metr')  # being written
+    progress.report_new()
+    assert reported == [{"miou": 0.2, "step": 30, "intermediate": True}]
+    with progress_file.open("a") as f:
+        f.write('ics": {"val/miou": 0.3}}\n')
+    progress.report_new()
+    assert reported[-1] == {"miou": 0.3, "step": 60, "intermediate": True} and len(reported) == 2
+
+
+def test_schedulers_are_built_from_the_space_and_need_periodic_evaluation():
+    import pytest
+    from ray.tune.schedulers import AsyncHyperBandScheduler, MedianStoppingRule
+
+    from divdr.config import ConfigError
+    from pipeline.tune import build_scheduler, metric_mode
+
+    base = {"model_size": "micro", "train": {"steps": 90, "eval_every": 30}}
+    asha = parse_space({"name": "a", "base": base, "variants": {"x": {}},
+                        "scheduler": {"asha": {"grace_period": 30, "reduction_factor": 2}}})
+    scheduler = build_scheduler(asha)
+    assert isinstance(scheduler, AsyncHyperBandScheduler) and scheduler._max_t == 90
+    median = parse_space({"name": "m", "base": base, "variants": {"x": {}}, "scheduler": {"median": {}}})
+    assert isinstance(build_scheduler(median), MedianStoppingRule)
+    assert build_scheduler(SPACE) is None
+    assert (metric_mode("miou"), metric_mode("gflops_real")) == ("max", "min")
+    for bad, message in (({"pbt": {}}, "one of"), ({"asha": {"grace": 3}}, "unknown setting"),
+                         ({"asha": {"grace_period": -1}}, "must be a number > 0")):
+        with pytest.raises(ConfigError, match=message):
+            parse_space({"name": "b", "base": base, "variants": {"x": {}}, "scheduler": bad})
+    with pytest.raises(ConfigError, match=r"set train\.eval_every"):
+        parse_space({"name": "c", "base": {"model_size": "micro"}, "variants": {"x": {}},
+                     "scheduler": {"asha": {}}})
+
+
+def test_trials_a_scheduler_stopped_end_killed_in_mlflow_not_running(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import tracking
+    from pipeline.tune import close_stopped_trials, trial_name
+
+    uri = tracking.local_tracking_uri(tmp_path)
+    results = []
+    for seed, finished in ((0, True), (1, False)):
+        name = trial_name(SPACE, {"variant": "a"}, seed)
+        tracking.start_or_resume_run(uri, "sweep s", name, tmp_path / name, tmp_path)
+        if finished:
+            (tmp_path / name / "result.json").write_text("{}")
+        (tmp_path / ".locks").mkdir(exist_ok=True)
+        (tmp_path / ".locks" / f"{name}.lock").write_text("{}")
+        results.append(_result(tmp_path, f"trial_{seed}", {"variant": "a"}, seed))
+    assert close_stopped_trials(results, SPACE, tmp_path, uri) == [trial_name(SPACE, {"variant": "a"}, 1)]
+    client = MlflowClient(uri)
+    stopped = client.get_run((tmp_path / trial_name(SPACE, {"variant": "a"}, 1) / "mlflow_run_id").read_text())
+    assert stopped.info.status == "KILLED" and stopped.data.tags["stopped_by"] == "scheduler"
+    assert not (tmp_path / ".locks" / f"{trial_name(SPACE, {'variant': 'a'}, 1)}.lock").exists()
+    finished = client.get_run((tmp_path / trial_name(SPACE, {"variant": "a"}, 0) / "mlflow_run_id").read_text())
+    assert finished.info.status == "RUNNING"  # not ours to close: the run itself does

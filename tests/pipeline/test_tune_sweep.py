@@ -36,8 +36,9 @@ def sweep(tmp_path_factory):
     data = tmp_path_factory.mktemp("study")
     generate(study_config(n_train=16, n_val=6, height=64, width=128, seed=4), data)
     out = tmp_path_factory.mktemp("sweeps")
+    base = {**SMOKE_OVERRIDES, "train": {**SMOKE_OVERRIDES["train"], "eval_every": 4}}
     space = parse_space({"name": "tiny", "description": "DR-A against DivDR-A, smoke size", "seeds": 1,
-                         "base": SMOKE_OVERRIDES, "grid": {"preset": ["DR-A", "DivDR-A"]}})
+                         "base": base, "grid": {"preset": ["DR-A", "DivDR-A"]}})
     ray.init(num_cpus=5)  # 2 trials x (2 workers + a sliver) fit: both run at once
     try:
         started = time.perf_counter()
@@ -64,6 +65,13 @@ def test_two_trials_finish_with_parent_and_child_runs(sweep):
     assert {c.data.params["preset"] for c in children} == {"DR-A", "DivDR-A"}
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.md", "report/report.csv", "report/miou_vs_gflops.png"} <= logged
+
+
+def test_trials_report_to_tune_as_they_train(sweep):
+    """A scheduler can only act on what a trial reports before its end: the periodic evaluations at steps
+    4 and 8 (of 12) reach Tune, then the final metrics."""
+    _, _, result = sweep
+    assert sorted(result["reports_per_trial"].values()) == [3, 3]
 
 
 def test_rerunning_a_finished_sweep_reuses_its_trials(sweep):
