@@ -99,17 +99,27 @@ def with_dataset(cfg: ExperimentConfig) -> ExperimentConfig:
 
 
 def init_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS (ray job submit sets it), else start a local Ray."""
+    """Join a running cluster: the one RAY_ADDRESS names (``ray job submit`` sets it) or the one ``ray start``
+    registered on this machine, asking for no resources (a cluster has its own: Ray refuses num_cpus
+    there). Else start a local Ray with logical CPUs oversubscribed, so workers, store and tracker never
+    wait on each other; its dashboard (on 127.0.0.1) serves the State API Ray Train's clean-up polls."""
     import ray
 
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
+    if os.environ.get("RAY_ADDRESS") or registered_cluster():
+        ray.init()
     else:
-        # the dashboard (on 127.0.0.1) serves the State API that Ray Train's clean-up polls;
-        # logical CPUs are oversubscribed so workers, store and tracker never wait on each other
         ray.init(num_cpus=max(4, os.cpu_count() or 1))
+
+
+def registered_cluster() -> str | None:
+    """The address of the cluster ``ray start`` last registered on this machine, if any."""
+    try:
+        from ray._private.services import find_bootstrap_address  # where ray.init() itself looks
+    except ImportError:
+        return None
+    return find_bootstrap_address(None) or None
 
 
 def check_store_fits(cfg: ExperimentConfig, train_images: int) -> None:

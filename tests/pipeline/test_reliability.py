@@ -167,3 +167,4 @@ def test_stopped_driver_rerun_resumes_with_the_same_mlflow_run(study, tmp_path, 
     assert result["mlflow_run_id"] == run_id
     assert result["start_step"] >= 4 and result["step"] == 40
     ray.init(num_cpus=4)  # leave the module fixture's promise intact
+

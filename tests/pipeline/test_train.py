@@ -1,0 +1,24 @@
+"""pipeline/train.py's own decisions, without Ray: how it joins or starts Ray."""
+
+import os
+
+import pytest
+
+
+@pytest.mark.parametrize("address, cluster, expected", [
+    ("", None, {"num_cpus": max(4, os.cpu_count() or 1)}),  # standalone: a local Ray, oversubscribed
+    ("", "127.0.0.1:6379", {}),                              # `ray start` registered a head here: join it
+    ("http://127.0.0.1:8265", None, {}),                     # ray job submit: join, ask for nothing
+])
+def test_joining_a_cluster_never_asks_for_resources(monkeypatch, address, cluster, expected):
+    import ray
+
+    from pipeline import train
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(train, "registered_cluster", lambda: cluster)
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    train.init_ray()
+    assert calls == [expected]
