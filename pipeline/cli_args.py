@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from divdr.config import PRESETS
+from divdr.config import PRESETS, ConfigError
 
 DEFAULT_OUT = Path("runs")
 
@@ -41,6 +41,20 @@ def add_common(parser: argparse.ArgumentParser, what: str = "the run") -> None:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite store under --out)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved configuration and exit without training")
+
+
+RAY_JOB_COPY = "working_dir_files"  # runtime_resources/working_dir_files/_ray_pkg_<hash>: a job's working dir
+
+
+def persistent_out(out: Path, cwd: Path | None = None) -> Path:
+    """``--out`` as an absolute path; refused when relative inside a Ray job, whose working directory is
+    Ray's temporary copy of the uploaded one (deleted with the session: the runs would be lost)."""
+    cwd = cwd or Path.cwd()
+    if not out.is_absolute() and RAY_JOB_COPY in cwd.parts:
+        raise ConfigError(f"--out {out} is relative, and this job runs in Ray's temporary copy of its working "
+                          f"directory ({cwd}), deleted with the Ray session: give --out an absolute path on "
+                          "persistent storage, e.g. --out $HOME/divdr-runs (the same on every node)")
+    return (cwd / out).resolve() if not out.is_absolute() else out
 
 
 def data_overrides(args: argparse.Namespace) -> list[str]:

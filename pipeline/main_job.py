@@ -24,7 +24,7 @@ import yaml
 
 from divdr.config import PRESETS as PRESETS_ALL
 from divdr.config import ConfigError
-from pipeline.cli_args import add_common, data_overrides, parser_for
+from pipeline.cli_args import add_common, data_overrides, parser_for, persistent_out
 from pipeline.columns import format_seed_table, format_table
 from pipeline.config import resolve, with_smoke
 from pipeline.run_folder import RunState, run_state
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
         raise SystemExit(f"pipeline/main_job.py: error: --seeds must be >= 1, got {args.seeds}")
     base = with_smoke(MAIN_JOB) if args.smoke else MAIN_JOB
     try:
+        out = persistent_out(args.out)
         configs = [with_dataset(resolve(preset, args.config, [*data_overrides(args), *args.overrides,
                                                                f"name=main-{preset}-seed{seed}", f"train.seed={seed}"],
                                         base=base))
@@ -69,7 +70,6 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     if args.print_config:
         print(yaml.safe_dump(configs[0].to_dict(), sort_keys=False))
         return {}
-    out = args.out.resolve()
     started = time.perf_counter()
     init_ray()
     runs: dict[str, list[dict[str, Any]]] = {}

@@ -42,7 +42,7 @@ from divdr.evaluation import InferenceResult, run_inference
 from divdr.heads import DynamicRoutingSegmenter
 from divdr.metrics import scores_from_confusion
 from pipeline import model_file, tracking
-from pipeline.cli_args import add_common, data_overrides, parser_for, preset_help
+from pipeline.cli_args import add_common, data_overrides, parser_for, persistent_out, preset_help
 from pipeline.config import deep_merge, redact_uri, resolve, with_smoke
 from pipeline.main_job import MAIN_JOB
 from pipeline.train import init_ray, run, with_dataset
@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     args.overrides = [*data_overrides(args), *args.overrides]
     try:
         probe = resolve(args.preset, args.config, args.overrides, base=base)
+        out = persistent_out(args.out)
     except ConfigError as err:
         raise SystemExit(f"pipeline/oracle.py: error: {err}") from None
     if args.print_config:
@@ -158,7 +159,6 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         return {}
     root = Path(with_dataset(probe).data.root)
     names = subset_names(root)
-    out = args.out.resolve()
     views = {s: write_subset_view(root, out / "oracle-views" / f"subset-{s}-{names[s]}", s) for s in sorted(names)}
     started = time.perf_counter()
     init_ray()

@@ -27,7 +27,7 @@ import yaml
 from divdr.config import PRESETS, ConfigError
 from divdr.data.errors import DatasetError
 from pipeline import tracking
-from pipeline.cli_args import add_common, data_overrides, parser_for, preset_help
+from pipeline.cli_args import add_common, data_overrides, parser_for, persistent_out, preset_help
 from pipeline.columns import format_table
 from pipeline.config import ExperimentConfig, redact_uri, resolve, with_data_root, with_smoke
 from pipeline.faults import faults_from_env
@@ -312,6 +312,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     try:
         cfg = resolve_config(args)
+        args.out = persistent_out(args.out)
         check_output_folder(args.out)
     except ConfigError as err:
         print(f"pipeline/train.py: error: {err}", file=sys.stderr)

@@ -31,7 +31,7 @@ from ray.tune import Result
 
 from divdr.config import ConfigError
 from pipeline import tracking
-from pipeline.cli_args import add_common, parser_for
+from pipeline.cli_args import add_common, parser_for, persistent_out
 from pipeline.config import (
     ExperimentConfig,
     deep_merge,
@@ -293,13 +293,14 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         space = with_cli_overrides(load_space(args.space), args)
         probe = trial_config(space, {"tracking.experiment": sweep_experiment(space)}, seed=0)
+        out = persistent_out(args.out)
     except ConfigError as err:
         print(f"pipeline/tune.py: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     if args.print_config:
         print(yaml.safe_dump(probe.to_dict(), sort_keys=False))
         return {"failed": []}
-    return run_sweep(space, args.out, args.data, args.tracking_uri)
+    return run_sweep(space, out, args.data, args.tracking_uri)
 
 
 def with_cli_overrides(space: TuneSpace, args: argparse.Namespace) -> TuneSpace:

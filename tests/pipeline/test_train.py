@@ -22,3 +22,17 @@ def test_joining_a_cluster_never_asks_for_resources(monkeypatch, address, cluste
     monkeypatch.setenv("RAY_ADDRESS", address)
     train.init_ray()
     assert calls == [expected]
+
+
+def test_a_relative_out_inside_a_ray_job_is_refused(tmp_path):
+    """A Ray job runs in a temporary copy of its working directory: relative outputs would die with it."""
+    from pathlib import Path
+
+    from divdr.config import ConfigError
+    from pipeline.cli_args import persistent_out
+
+    job_copy = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    with pytest.raises(ConfigError, match="Ray's temporary copy"):
+        persistent_out(Path("runs"), cwd=job_copy)
+    assert persistent_out(tmp_path / "runs", cwd=job_copy) == tmp_path / "runs"
+    assert persistent_out(Path("runs"), cwd=tmp_path) == tmp_path / "runs"  # elsewhere: resolved
