@@ -32,17 +32,18 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
-import torch
 
-from divdr.config import PRESETS, GateConfig, ModelConfig, TemperatureConfig
+from divdr.config import PRESETS
 from divdr.data.cityscapes import CityscapesSegmentation, write_subset_view
 from divdr.data.manifest import SUBSET_MANIFEST, read_subset_manifest
 from divdr.data.synthetic import regime_routes
 from divdr.evaluation import InferenceResult, run_inference
 from divdr.heads import DynamicRoutingSegmenter
 from divdr.metrics import scores_from_confusion
+from pipeline import model_file
 from pipeline.config import resolve, with_smoke
 from pipeline.main_job import MAIN_JOB
+from pipeline.model_file import ModelFileError
 from pipeline.train import init_ray, run, with_dataset
 
 
@@ -73,20 +74,14 @@ def subset_names(root: Path) -> dict[int, str]:
 
 
 def load_model(path: Path) -> DynamicRoutingSegmenter:
-    """A model written by the pipeline's analysis (``{"config": ModelConfig, "state_dict": ...}``)."""
-    if not path.is_file():
-        raise SystemExit(f"pipeline/oracle.py: error: model file {path} does not exist")
-    # weights_only: tensors, plain values and the model's own config classes; nothing else is unpickled
-    # (a model file may come from shared storage, and a pickle could run code)
+    """A segmentation model written by the pipeline's analysis (``pipeline.model_file``)."""
     try:
-        with torch.serialization.safe_globals([ModelConfig, GateConfig, TemperatureConfig]):
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise SystemExit(f"pipeline/oracle.py: error: {path} is not a model file written by this pipeline "
-                         f"(or holds more than weights and a ModelConfig): {str(error).splitlines()[0]}") from error
-    net = DynamicRoutingSegmenter(saved["config"])
-    net.load_state_dict(saved["state_dict"])
-    return net.eval()
+        net = model_file.load_model(path)
+    except ModelFileError as error:
+        raise SystemExit(f"pipeline/oracle.py: error: {error}") from error
+    if not isinstance(net, DynamicRoutingSegmenter):
+        raise SystemExit(f"pipeline/oracle.py: error: {path} is a detector; the oracle compares segmentation models")
+    return net
 
 
 def combine(parts: list[InferenceResult]) -> dict[str, float]:
