@@ -35,7 +35,8 @@ import numpy as np
 
 from divdr.config import PRESETS
 from divdr.data.cityscapes import CityscapesSegmentation, write_subset_view
-from divdr.data.manifest import SUBSET_MANIFEST, read_subset_manifest
+from divdr.data.manifest import SUBSET_MANIFEST
+from divdr.data.manifest import subset_names as manifest_subset_names
 from divdr.data.synthetic import regime_routes
 from divdr.evaluation import InferenceResult, run_inference
 from divdr.heads import DynamicRoutingSegmenter
@@ -67,10 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def subset_names(root: Path) -> dict[int, str]:
-    manifest = root / SUBSET_MANIFEST
-    if not manifest.exists():
+    names = manifest_subset_names(root)
+    if not names:
         raise SystemExit(f"pipeline/oracle.py: error: {root} has no {SUBSET_MANIFEST}; the oracle needs known subsets")
-    return {e.subset: e.subset_name or str(e.subset) for e in read_subset_manifest(manifest).values()}
+    return names
 
 
 def load_model(path: Path) -> DynamicRoutingSegmenter:
