@@ -37,8 +37,9 @@ MAX_LINE_WIDTH = 4.0  # the width of a path with weight 1
 CLOSED_COLOUR = "0.85"
 PANEL_SIZE = (4.2, 2.6)  # inches per diagram (wider for deep networks: COLUMN_WIDTH per column)
 COLUMN_WIDTH = 0.34
-MIN_FIGURE_WIDTH = 7.5  # the legend's width
-LEGEND_HEIGHT = 0.55  # inches under the diagrams
+MIN_FIGURE_WIDTH = 5.6  # room for the legend (two columns; three from WIDE_FIGURE on)
+WIDE_FIGURE = 7.5
+LEGEND_HEIGHT = 0.75  # inches under the diagrams
 MAX_PANEL_COLUMNS = 3
 SCALE_NAMES = ("1/4", "1/8", "1/16", "1/32", "1/64")
 
@@ -159,7 +160,8 @@ def routes_figure(config: ModelConfig, routes: Sequence[tuple[np.ndarray, str]],
     rows = math.ceil(len(routes) / columns)
     height = PANEL_SIZE[1] * rows + LEGEND_HEIGHT + (0.3 if title else 0.0)
     width = max(PANEL_SIZE[0], COLUMN_WIDTH * (config.layers + 3)) * columns
-    fig, axes = plt.subplots(rows, columns, figsize=(max(width, MIN_FIGURE_WIDTH), height), dpi=110, squeeze=False)
+    width = max(width, MIN_FIGURE_WIDTH)
+    fig, axes = plt.subplots(rows, columns, figsize=(width, height), dpi=110, squeeze=False)
     for ax, (gates, caption) in zip(axes.flat, routes, strict=False):
         draw_route(ax, config, gates, caption)
     for ax in axes.flat[len(routes):]:
@@ -167,8 +169,8 @@ def routes_figure(config: ModelConfig, routes: Sequence[tuple[np.ndarray, str]],
     if title:
         fig.suptitle(title, fontsize=9)
     unknown = any(np.isnan(np.asarray(gates, dtype=float)).any() for gates, _ in routes)
-    fig.legend(handles=_legend_handles(unknown), loc="lower center", ncol=4 if unknown else 3, fontsize=7,
-               frameon=False)
+    legend_columns = (4 if unknown else 3) if width >= WIDE_FIGURE else 2
+    fig.legend(handles=_legend_handles(unknown), loc="lower center", ncol=legend_columns, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, LEGEND_HEIGHT / height, 1, 1))
     sink = io.BytesIO()
     fig.savefig(sink, format="png")
