@@ -38,6 +38,7 @@ NEAREST_PER_CENTRE = 5  # DivDR Fig. 5: top-5 images nearest each centre
 THUMBNAIL_HEIGHT = 96
 GRID_LABEL_WIDTH = 190  # pixels left of each row of the nearest-image grid, for its caption
 GRID_FONT_SIZE = 13
+SUBSET_MARKERS = "osd^v<>P*"
 
 
 def cluster_metrics(acts: np.ndarray, assignments: np.ndarray, centres: np.ndarray, k: int,
@@ -190,39 +191,51 @@ def pca_2d(x: np.ndarray, extra: np.ndarray | None = None) -> tuple[np.ndarray, 
     return centred @ basis, extra @ basis, explained
 
 
+def _count(n: int, noun: str = "images") -> str:
+    """``3 images``, ``1 image``."""
+    return f"{n} {noun if n != 1 else noun.removesuffix('s')}"
+
+
 def _cluster_colours(k: int) -> list[Any]:
     cmap = plt.get_cmap("tab10" if k <= 10 else "tab20")
     return [cmap(i % cmap.N) for i in range(k)]
+
+
+def a_space_legend(assignments: np.ndarray, k: int, subsets: np.ndarray,
+                   names: dict[int, str] | None = None) -> list[Line2D]:
+    """Colours: each cluster with its size; markers: each known subset by its name (the regime's)."""
+    names = names or {}
+    colours = _cluster_colours(k)
+    sizes = np.bincount(assignments, minlength=k)
+    handles = [Line2D([], [], ls="", marker="s", color=colours[c], label=f"cluster {c} ({_count(int(sizes[c]))})")
+               for c in range(k)]
+    handles.append(Line2D([], [], ls="", marker="x", color="black", label="centres"))
+    known = [int(s) for s in np.unique(subsets) if s >= 0]
+    if known:  # the markers: the controlled study's subsets
+        handles += [Line2D([], [], ls="", marker=SUBSET_MARKERS[s % len(SUBSET_MARKERS)], color="0.4",
+                           label=f"subset {names.get(s, s)}") for s in known]
+        if (subsets < 0).any():
+            handles.append(Line2D([], [], ls="", marker="o", color="0.4", label="subset unknown"))
+    return handles
 
 
 def embedding_plot(acts: np.ndarray, assignments: np.ndarray, subsets: np.ndarray, centres: np.ndarray,
                    names: dict[int, str] | None = None) -> bytes:
     """DivDR Fig. 4: A-space in 2-D (PCA of the images' A(x), centres projected on it), colour = cluster,
     marker = known subset, named from the dataset's subset manifest (``names``)."""
-    names = names or {}
     points, centre_points, explained = pca_2d(acts, centres)
     colours = _cluster_colours(len(centres))
-    markers = "osd^v<>P*"
     fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
     for subset in np.unique(subsets):
         mask = subsets == subset
-        marker = markers[int(subset) % len(markers)] if subset >= 0 else "o"
+        marker = SUBSET_MARKERS[int(subset) % len(SUBSET_MARKERS)] if subset >= 0 else "o"
         ax.scatter(points[mask, 0], points[mask, 1], c=[colours[a] for a in assignments[mask]], s=18,
                    marker=marker, alpha=0.8, linewidths=0)
     ax.scatter(centre_points[:, 0], centre_points[:, 1], c="black", marker="x", s=80, zorder=3)
     for k, (x, y) in enumerate(centre_points):
         ax.annotate(str(k), (x, y), xytext=(4, 4), textcoords="offset points", fontsize=9, weight="bold")
-    sizes = np.bincount(assignments, minlength=len(centres))
-    handles = [Line2D([], [], ls="", marker="s", color=colours[k], label=f"cluster {k} ({sizes[k]} images)")
-               for k in range(len(centres))]
-    handles.append(Line2D([], [], ls="", marker="x", color="black", label="centres"))
-    known = [s for s in np.unique(subsets) if s >= 0]
-    if known:  # the markers: the controlled study's subsets, by their regime names
-        handles += [Line2D([], [], ls="", marker=markers[int(s) % len(markers)], color="0.4",
-                           label=f"subset {names.get(int(s), int(s))}") for s in known]
-        if (subsets < 0).any():
-            handles.append(Line2D([], [], ls="", marker="o", color="0.4", label="subset unknown"))
-    ax.legend(handles=handles, fontsize=7, loc="best", framealpha=0.8)
+    ax.legend(handles=a_space_legend(assignments, len(centres), subsets, names), fontsize=7, loc="best",
+              framealpha=0.8)
     ax.set_xlabel(f"PC1 ({100 * explained[0]:.0f}% of variance)")
     ax.set_ylabel(f"PC2 ({100 * explained[1]:.0f}% of variance)")
     ax.set_title(f"A-space of {len(acts)} images (PCA); colour = cluster, marker = subset", fontsize=9)
@@ -242,8 +255,9 @@ def cluster_captions(assignments: np.ndarray, gflops: np.ndarray, gflops_referen
         if not members.any():
             captions.append(f"cluster {cluster}: no {what}")
             continue
-        captions.append(f"cluster {cluster}: {int(members.sum())} {what}\nmean {gflops[members].mean():.3f} GFLOPs "
-                        f"({gflops_reference[members].mean():.2f} at {reference_size[0]}x{reference_size[1]})")
+        captions.append(f"cluster {cluster}: {_count(int(members.sum()), what)}\n"
+                        f"mean {gflops[members].mean():.3f} GFLOPs ({gflops_reference[members].mean():.2f} "
+                        f"at {reference_size[0]}x{reference_size[1]})")
     return captions
 
 
@@ -268,7 +282,7 @@ def nearest_grid(result: InferenceResult, centres: np.ndarray, root: Path, assig
         members = np.flatnonzero(assignments == k)
         distance = np.linalg.norm(result.activations[members] - centre, axis=1)
         nearest = members[np.argsort(distance)[:NEAREST_PER_CENTRE]]
-        caption = (f"cluster {k}\n{members.size} images\nmean {result.real_gflops[members].mean():.3f} GFLOPs"
+        caption = (f"cluster {k}\n{_count(members.size)}\nmean {result.real_gflops[members].mean():.3f} GFLOPs"
                    if members.size else f"cluster {k}\nno image")
         rows.append((caption, [_thumbnail(root / result.files[i]) for i in nearest]))
     width = GRID_LABEL_WIDTH + max([sum(t.width for t in thumbs) for _, thumbs in rows] + [THUMBNAIL_HEIGHT])
