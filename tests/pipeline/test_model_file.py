@@ -1,0 +1,54 @@
+"""pipeline/model_file.py: a run's model.pt loads as the network it was (segmenter or detector), and
+anything else is refused with the file named, never unpickled."""
+
+import pytest
+import torch
+
+from divdr.config import get_model_config
+from divdr.detection import DetectionConfig, DynamicRoutingDetector, build_detector
+from divdr.heads import DynamicRoutingSegmenter
+from pipeline.analysis import _model_bytes
+from pipeline.model_file import ModelFileError, load_model
+
+SMALL_HEADS = DetectionConfig(fpn_channels=16, anchor_sizes=(8, 16, 32, 64, 128), min_size=64, max_size=128,
+                              representation_size=32, mask_head_layers=(16,))
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(b.state_dict()[name], tensor) for name, tensor in a.state_dict().items())
+
+
+def test_a_detector_file_loads_as_the_detector_with_its_heads(tmp_path):
+    net = build_detector(get_model_config("micro"), SMALL_HEADS, 3, "instance")
+    path = tmp_path / "model.pt"
+    path.write_bytes(_model_bytes(net))
+    loaded = load_model(path)
+    assert isinstance(loaded, DynamicRoutingDetector) and not loaded.training
+    assert loaded.masks and loaded.num_categories == 3 and loaded.detection == SMALL_HEADS
+    assert _same_weights(net, loaded)
+
+
+def test_a_segmenter_file_loads_in_eval_mode(tmp_path):
+    net = DynamicRoutingSegmenter(get_model_config("micro"))
+    path = tmp_path / "model.pt"
+    path.write_bytes(_model_bytes(net))
+    loaded = load_model(path)
+    assert isinstance(loaded, DynamicRoutingSegmenter) and not loaded.training and _same_weights(net, loaded)
+
+
+def test_missing_foreign_and_mismatched_files_are_named(tmp_path):
+    with pytest.raises(ModelFileError, match=f"model file {tmp_path / 'none.pt'} does not exist"):
+        load_model(tmp_path / "none.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a torch file")
+    with pytest.raises(ModelFileError, match=f"{junk} is not a model file"):
+        load_model(junk)
+    plain = tmp_path / "plain.pt"
+    torch.save({"weights": torch.zeros(2)}, plain)
+    with pytest.raises(ModelFileError, match=f"{plain} is not a model file written by this pipeline: expected"):
+        load_model(plain)
+    other = tmp_path / "other.pt"
+    torch.save({"config": get_model_config("tiny"),
+                "state_dict": DynamicRoutingSegmenter(get_model_config("micro")).state_dict()}, other)
+    with pytest.raises(ModelFileError, match=f"{other}: its weights do not fit"):
+        load_model(other)
