@@ -115,6 +115,12 @@ class LabelIdsWriter:
 
 # ---- scoring ---------------------------------------------------------------------------------------
 
+def batch_size(run: TrainedRun, as_run: bool) -> int:
+    """The run's evaluation batch size on its own images (the same batches: the same figures); one image at
+    a time on other data, whose images may differ in size (a batch must not mix sizes)."""
+    return run.cfg.data.eval_batch_size if as_run else 1
+
+
 def val_count(run: TrainedRun, as_run: bool, available: int) -> int:
     """The run's own val images (its ``data.max_val_images``, 0 = all) when scoring ``as_run``; else all."""
     limit = run.cfg.data.max_val_images if as_run else 0
@@ -126,7 +132,7 @@ def evaluate_segmentation(run: TrainedRun, root: Path, as_run: bool, out: Path) 
     dataset = CityscapesSegmentation(root, "val")
     count = val_count(run, as_run, len(dataset))
     writer = LabelIdsWriter(out)
-    result = run_inference(run.model, dataset, run.cfg.data.eval_batch_size, indices=range(count),
+    result = run_inference(run.model, dataset, batch_size(run, as_run), indices=range(count),
                            predictions=writer)
     scores = result.scores
     metrics = {"val_split_images": len(dataset), "miou": scores.miou, "pixel_accuracy": scores.pixel_accuracy,
@@ -147,7 +153,7 @@ def evaluate_detection(run: TrainedRun, root: Path, as_run: bool, out: Path) -> 
     manifest_path = root / SUBSET_MANIFEST
     manifest = read_subset_manifest(manifest_path) if manifest_path.exists() else {}
     count = val_count(run, as_run, len(dataset))
-    result = run_detection_inference(model, dataset, run.cfg.data.eval_batch_size, indices=range(count),
+    result = run_detection_inference(model, dataset, batch_size(run, as_run), indices=range(count),
                                      manifest=manifest)
     scores = score_detections(dataset.coco.dataset, result.results, result.image_ids, iou_types_for(model))
     (out / DETECTIONS_FILE).write_text(json.dumps(result.results))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from divdr.cli import main as divdr_main
 from divdr.data.labels import TRAIN_ID_NAMES
@@ -92,9 +93,14 @@ def test_another_dataset_of_the_same_layout_is_scored_whole(seg_run, tmp_path, c
     run_dir, _ = seg_run
     other = tmp_path / "other"
     generate(study_config(n_train=2, n_val=4, height=64, width=96, seed=9), other)
+    image = sorted((other / "leftImg8bit" / "val").rglob("*_leftImg8bit.png"))[0]
+    label = other / "gtFine" / "val" / image.parent.name / image.name.replace("_leftImg8bit", "_gtFine_labelIds")
+    # one more val image of another size: a dataset need not be of one size
+    Image.open(image).resize((80, 48)).save(image.with_name("zz_000000_000000_leftImg8bit.png"))
+    Image.open(label).resize((80, 48), Image.NEAREST).save(label.with_name("zz_000000_000000_gtFine_labelIds.png"))
     report = _evaluate_json(capsys, run_dir, "--data", other)
-    assert report["images"] == 4 and not report["own_data"] and report["clusters_as_reported"] is None
-    assert report["out"] == str(run_dir / "evaluation-other") and report["image_sizes"] == [[64, 96]]
+    assert report["images"] == 5 and not report["own_data"] and report["clusters_as_reported"] is None
+    assert report["out"] == str(run_dir / "evaluation-other") and report["image_sizes"] == [[48, 80], [64, 96]]
     assert 0.0 <= report["miou"] <= 1.0
 
 
