@@ -57,15 +57,18 @@ ROUTES_FILE = "routes.png"
 DETECTIONS_FILE = "detections_val.json"
 RUN_VAL_ACTIVATIONS = "activations_val.parquet"
 
+DESCRIPTION = ("Score a finished run's model without training: mIoU per class (COCO AP for detection), "
+               "real GFLOPs, each val image's cluster, and the predictions as Cityscapes labelIds PNGs.")
+
 
 class EvaluationError(ValueError):
     """Input this command cannot score (the message names the file or option)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pipeline/evaluate.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="pipeline/evaluate.py", description=DESCRIPTION)
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished run's folder (<out>/<name>)")
-    parser.add_argument("--data", type=Path,
+    parser.add_argument("--data", type=Path, metavar="DIR",
                         help="dataset root to score instead of the run's own (same layout: Cityscapes for "
                              "segmentation, COCO for detection); every val image is scored")
     parser.add_argument("--out", type=Path,

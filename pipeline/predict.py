@@ -49,6 +49,8 @@ PREDICTIONS_FILE = "predictions.parquet"
 DEFAULT_ALPHA = 0.5  # the prediction's share of each pixel of the blend
 DEFAULT_MAX_SIDE = 2048  # Cityscapes' width: larger images are scaled down for the network
 REFERENCE_COLUMN = f"gflops_{REFERENCE_SIZE[0]}x{REFERENCE_SIZE[1]}"
+DESCRIPTION = ("Predict any images with a finished segmentation run's model: for each a blended prediction, "
+               "the route it took, its real GFLOPs and nearest cluster; one row each in predictions.parquet.")
 SCHEMA = pa.schema([("image", pa.string()), ("height", pa.int64()), ("width", pa.int64()),
                     ("gflops", pa.float64()), (REFERENCE_COLUMN, pa.float64()), ("cluster", pa.int64()),
                     ("distance", pa.float64()), ("network_height", pa.int64()), ("network_width", pa.int64()),
@@ -56,14 +58,14 @@ SCHEMA = pa.schema([("image", pa.string()), ("height", pa.int64()), ("width", pa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pipeline/predict.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="pipeline/predict.py", description=DESCRIPTION)
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished segmentation run's folder")
     parser.add_argument("--images", type=Path, nargs="+", required=True, metavar="PATH",
                         help="image files or folders (searched recursively)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (created; files are overwritten)")
     parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
                         help=f"opacity of the prediction over the image, 0-1 (default {DEFAULT_ALPHA})")
-    parser.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE,
+    parser.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE, metavar="N",
                         help="images with a longer side are scaled down to it for the network, the prediction "
                              f"scaled back (default {DEFAULT_MAX_SIDE}; 0 = never)")
     return parser
