@@ -1,6 +1,7 @@
 """The route an image takes through the routing space, drawn as DR's routing diagram (DR Fig. 1).
 
-Columns are the layers (stem, the initial cell, layers 0..L-1, the decoder), rows the scales (1/4 at the
+Columns are the layers (stem, the initial cell, layers 0..L-1, "out": what feeds the decoder or the
+detector's FPN), rows the scales (1/4 at the
 top, 1/32 at the bottom). Every path a cell has goes from the cell to the next layer's cell one scale
 finer (up), at the same scale (keep) or one coarser (down); an open path is drawn with a line as wide as
 its gate weight, a closed one faint. A cell with every path closed is dropped (hollow): its input passes
@@ -67,7 +68,7 @@ def column_of(layer: int) -> int:
 def path_segments(config: ModelConfig, gates: np.ndarray) -> list[PathSegment]:
     """Every path the routing space has (those a fixed ``model.route`` closes left out), with its weight
     from ``gates`` [cells, 3] (``routing_space`` order, [up, keep, down] per cell). The last layer keeps
-    into the decoder column."""
+    into the output column (the decoder's, or the FPN's, inputs)."""
     gates = np.asarray(gates, dtype=float)
     specs = routing_space(config)
     if gates.shape != (len(specs), len(SLOTS)):
@@ -126,7 +127,7 @@ def draw_route(ax: Axes, config: ModelConfig, gates: np.ndarray, title: str = ""
             ax.scatter([x], [y], s=30, color="0.1", zorder=3)
         else:  # dropped: its input passes through
             ax.scatter([x], [y], s=30, facecolor="white", edgecolor="0.1", zorder=3)
-    ax.set_xticks(range(-1, last + 2), ["stem", "init", *map(str, range(config.layers)), "dec"], fontsize=7)
+    ax.set_xticks(range(-1, last + 2), ["stem", "init", *map(str, range(config.layers)), "out"], fontsize=7)
     ax.set_yticks(range(config.num_scales), SCALE_NAMES[: config.num_scales], fontsize=7)
     ax.set_xlim(-1.5, last + 1.5)
     ax.set_ylim(config.num_scales - 0.5, -0.5)  # 1/4 at the top
