@@ -3,8 +3,8 @@
 Columns are the layers (stem, the initial cell, layers 0..L-1, "out": what feeds the decoder or the
 detector's FPN), rows the scales (1/4 at the top, 1/32 at the bottom). Every path a cell has goes from
 the cell to the next layer's cell one scale finer (up), at the same scale (keep) or one coarser (down);
-an open path is drawn with a line as wide as its gate weight, a closed one faint. A cell with every path closed is dropped (hollow): its input passes
-through unchanged.
+an open path is drawn with a line as wide as its gate weight, a closed one faint. A cell with every path
+closed is dropped (hollow): its input passes through unchanged.
 
 ``path_segments`` / ``open_paths`` are the geometry (tested as data); ``draw_route`` and
 ``routes_figure`` draw it with matplotlib (Agg). Used by ``pipeline/predict.py``,
