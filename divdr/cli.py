@@ -208,7 +208,8 @@ def baselines(args: argparse.Namespace) -> int:
 
 def eval_seg_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pred", type=Path, required=True,
-                        help="folder of <image id>.png train-id predictions (0-18, 255 = none), searched recursively")
+                        help="folder of predictions, searched recursively: <image id>.png holding train ids "
+                             "(0-18, 255 = none), or <image id>_gtFine_labelIds.png holding Cityscapes labelIds")
     parser.add_argument("--gt", type=Path, required=True, help="gtFine folder (holds **/*_gtFine_labelIds.png)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -257,7 +258,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "summary": ("parameters, cells, A-space and GFLOPs of a model", summary_arguments, summary),
     "make-data": ("generate a controlled study (Cityscapes seg or COCO det layout)", make_data_arguments, make_data),
     "baselines": ("can colour, random nets or an untrained net find the subsets?", baselines_arguments, baselines),
-    "eval-seg": ("mIoU of train-id prediction PNGs against a Cityscapes gtFine folder", eval_seg_arguments, eval_seg),
+    "eval-seg": ("mIoU of prediction PNGs (train ids or labelIds) against a Cityscapes gtFine folder",
+                 eval_seg_arguments, eval_seg),
     "eval-coco": ("COCO bbox / segm mAP of a results JSON (pycocotools COCOeval)", eval_coco_arguments, eval_coco),
 }
 

@@ -6,7 +6,7 @@ current weights) and for the final clustering; pure PyTorch, so it is tested wit
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +18,10 @@ from divdr.heads import DynamicRoutingSegmenter
 from divdr.metrics import ConfusionMatrix, SegmentationScores
 
 REFERENCE_SIZE = (1024, 2048)  # Cityscapes: the size the DR paper reports GFLOPs at
+
+# Receives each batch's files (relative to the dataset root) and predicted train ids [B, H, W] (CPU),
+# e.g. to write them as PNGs: the same predictions the confusion matrix counts.
+PredictionSink = Callable[[list[str], torch.Tensor], None]
 
 
 @dataclass
@@ -52,9 +56,11 @@ def _collate(batch: list[dict]) -> dict:
 @torch.no_grad()
 def run_inference(model: DynamicRoutingSegmenter, dataset: Dataset, batch_size: int = 4,
                   indices: Sequence[int] | None = None, score: bool = True,
-                  reference_size: tuple[int, int] = REFERENCE_SIZE) -> InferenceResult:
+                  reference_size: tuple[int, int] = REFERENCE_SIZE,
+                  predictions: PredictionSink | None = None) -> InferenceResult:
     """Eval-mode forward over ``dataset`` (or the ``indices`` of it), paths really skipped, on the
-    model's device (results come back on the CPU)."""
+    model's device (results come back on the CPU). ``predictions`` is given every batch's predicted
+    train ids."""
     was_training = model.training
     device = next(model.parameters()).device
     model.eval()
@@ -71,8 +77,11 @@ def run_inference(model: DynamicRoutingSegmenter, dataset: Dataset, batch_size: 
             out = model(images)
             size = tuple(images.shape[-2:])
             table = tables.setdefault(size, cost_table(config, *size))
+            predicted = out.logits.argmax(1).cpu()
             if confusion is not None:
-                confusion.update(out.logits.argmax(1).cpu(), batch["label"])
+                confusion.update(predicted, batch["label"])
+            if predictions is not None:
+                predictions(batch["file"], predicted)
             ids += batch["sample_id"]
             files += batch["file"]
             subsets += batch["subset"]

@@ -10,6 +10,10 @@ Conventions follow cityscapesScripts (``evalPixelLevelSemanticLabeling.py``):
 
 The confusion matrix has ``num_classes`` rows (ground truth) and ``num_classes + 1`` columns
 (prediction, the last column counting "no prediction").
+
+Prediction files (``divdr eval-seg``): ``<image id>.png`` holds train ids (0-18, 255 = none);
+``<image id>_gtFine_labelIds.png`` holds Cityscapes labelIds (the benchmark's submission format, what
+``pipeline/evaluate.py`` writes), mapped to train ids like the ground truth.
 """
 
 from __future__ import annotations
@@ -195,13 +199,22 @@ def find_gt_files(gt_dir: Path) -> list[Path]:
     return files
 
 
+def holds_label_ids(path: Path) -> bool:
+    """A prediction named like a gtFine label file holds labelIds; any other ``.png`` train ids."""
+    return path.name.endswith(GT_SUFFIX)
+
+
+def prediction_image_id(path: Path) -> str:
+    return path.name[: -len(GT_SUFFIX if holds_label_ids(path) else PRED_SUFFIX)]
+
+
 def index_predictions(pred_dir: Path) -> dict[str, Path]:
     """Image id -> prediction PNG, searched anywhere under ``pred_dir``; duplicate ids are an error."""
     if not pred_dir.is_dir():
         raise FileNotFoundError(f"--pred folder {pred_dir} does not exist")
     index: dict[str, Path] = {}
     for path in sorted(pred_dir.rglob(f"*{PRED_SUFFIX}")):
-        image_id = path.name[: -len(PRED_SUFFIX)]
+        image_id = prediction_image_id(path)
         if image_id in index:
             raise SegEvalError(f"two predictions for image {image_id}: {index[image_id]} and {path}")
         index[image_id] = path
@@ -221,7 +234,8 @@ def read_label_png(path: Path) -> np.ndarray:
 
 
 def evaluate_folders(pred_dir: Path, gt_dir: Path) -> tuple[SegmentationScores, int]:
-    """Score train-id prediction PNGs against a gtFine folder; returns the scores and the image count."""
+    """Score prediction PNGs (train ids, or labelIds when named ``*_gtFine_labelIds.png``) against a
+    gtFine folder; returns the scores and the image count."""
     gt_files = find_gt_files(gt_dir)
     predictions = index_predictions(pred_dir)
     missing = [image_id_from_gt(p) for p in gt_files if image_id_from_gt(p) not in predictions]
@@ -234,6 +248,8 @@ def evaluate_folders(pred_dir: Path, gt_dir: Path) -> tuple[SegmentationScores, 
         pred_path = predictions[image_id_from_gt(gt_path)]
         target = label_ids_to_train_ids(read_label_png(gt_path), source=str(gt_path))
         pred = read_label_png(pred_path)
+        if holds_label_ids(pred_path):
+            pred = label_ids_to_train_ids(pred, source=str(pred_path))
         if pred.shape != target.shape:
             raise SegEvalError(f"{pred_path}: size {pred.shape[1]}x{pred.shape[0]} (WxH) differs from "
                                f"ground truth {gt_path} {target.shape[1]}x{target.shape[0]}")

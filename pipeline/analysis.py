@@ -20,18 +20,25 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
+from matplotlib.lines import Line2D
+from PIL import Image, ImageDraw, ImageFont
 
 from divdr import clustering
+from divdr.config import ModelConfig
 from divdr.data.cityscapes import DatasetError, read_rgb
+from divdr.data.manifest import subset_names
 from divdr.evaluation import REFERENCE_SIZE, InferenceResult
 from pipeline.config import ExperimentConfig
+from pipeline.route_diagram import route_from_activations, routes_figure
 
 if TYPE_CHECKING:  # the loop imports the tasks
     from pipeline.loop import CentreState
 
 NEAREST_PER_CENTRE = 5  # DivDR Fig. 5: top-5 images nearest each centre
 THUMBNAIL_HEIGHT = 96
+GRID_LABEL_WIDTH = 190  # pixels left of each row of the nearest-image grid, for its caption
+GRID_FONT_SIZE = 13
+SUBSET_MARKERS = "osd^v<>P*"
 
 
 def cluster_metrics(acts: np.ndarray, assignments: np.ndarray, centres: np.ndarray, k: int,
@@ -131,8 +138,11 @@ def summarize_run(cfg: ExperimentConfig, root: Path, train: InferenceResult, val
         **(task_artifacts or {}),
         "activations_train.parquet": activations_table(train, train_assign, "train"),
         "activations_val.parquet": activations_table(val, val_assign, "val"),
-        "a_space.png": embedding_plot(val.activations, val_assign, val.subsets, final.centres),
-        "nearest_images.png": nearest_grid(val, final.centres, root),
+        "centres.npy": _npy_bytes(final.centres),
+        "a_space.png": embedding_plot(val.activations, val_assign, val.subsets, final.centres, subset_names(root)),
+        "nearest_images.png": nearest_grid(val, final.centres, root, val_assign),
+        "routes.png": routes_plot(cfg.model, final.centres, val_assign, val.real_gflops,
+                                  val.real_gflops_reference, reference_size),
         "kmeans_history.json": json.dumps(store_status.get("history", []), indent=2, default=float).encode(),
         "model.pt": _model_bytes(net),
     }
@@ -157,30 +167,78 @@ def activations_table(result: InferenceResult, assignments: np.ndarray, split: s
     return sink.getvalue()
 
 
-def _pca_2d(x: np.ndarray) -> np.ndarray:
-    centred = x - x.mean(0)
+def _npy_bytes(array: np.ndarray) -> bytes:
+    sink = io.BytesIO()
+    np.save(sink, np.asarray(array))
+    return sink.getvalue()
+
+
+def pca_2d(x: np.ndarray, extra: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first two principal components of ``x``: ``x`` and ``extra`` (e.g. the centres) projected on
+    them, and the share of ``x``'s variance each explains (zeros where there is none)."""
+    mean = x.mean(0)
+    centred = x - mean
+    extra = np.zeros((0, x.shape[1])) if extra is None else np.asarray(extra) - mean
     if len(x) < 2 or not np.any(centred):
-        return np.zeros((len(x), 2))
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        return np.zeros((len(x), 2)), np.zeros((len(extra), 2)), np.zeros(2)
+    _, singular, vt = np.linalg.svd(centred, full_matrices=False)
     basis = vt[:2].T
-    out = centred @ basis
-    return out if out.shape[1] == 2 else np.pad(out, ((0, 0), (0, 2 - out.shape[1])))
+    if basis.shape[1] < 2:
+        basis = np.pad(basis, ((0, 0), (0, 2 - basis.shape[1])))
+    explained = np.zeros(2)
+    variances = singular**2
+    explained[: min(2, variances.size)] = variances[:2] / variances.sum()
+    return centred @ basis, extra @ basis, explained
 
 
-def embedding_plot(acts: np.ndarray, assignments: np.ndarray, subsets: np.ndarray, centres: np.ndarray) -> bytes:
-    """DivDR Fig. 4: A-space in 2-D (PCA), coloured by cluster; marker by known subset if any."""
-    both = _pca_2d(np.concatenate([acts, centres]))
-    points, centre_points = both[: len(acts)], both[len(acts):]
-    fig, ax = plt.subplots(figsize=(5, 4.5), dpi=100)
-    markers = "osd^v<>"
+def _count(n: int, noun: str = "images") -> str:
+    """``3 images``, ``1 image``."""
+    return f"{n} {noun if n != 1 else noun.removesuffix('s')}"
+
+
+def _cluster_colours(k: int) -> list[Any]:
+    cmap = plt.get_cmap("tab10" if k <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(k)]
+
+
+def a_space_legend(assignments: np.ndarray, k: int, subsets: np.ndarray,
+                   names: dict[int, str] | None = None) -> list[Line2D]:
+    """Colours: each cluster with its size; markers: each known subset by its name (the regime's)."""
+    names = names or {}
+    colours = _cluster_colours(k)
+    sizes = np.bincount(assignments, minlength=k)
+    handles = [Line2D([], [], ls="", marker="s", color=colours[c], label=f"cluster {c} ({_count(int(sizes[c]))})")
+               for c in range(k)]
+    handles.append(Line2D([], [], ls="", marker="x", color="black", label="centres"))
+    known = [int(s) for s in np.unique(subsets) if s >= 0]
+    if known:  # the markers: the controlled study's subsets
+        handles += [Line2D([], [], ls="", marker=SUBSET_MARKERS[s % len(SUBSET_MARKERS)], color="0.4",
+                           label=f"subset {names.get(s, s)}") for s in known]
+        if (subsets < 0).any():
+            handles.append(Line2D([], [], ls="", marker="o", color="0.4", label="subset unknown"))
+    return handles
+
+
+def embedding_plot(acts: np.ndarray, assignments: np.ndarray, subsets: np.ndarray, centres: np.ndarray,
+                   names: dict[int, str] | None = None) -> bytes:
+    """DivDR Fig. 4: A-space in 2-D (PCA of the images' A(x), centres projected on it), colour = cluster,
+    marker = known subset, named from the dataset's subset manifest (``names``)."""
+    points, centre_points, explained = pca_2d(acts, centres)
+    colours = _cluster_colours(len(centres))
+    fig, ax = plt.subplots(figsize=(6, 5), dpi=100)
     for subset in np.unique(subsets):
         mask = subsets == subset
-        label = f"subset {subset}" if subset >= 0 else None
-        ax.scatter(points[mask, 0], points[mask, 1], c=assignments[mask], cmap="tab10", vmin=0, vmax=9, s=14,
-                   marker=markers[int(subset) % len(markers)] if subset >= 0 else "o", label=label, alpha=0.8)
-    ax.scatter(centre_points[:, 0], centre_points[:, 1], c="black", marker="x", s=80, label="centres")
-    ax.set_title("A-space (PCA), colour = cluster")
-    ax.legend(fontsize=7, loc="best")
+        marker = SUBSET_MARKERS[int(subset) % len(SUBSET_MARKERS)] if subset >= 0 else "o"
+        ax.scatter(points[mask, 0], points[mask, 1], c=[colours[a] for a in assignments[mask]], s=18,
+                   marker=marker, alpha=0.8, linewidths=0)
+    ax.scatter(centre_points[:, 0], centre_points[:, 1], c="black", marker="x", s=80, zorder=3)
+    for k, (x, y) in enumerate(centre_points):
+        ax.annotate(str(k), (x, y), xytext=(4, 4), textcoords="offset points", fontsize=9, weight="bold")
+    ax.legend(handles=a_space_legend(assignments, len(centres), subsets, names), fontsize=7, loc="best",
+              framealpha=0.8)
+    ax.set_xlabel(f"PC1 ({100 * explained[0]:.0f}% of variance)")
+    ax.set_ylabel(f"PC2 ({100 * explained[1]:.0f}% of variance)")
+    ax.set_title(f"A-space of {len(acts)} images (PCA); colour = cluster, marker = subset", fontsize=9)
     fig.tight_layout()
     sink = io.BytesIO()
     fig.savefig(sink, format="png")
@@ -188,20 +246,57 @@ def embedding_plot(acts: np.ndarray, assignments: np.ndarray, subsets: np.ndarra
     return sink.getvalue()
 
 
-def nearest_grid(result: InferenceResult, centres: np.ndarray, root: Path) -> bytes:
-    """DivDR Fig. 5: per centre (row), the val images nearest to it."""
+def cluster_captions(assignments: np.ndarray, gflops: np.ndarray, gflops_reference: np.ndarray, k: int,
+                     reference_size: tuple[int, int] = REFERENCE_SIZE, what: str = "images") -> list[str]:
+    """Per cluster: its size and its images' mean real GFLOPs (at their size and at ``reference_size``)."""
+    captions = []
+    for cluster in range(k):
+        members = assignments == cluster
+        if not members.any():
+            captions.append(f"cluster {cluster}: no {what}")
+            continue
+        captions.append(f"cluster {cluster}: {_count(int(members.sum()), what)}\n"
+                        f"mean {gflops[members].mean():.3f} GFLOPs ({gflops_reference[members].mean():.2f} "
+                        f"at {reference_size[0]}x{reference_size[1]})")
+    return captions
+
+
+def routes_plot(config: ModelConfig, centres: np.ndarray, assignments: np.ndarray, gflops: np.ndarray,
+                gflops_reference: np.ndarray, reference_size: tuple[int, int] = REFERENCE_SIZE,
+                what: str = "val images") -> bytes:
+    """The K prototypical architectures: each centre of A(x) drawn back as its route, one panel per
+    cluster, captioned with the size and mean GFLOPs of the images assigned to it."""
+    captions = cluster_captions(assignments, gflops, gflops_reference, len(centres), reference_size, what)
+    routes = [(route_from_activations(config, centre), caption) for centre, caption in zip(centres, captions,
+                                                                                           strict=True)]
+    return routes_figure(config, routes, "Prototypical routes: the cluster centres of A(x)")
+
+
+def nearest_grid(result: InferenceResult, centres: np.ndarray, root: Path, assignments: np.ndarray) -> bytes:
+    """DivDR Fig. 5: per cluster (row), its images nearest to its centre, captioned with the cluster, its
+    size and its mean GFLOPs; an empty cluster is an empty row (not filled with other clusters' images)."""
+    assignments = np.asarray(assignments)
+    font = ImageFont.load_default(size=GRID_FONT_SIZE)
     rows = []
-    for centre in centres:
-        distance = np.linalg.norm(result.activations - centre, axis=1)
-        rows.append([result.files[i] for i in np.argsort(distance)[:NEAREST_PER_CENTRE]])
-    thumbs = [[_thumbnail(root / f) for f in row] for row in rows]
-    width = max(sum(t.width for t in row) for row in thumbs)
-    canvas = Image.new("RGB", (width, THUMBNAIL_HEIGHT * len(thumbs)), "white")
-    for r, row in enumerate(thumbs):
-        x = 0
-        for thumb in row:
-            canvas.paste(thumb, (x, r * THUMBNAIL_HEIGHT))
+    for k, centre in enumerate(centres):
+        members = np.flatnonzero(assignments == k)
+        distance = np.linalg.norm(result.activations[members] - centre, axis=1)
+        nearest = members[np.argsort(distance)[:NEAREST_PER_CENTRE]]
+        caption = (f"cluster {k}\n{_count(members.size)}\nmean {result.real_gflops[members].mean():.3f} GFLOPs"
+                   if members.size else f"cluster {k}\nno image")
+        rows.append((caption, [_thumbnail(root / result.files[i]) for i in nearest]))
+    width = GRID_LABEL_WIDTH + max([sum(t.width for t in thumbs) for _, thumbs in rows] + [THUMBNAIL_HEIGHT])
+    canvas = Image.new("RGB", (width, THUMBNAIL_HEIGHT * len(rows)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (caption, thumbs) in enumerate(rows):
+        top = r * THUMBNAIL_HEIGHT
+        draw.multiline_text((8, top + 10), caption, fill="black", font=font, spacing=4)
+        x = GRID_LABEL_WIDTH
+        for thumb in thumbs:
+            canvas.paste(thumb, (x, top))
             x += thumb.width
+        if r:  # a rule between rows, so an empty row reads as one
+            draw.line([(0, top), (width, top)], fill=(180, 180, 180), width=1)
     sink = io.BytesIO()
     canvas.save(sink, format="PNG")
     return sink.getvalue()

@@ -36,7 +36,8 @@ import yaml
 
 from divdr.config import PRESETS, ConfigError
 from divdr.data.cityscapes import CityscapesSegmentation, write_subset_view
-from divdr.data.manifest import SUBSET_MANIFEST, read_subset_manifest
+from divdr.data.manifest import SUBSET_MANIFEST
+from divdr.data.manifest import subset_names as manifest_subset_names
 from divdr.data.synthetic import regime_routes
 from divdr.evaluation import InferenceResult, run_inference
 from divdr.heads import DynamicRoutingSegmenter
@@ -45,6 +46,7 @@ from pipeline import model_file, tracking
 from pipeline.cli_args import add_common, data_overrides, parser_for, persistent_out, preset_help
 from pipeline.config import deep_merge, redact_uri, resolve, with_smoke
 from pipeline.main_job import MAIN_JOB
+from pipeline.model_file import ModelFileError
 from pipeline.train import init_ray, run, with_dataset
 
 
@@ -63,18 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def subset_names(root: Path) -> dict[int, str]:
-    manifest = root / SUBSET_MANIFEST
-    if not manifest.exists():
+    names = manifest_subset_names(root)
+    if not names:
         raise SystemExit(f"pipeline/oracle.py: error: {root} has no {SUBSET_MANIFEST}; the oracle needs known subsets")
-    return {e.subset: e.subset_name or str(e.subset) for e in read_subset_manifest(manifest).values()}
+    return names
 
 
 def load_model(path: Path) -> DynamicRoutingSegmenter:
-    """A model file's network (``pipeline.model_file``), or the command's error naming the file."""
+    """A segmentation model written by the pipeline's analysis (``pipeline.model_file``)."""
     try:
-        return model_file.load_model(path)
-    except model_file.ModelFileError as err:
-        raise SystemExit(f"pipeline/oracle.py: error: {err}") from None
+        net = model_file.load_model(path)
+    except ModelFileError as error:
+        raise SystemExit(f"pipeline/oracle.py: error: {error}") from error
+    if not isinstance(net, DynamicRoutingSegmenter):
+        raise SystemExit(f"pipeline/oracle.py: error: {path} is a detector; the oracle compares segmentation models")
+    return net
 
 
 def combine(parts: list[InferenceResult]) -> dict[str, float]:

@@ -53,6 +53,14 @@ def _numeric(values: list[Any]) -> bool:
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
 
+def integer_ticks(values: list[Any]) -> list[int] | None:
+    """The ticks of an integer parameter (K, seeds, steps): its own values, so the axis never shows
+    2.25 clusters; None for anything else."""
+    if values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return sorted(set(values))
+    return None
+
+
 def plot_against(table: list[dict[str, Any]], param: str, path: Path) -> None:
     """Each metric against one swept parameter (DivDR Figs. 6-7), error bars = std over seeds."""
     rows = [r for r in table if f"param:{param}" in r]
@@ -65,6 +73,9 @@ def plot_against(table: list[dict[str, Any]], param: str, path: Path) -> None:
         x = [xs[i] if _numeric(xs) else str(xs[i]) for i in order]
         ax.errorbar(x, [rows[i][f"{metric}_mean"] for i in order], yerr=[rows[i][f"{metric}_std"] for i in order],
                     marker="o", capsize=3)
+        ticks = integer_ticks(xs)
+        if ticks is not None:
+            ax.set_xticks(ticks)
         ax.set_xlabel(param)
         ax.set_title(LABELS[metric])
     fig.tight_layout()

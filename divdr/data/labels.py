@@ -1,7 +1,8 @@
-"""Cityscapes label table (cityscapesScripts ``helpers/labels.py``): labelIds -> the 19 train ids.
+"""Cityscapes label table (cityscapesScripts ``helpers/labels.py``): labelIds <-> the 19 train ids.
 
 Only the columns this project needs: label id, name, train id (255 = ignored in training and
-evaluation). The license plate (id -1) cannot appear in a uint8 labelIds PNG and is left out.
+evaluation), and the official colour of each train id (for colourised predictions). The license plate
+(id -1) cannot appear in a uint8 labelIds PNG and is left out.
 """
 
 from __future__ import annotations
@@ -28,6 +29,17 @@ TRAIN_ID_NAMES: tuple[str, ...] = tuple(
     name for _, name, train_id in sorted(CITYSCAPES_LABELS, key=lambda r: r[2]) if train_id != IGNORE_INDEX
 )
 LABEL_ID_BY_NAME = {name: label_id for label_id, name, _ in CITYSCAPES_LABELS}
+# The label id each train id is written back as (the benchmark's labelIds format for predictions).
+LABEL_ID_OF_TRAIN_ID: tuple[int, ...] = tuple(
+    label_id for label_id, _, train_id in sorted(CITYSCAPES_LABELS, key=lambda r: r[2]) if train_id != IGNORE_INDEX
+)
+UNLABELED_ID = 0  # what "no prediction" (train id 255) is written as
+# cityscapesScripts' colour of each train id, in train-id order (road ... bicycle)
+TRAIN_ID_COLOURS: tuple[tuple[int, int, int], ...] = (
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
+)
 
 # lookup table indexed by labelId; ids beyond the table are flagged by label_ids_to_train_ids
 _LUT = np.full(256, IGNORE_INDEX, dtype=np.uint8)
@@ -51,3 +63,24 @@ def label_ids_to_train_ids(label_ids: np.ndarray, source: str = "label") -> np.n
     if bad.size:
         raise LabelError(f"{source}: label ids {bad.tolist()[:10]} are not Cityscapes labelIds (0-{MAX_LABEL_ID})")
     return _LUT[label_ids.astype(np.int64)]
+
+
+def train_ids_to_label_ids(train_ids: np.ndarray) -> np.ndarray:
+    """Map train ids (0-18, 255 = no prediction) back to labelIds (uint8), the format of Cityscapes
+    predictions; 255 becomes 0 (unlabeled). Raises LabelError on any other value."""
+    train_ids = np.asarray(train_ids)
+    if train_ids.dtype.kind not in "ui":
+        raise LabelError(f"train ids must be integers, got dtype {train_ids.dtype}")
+    bad = np.unique(train_ids[(train_ids < 0) | ((train_ids >= NUM_CLASSES) & (train_ids != IGNORE_INDEX))])
+    if bad.size:
+        raise LabelError(f"train ids {bad.tolist()[:10]} are not 0-{NUM_CLASSES - 1} or {IGNORE_INDEX}")
+    lut = np.full(256, UNLABELED_ID, dtype=np.uint8)
+    lut[:NUM_CLASSES] = LABEL_ID_OF_TRAIN_ID
+    return lut[train_ids.astype(np.int64)]
+
+
+def colourise(train_ids: np.ndarray) -> np.ndarray:
+    """[H, W] train ids -> [H, W, 3] uint8 in the Cityscapes colours (black for 255, no prediction)."""
+    lut = np.zeros((256, 3), dtype=np.uint8)
+    lut[:NUM_CLASSES] = TRAIN_ID_COLOURS
+    return lut[np.asarray(train_ids).astype(np.int64)]

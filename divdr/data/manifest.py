@@ -62,3 +62,12 @@ def read_subset_manifest(path: Path) -> dict[str, SubsetEntry]:
         entries[row["image"]] = SubsetEntry(row["image"], row["split"] or "", int(row["subset"]),
                                             row["subset_name"] or "")
     return entries
+
+
+def subset_names(root: Path) -> dict[int, str]:
+    """Subset id -> its name (the regime's, e.g. ``large``; the id as text where unnamed) from the
+    manifest at ``root``; empty when ``root`` has no manifest."""
+    path = Path(root) / SUBSET_MANIFEST
+    if not path.exists():
+        return {}
+    return {e.subset: e.subset_name or str(e.subset) for e in read_subset_manifest(path).values()}

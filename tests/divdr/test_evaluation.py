@@ -31,3 +31,22 @@ def test_merging_shards_sums_them_and_leaves_each_shard_intact(val_set):
     assert merged.scores.miou == pytest.approx(whole.scores.miou)
     assert np.array_equal(merged.sample_ids, np.arange(6))
     assert np.allclose(merged.activations, whole.activations, atol=1e-5)
+
+
+def test_the_prediction_sink_gets_what_the_confusion_matrix_counts(val_set):
+    from divdr.metrics import ConfusionMatrix
+
+    torch.manual_seed(0)
+    net = DynamicRoutingSegmenter(get_model_config("micro"))
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(files: list[str], predicted: torch.Tensor) -> None:
+        seen.update(zip(files, predicted, strict=True))
+
+    result = run_inference(net, val_set, batch_size=4, predictions=keep)
+    assert list(seen) == result.files  # every image once, in order, keyed by its file
+    again = ConfusionMatrix(19)
+    for index, file in enumerate(result.files):
+        assert seen[file].shape == val_set[index]["label"].shape
+        again.update(seen[file][None], val_set[index]["label"][None])
+    assert torch.equal(again.matrix, result.confusion.matrix)

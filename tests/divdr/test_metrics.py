@@ -198,3 +198,18 @@ def test_evaluate_folders_rejects_rgb_and_duplicates(tmp_path):
     _png(pred / "nested" / "aachen_000000_000019.png", np.zeros((4, 6)))
     with pytest.raises(SegEvalError, match="two predictions for image aachen_000000_000019"):
         evaluate_folders(pred, gt)
+
+
+def test_eval_seg_reads_label_ids_predictions_named_like_gtfine_files(tmp_path, capsys):
+    gt, pred = _write_dataset(tmp_path)
+    train_ids = _eval_json(capsys, pred, gt)
+    labels = tmp_path / "label_ids"
+    for city, image_id in IMAGES.items():
+        # the benchmark's format: labelIds, the ignored row predicted "unlabeled" (no prediction)
+        _png(labels / "val" / city / f"{image_id}_gtFine_labelIds.png", _gt_labels())
+    assert _eval_json(capsys, labels, gt) == train_ids
+    both = _png(labels / "aachen_000000_000019.png", np.zeros((4, 6)))  # the same image in both formats
+    _expect_error(capsys, labels, gt, "two predictions for image aachen_000000_000019")
+    both.unlink()
+    bad = _png(labels / "val" / "aachen" / "aachen_000000_000019_gtFine_labelIds.png", np.full((4, 6), 40))
+    _expect_error(capsys, labels, gt, str(bad), "[40]")  # a labelIds file is checked as one

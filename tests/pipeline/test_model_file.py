@@ -1,40 +1,59 @@
-"""Model files (``<run>/artifacts/model.pt``): the pipeline's own load back, segmenter or detector; anything
-else is refused, unrun, with the file named."""
+"""pipeline/model_file.py: a run's model.pt loads as the network it was (segmenter or detector), and
+anything else is refused with the file named, never unpickled."""
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
 from divdr.config import get_model_config
-from divdr.detection import DynamicRoutingDetector, build_detector
+from divdr.detection import DetectionConfig, DynamicRoutingDetector, build_detector
 from divdr.heads import DynamicRoutingSegmenter
 from pipeline.analysis import _model_bytes
 from pipeline.model_file import ModelFileError, load_model
-from tests.divdr.test_detection import MICRO17, SMALL_HEADS
+
+SMALL_HEADS = DetectionConfig(fpn_channels=16, anchor_sizes=(8, 16, 32, 64, 128), min_size=64, max_size=128,
+                              representation_size=32, mask_head_layers=(16,))
 
 
-def _round_trip(net: torch.nn.Module, tmp_path: Path) -> torch.nn.Module:
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(b.state_dict()[name], tensor) for name, tensor in a.state_dict().items())
+
+
+def test_a_detector_file_loads_as_the_detector_with_its_heads(tmp_path):
+    net = build_detector(get_model_config("micro"), SMALL_HEADS, 3, "instance")
     path = tmp_path / "model.pt"
     path.write_bytes(_model_bytes(net))
     loaded = load_model(path)
-    assert loaded.config == net.config and not loaded.training
-    for name, tensor in net.state_dict().items():
-        assert torch.equal(loaded.state_dict()[name], tensor), name
-    return loaded
+    assert isinstance(loaded, DynamicRoutingDetector) and not loaded.training
+    assert loaded.masks and loaded.num_categories == 3 and loaded.detection == SMALL_HEADS
+    assert _same_weights(net, loaded)
 
 
-def test_a_segmenter_loads_with_its_config(tmp_path):
-    assert isinstance(_round_trip(DynamicRoutingSegmenter(get_model_config("micro")), tmp_path),
-                      DynamicRoutingSegmenter)
+def test_a_segmenter_file_loads_in_eval_mode(tmp_path):
+    net = DynamicRoutingSegmenter(get_model_config("micro"))
+    path = tmp_path / "model.pt"
+    path.write_bytes(_model_bytes(net))
+    loaded = load_model(path)
+    assert isinstance(loaded, DynamicRoutingSegmenter) and not loaded.training and _same_weights(net, loaded)
 
 
-@pytest.mark.parametrize("task", ["detection", "instance"])
-def test_a_detector_loads_with_its_heads(tmp_path, task):
-    loaded = _round_trip(build_detector(MICRO17, SMALL_HEADS, 3, task), tmp_path)
-    assert isinstance(loaded, DynamicRoutingDetector)
-    assert loaded.num_categories == 3 and loaded.masks == (task == "instance") and loaded.detection == SMALL_HEADS
+def test_missing_foreign_and_mismatched_files_are_named(tmp_path):
+    with pytest.raises(ModelFileError, match=f"model file {tmp_path / 'none.pt'} does not exist"):
+        load_model(tmp_path / "none.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a torch file")
+    with pytest.raises(ModelFileError, match=f"{junk} is not a model file"):
+        load_model(junk)
+    plain = tmp_path / "plain.pt"
+    torch.save({"weights": torch.zeros(2)}, plain)
+    with pytest.raises(ModelFileError, match=f"{plain} is not a model file written by this pipeline: expected"):
+        load_model(plain)
+    other = tmp_path / "other.pt"
+    torch.save({"config": get_model_config("tiny"),
+                "state_dict": DynamicRoutingSegmenter(get_model_config("micro")).state_dict()}, other)
+    with pytest.raises(ModelFileError, match=f"{other}: its weights do not fit"):
+        load_model(other)
 
 
 class Planted:
@@ -48,9 +67,4 @@ def test_a_planted_pickle_is_refused_and_never_run(tmp_path, monkeypatch):
     torch.save({"config": Planted(), "state_dict": {}}, path)
     with pytest.raises(ModelFileError, match=str(path)):
         load_model(path)
-    assert not Path("planted-marker").exists()
-
-
-def test_a_missing_file_is_named(tmp_path):
-    with pytest.raises(ModelFileError, match=f"model file {tmp_path / 'nope.pt'} does not exist"):
-        load_model(tmp_path / "nope.pt")
+    assert not (tmp_path / "planted-marker").exists()
