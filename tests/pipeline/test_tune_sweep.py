@@ -100,7 +100,7 @@ def _free_port() -> int:
 # CI installs Debian's chromium (.ci/run) and sets CI=true: there a missing browser fails the test
 @pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
                     reason="Debian's chromium is not installed (.ci/run installs it)")
-def test_mlflow_compare_view_in_headless_chromium(sweep):
+def test_mlflow_compare_view_and_a_run_page_in_headless_chromium(sweep):
     _, _, result = sweep
     client = MlflowClient(result["tracking_uri"])
     parent = client.get_run(result["parent_run_id"])
@@ -125,16 +125,12 @@ def test_mlflow_compare_view_in_headless_chromium(sweep):
         ids = json.dumps([c.info.run_id for c in children])
         url = (f"{base}/#/compare-runs?runs={urllib.request.quote(ids)}"
                f"&experiments={urllib.request.quote(json.dumps([parent.info.experiment_id]))}")
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        shot = ARTIFACTS / "mlflow_compare_view.png"
-        common = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                  "--virtual-time-budget=25000"]
-        subprocess.run([*common, "--window-size=1600,1400", f"--screenshot={shot}", url], capture_output=True,
-                       timeout=180, check=True)
-        # a very tall window renders the whole page, metrics table included (it is virtualised)
-        dom = subprocess.run([*common, "--window-size=1600,12000", "--dump-dom", url], capture_output=True,
-                             text=True, timeout=180).stdout
-        (ARTIFACTS / "mlflow_compare_view.html").write_text(dom)
+        shot, dom = _render(url, "mlflow_compare_view")
+        # one trial's own page: its logged model, and its route pictures among the artifacts
+        child = children[0]
+        run_page = f"{base}/#/experiments/{parent.info.experiment_id}/runs/{child.info.run_id}"
+        _, overview = _render(run_page, "mlflow_run_page")
+        _, artifacts = _render(f"{run_page}/artifacts/routes.png", "mlflow_run_routes")
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -144,3 +140,26 @@ def test_mlflow_compare_view_in_headless_chromium(sweep):
     # and their metrics (the compare table is a scroll box: the first rows, alphabetically, render)
     for metric in ("cost/ratio", "final/miou", "final/inter", "final/recovery"):
         assert f">{metric}<" in dom, metric
+    import mlflow
+
+    mlflow.set_tracking_uri(result["tracking_uri"])
+    [model] = mlflow.search_logged_models(experiment_ids=[parent.info.experiment_id], output_format="list",
+                                          filter_string=f"source_run_id = '{child.info.run_id}'")
+    assert model.model_id in overview  # the run page lists its logged model
+    for name in ("routes.png", "nearest_images.png", "a_space.png", "model.pt"):
+        assert name in artifacts, name  # the artifact tree, routes.png open in the viewer
+
+
+def _render(url: str, name: str) -> tuple[Path, str]:
+    """A screenshot (kept in test-artifacts/) and the DOM of ``url`` in headless Chromium."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / f"{name}.png"
+    common = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+              "--virtual-time-budget=25000"]
+    subprocess.run([*common, "--window-size=1600,1400", f"--screenshot={shot}", url], capture_output=True,
+                   timeout=180, check=True)
+    # a very tall window renders the whole page, metrics table included (it is virtualised)
+    dom = subprocess.run([*common, "--window-size=1600,12000", "--dump-dom", url], capture_output=True,
+                         text=True, timeout=180).stdout
+    (ARTIFACTS / f"{name}.html").write_text(dom)
+    return shot, dom
