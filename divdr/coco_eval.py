@@ -84,19 +84,27 @@ def _require_fields(entry: Any, fields: Sequence[str], where: str) -> None:
 BBOX_FIELDS = ("x", "y", "width", "height")
 
 
-def _check_bbox(value: Any, where: str) -> None:
-    """Four finite numbers, width and height >= 0 (COCOeval would fail on a string with a bare
-    "could not convert", and score a negative box without a word)."""
-    if not (isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 4):
-        raise CocoEvalError(f"{where}: 'bbox' must be [x, y, width, height], got {value!r}")
-    for j, (name, number) in enumerate(zip(BBOX_FIELDS, value, strict=True)):
+def bbox_problem(bbox: Any) -> str | None:
+    """What is wrong with a COCO ``[x, y, width, height]``, said after the word "bbox", or None. Four
+    finite numbers, width and height >= 0: COCOeval fails on a string with a bare "could not convert",
+    and a negative box is a broken annotation (not an empty one) that would be scored without a word."""
+    if not (isinstance(bbox, Sequence) and not isinstance(bbox, str) and len(bbox) == 4):
+        return f" must be [x, y, width, height], got {bbox!r}"
+    for j, (name, number) in enumerate(zip(BBOX_FIELDS, bbox, strict=True)):
         if isinstance(number, bool) or not isinstance(number, (int, float)):
-            raise CocoEvalError(f"{where}: bbox[{j}] ({name}) must be a number, got {number!r}")
+            return f"[{j}] ({name}) must be a number, got {number!r}"
         if not math.isfinite(number):
-            raise CocoEvalError(f"{where}: bbox[{j}] ({name}) must be a finite number, got {number!r}")
-    for name, number in zip(BBOX_FIELDS[2:], value[2:], strict=True):
+            return f"[{j}] ({name}) must be a finite number, got {number!r}"
+    for name, number in zip(BBOX_FIELDS[2:], bbox[2:], strict=True):
         if number < 0:
-            raise CocoEvalError(f"{where}: bbox {name} must be >= 0, got {number} (bbox {list(value)})")
+            return f" {name} must be >= 0, got {number} (bbox {list(bbox)})"
+    return None
+
+
+def _check_bbox(value: Any, where: str) -> None:
+    problem = bbox_problem(value)
+    if problem:
+        raise CocoEvalError(f"{where}: bbox{problem}")
 
 
 def _id_set(entries: Sequence[Mapping], field: str, where: str) -> set:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +27,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from divdr.coco_eval import bbox_problem
 from divdr.data.cityscapes import MAX_PIXEL_VALUE, DatasetError, read_rgb
 
 REQUIRED_FIELDS = {
@@ -36,7 +36,6 @@ REQUIRED_FIELDS = {
     "categories": ("id", "name"),
 }
 
-BBOX_FIELDS = ("x", "y", "width", "height")  # COCO's [x, y, width, height]
 
 DetectionTarget = dict[str, Any]
 DetectionTransform = Callable[[torch.Tensor, DetectionTarget], tuple[torch.Tensor, DetectionTarget]]
@@ -78,20 +77,9 @@ def _unique_ids(path: Path, records: list[dict[str, Any]], section: str, what: s
 
 
 def _check_bbox(path: Path, i: int, ann: dict[str, Any]) -> None:
-    """[x, y, width, height]: four finite numbers, width and height >= 0 (a negative one is a broken
-    annotation, not an empty box: it is refused rather than dropped)."""
-    where = f"{path}: annotations[{i}] (id {ann['id']}) bbox"
-    bbox = ann["bbox"]
-    if not isinstance(bbox, list) or len(bbox) != 4:
-        raise DatasetError(f"{where} must have 4 numbers, got {bbox}")
-    for j, (name, value) in enumerate(zip(BBOX_FIELDS, bbox, strict=True)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise DatasetError(f"{where}[{j}] ({name}) must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise DatasetError(f"{where}[{j}] ({name}) must be a finite number, got {value!r}")
-    for name, value in zip(BBOX_FIELDS[2:], bbox[2:], strict=True):
-        if value < 0:
-            raise DatasetError(f"{where} {name} must be >= 0, got {value} (bbox {bbox})")
+    problem = bbox_problem(ann["bbox"])
+    if problem:
+        raise DatasetError(f"{path}: annotations[{i}] (id {ann['id']}) bbox{problem}")
 
 
 def _check_references(path: Path, data: dict[str, Any]) -> None:

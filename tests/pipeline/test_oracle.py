@@ -1,18 +1,13 @@
 """pipeline/oracle.py's model loading: a bad model file ends the command with its error (the loading itself:
 tests/pipeline/test_model_file.py)."""
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline.oracle import load_model
-
-
-class Planted:
-    def __reduce__(self):
-        return (os.system, ("touch planted-marker",))
+from tests.pipeline.test_model_file import Planted
 
 
 def test_a_planted_pickle_is_refused_and_never_run(tmp_path, monkeypatch):
