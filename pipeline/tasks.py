@@ -12,6 +12,7 @@ No Ray here: the worker does the sharding, gathering and reporting.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,11 +232,26 @@ class DetectionTask:
                              reference_size=DETECTION_REFERENCE_SIZE)
 
 
+def data_on_this_node(root: Path, kind: str) -> Path:
+    """``root`` as this process sees it. The embedded study resolved on the driver (its cache folder) is
+    made again here if this node lacks it: generation is deterministic, so every node holds the same
+    bytes. Any other root must be at the same path on every node (or on shared storage)."""
+    if root.is_dir():
+        return root
+    from divdr.data.study import StudyConfig
+    from divdr.data.synthetic import cache_key, ensure_default_dataset
+
+    if root.name == f"synthetic-{kind}-{cache_key(StudyConfig(), kind)}":
+        return ensure_default_dataset(kind=kind)
+    raise DatasetError(f"dataset root {root} does not exist on this node ({socket.gethostname()}): --data must be "
+                       "at the same path on every node that trains, or on storage they share")
+
+
 def make_task(cfg: ExperimentConfig) -> TrainingTask:
     """The task of ``cfg`` on its dataset (``data.root``, set by the entry point: ``pipeline.train.with_dataset``)."""
     if not cfg.data.root:
         raise ConfigError("data.root is not set: resolve the dataset first (pipeline.train.with_dataset)")
-    root = Path(cfg.data.root)
+    root = data_on_this_node(Path(cfg.data.root), "seg" if cfg.task == "segmentation" else "det")
     if cfg.task == "segmentation":
         return SegmentationTask(cfg, root)
     if cfg.task in ("detection", "instance"):

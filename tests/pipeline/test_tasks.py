@@ -129,3 +129,20 @@ def test_missing_coco_split_is_named(det_study: Path):
     cfg = detection_config(det_study, "detection", "data.train_split=train2017")
     with pytest.raises(DatasetError, match=r"instances_train2017\.json"):
         make_task(with_data_root(cfg, det_study))
+
+
+def test_the_embedded_study_is_made_again_on_a_node_that_lacks_it(tmp_path, monkeypatch):
+    """On a cluster the driver resolves the embedded study to its own cache; a worker node regenerates it
+    (deterministically) in its own, and any other missing root is named with the node."""
+    from divdr.data.study import StudyConfig
+    from divdr.data.synthetic import cache_key
+    from pipeline import tasks
+
+    made = []
+    monkeypatch.setattr("divdr.data.synthetic.ensure_default_dataset",
+                        lambda kind: made.append(kind) or tmp_path / "here")
+    driver_copy = Path("/elsewhere/on/the/driver") / f"synthetic-seg-{cache_key(StudyConfig(), 'seg')}"
+    assert tasks.data_on_this_node(driver_copy, "seg") == tmp_path / "here" and made == ["seg"]
+    assert tasks.data_on_this_node(tmp_path, "seg") == tmp_path  # present: used as it is
+    with pytest.raises(DatasetError, match=r"/data/cityscapes does not exist on this node \(.+\): --data must be"):
+        tasks.data_on_this_node(Path("/data/cityscapes"), "seg")

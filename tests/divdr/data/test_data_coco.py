@@ -182,7 +182,8 @@ def test_collate_keeps_lists(tmp_path: Path) -> None:
     (lambda d: d["annotations"][0].update(category_id=5),
      r"annotations\[0\] \(id 500\) refers to unknown category_id 5"),
     (lambda d: d["annotations"][2].update(image_id=1), r"annotations\[2\] \(id 502\) refers to unknown image_id 1"),
-    (lambda d: d["annotations"][1].update(bbox=None), r"annotations\[1\] \(id 501\) bbox must be \[x, y, width, height\]"),
+    (lambda d: d["annotations"][1].update(bbox=None),
+     r"annotations\[1\] \(id 501\) bbox must be \[x, y, width, height\]"),
 ])
 def test_bad_json_names_the_field_and_file(tmp_path: Path, mutate, message: str) -> None:
     path, data = hand_written(tmp_path)
