@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from divdr.config import PRESETS, ConfigError
+from pipeline.config import absolute_root
 
 DEFAULT_OUT = Path("runs")
 
@@ -30,8 +31,9 @@ def preset_help(default: str, what: str = "") -> str:
 
 def add_common(parser: argparse.ArgumentParser, what: str = "the run") -> None:
     """The shared options; ``what`` names what ``--set`` / ``--config`` apply to."""
-    parser.add_argument("--data", type=Path, help="dataset root: Cityscapes layout, or COCO layout for task "
-                        "detection / instance (default: the embedded study, generated on first use)")
+    parser.add_argument("--data", help="dataset root: Cityscapes layout, or COCO layout for task detection / "
+                        "instance; a path present on every node that trains, or a URI (s3://, gs://, file://) "
+                        "fetched once per node (default: the embedded study, generated on first use)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="output folder (default runs/, shared by every entry point: one MLflow store)")
     parser.add_argument("--config", type=Path, help=f"YAML experiment file applied to {what} (see configs/)")
@@ -59,5 +61,5 @@ def persistent_out(out: Path, cwd: Path | None = None) -> Path:
 
 def data_overrides(args: argparse.Namespace) -> list[str]:
     """``--data`` and ``--tracking-uri`` as overrides, placed before the user's own ``--set``."""
-    return [*([f"data.root={args.data.resolve()}"] if args.data else []),
+    return [*([f"data.root={absolute_root(args.data)}"] if args.data else []),
             *([f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else [])]

@@ -247,10 +247,20 @@ def _plain(value: Any) -> Any:
 SECTIONS = {f.name for f in dataclasses.fields(ExperimentConfig)}
 
 
+def is_uri(root: str | Path) -> bool:
+    return "://" in str(root)
+
+
+def absolute_root(root: str | Path) -> str:
+    """A data root as every process should read it: a URI (s3://, gs://, file://) as given, a path
+    made absolute."""
+    return str(root) if is_uri(root) else str(Path(root).resolve())
+
+
 def with_data_root(cfg: ExperimentConfig, root: str | Path) -> ExperimentConfig:
-    """``cfg`` reading its data from ``root`` (made absolute): ``data.root`` is the one place a run's
-    dataset is named, from the entry point to every worker."""
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(Path(root).resolve())))
+    """``cfg`` reading its data from ``root`` (a path made absolute, or a URI): ``data.root`` is the one
+    place a run's dataset is named, from the entry point to every worker."""
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=absolute_root(root)))
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -47,6 +47,7 @@ from pipeline.cli_args import add_common, data_overrides, parser_for, persistent
 from pipeline.config import deep_merge, redact_uri, resolve, with_smoke
 from pipeline.main_job import MAIN_JOB
 from pipeline.model_file import ModelFileError
+from pipeline.tasks import make_task
 from pipeline.train import init_ray, run, with_dataset
 
 
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     if args.print_config:
         print(yaml.safe_dump(probe.to_dict(), sort_keys=False))
         return {}
-    root = Path(with_dataset(probe).data.root)
+    root = make_task(with_dataset(probe)).root  # a URI is fetched to this node's cache
     names = subset_names(root)
     views = {s: write_subset_view(root, out / "oracle-views" / f"subset-{s}-{names[s]}", s) for s in sorted(names)}
     started = time.perf_counter()

@@ -44,7 +44,7 @@ from divdr.evaluation import InferenceResult, merge_results, run_inference
 from divdr.flops import CostTable, cost_table
 from divdr.heads import DynamicRoutingSegmenter
 from divdr.losses import correctness
-from pipeline.config import ExperimentConfig
+from pipeline.config import ExperimentConfig, is_uri
 
 if TYPE_CHECKING:  # the loop imports the tasks
     from pipeline.loop import CentreState
@@ -232,10 +232,14 @@ class DetectionTask:
                              reference_size=DETECTION_REFERENCE_SIZE)
 
 
-def data_on_this_node(root: Path, kind: str) -> Path:
-    """``root`` as this process sees it. The embedded study resolved on the driver (its cache folder) is
-    made again here if this node lacks it: generation is deterministic, so every node holds the same
-    bytes. Any other root must be at the same path on every node (or on shared storage)."""
+def data_on_this_node(root_text: str | Path, kind: str) -> Path:
+    """``data.root`` as this process reads it. A URI (s3://, gs://, file://) is fetched once per node into
+    the cache. The embedded study resolved on the driver (its cache folder) is made again here if this node
+    lacks it: generation is deterministic, so every node holds the same bytes. Any other root must be at
+    the same path on every node (or on shared storage)."""
+    if is_uri(root_text):
+        return fetch_dataset(str(root_text))
+    root = Path(root_text)
     if root.is_dir():
         return root
     from divdr.data.study import StudyConfig
@@ -247,11 +251,47 @@ def data_on_this_node(root: Path, kind: str) -> Path:
                        "at the same path on every node that trains, or on storage they share")
 
 
+def fetch_dataset(uri: str) -> Path:
+    """A dataset URI copied into this node's cache (``$DIVDR_CACHE``, else ~/.cache/divdr) once: later runs
+    on the node read the copy. The copy goes to a temporary folder renamed into place, so an interrupted
+    fetch is never taken for a complete one."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    from divdr.data.synthetic import cache_root
+
+    local = cache_root() / f"remote-{hashlib.sha256(uri.encode()).hexdigest()[:16]}"
+    if local.is_dir():
+        return local
+    try:
+        filesystem, path = pafs.FileSystem.from_uri(uri)
+        found = filesystem.get_file_info(path).type
+    except (OSError, ValueError, pa.ArrowException) as err:
+        raise DatasetError(f"cannot reach dataset {uri}: {err}") from err
+    if found != pafs.FileType.Directory:
+        raise DatasetError(f"dataset {uri} is not a folder (found: {found.name.lower()})")
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{local.name}-", dir=local.parent))
+    try:
+        pafs.copy_files(path, str(tmp), source_filesystem=filesystem, destination_filesystem=pafs.LocalFileSystem())
+        tmp.rename(local)
+    except OSError as err:
+        if not local.is_dir():  # not another process of this node fetching it meanwhile
+            raise DatasetError(f"cannot fetch dataset {uri} into {local}: {err}") from err
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return local
+
+
 def make_task(cfg: ExperimentConfig) -> TrainingTask:
     """The task of ``cfg`` on its dataset (``data.root``, set by the entry point: ``pipeline.train.with_dataset``)."""
     if not cfg.data.root:
         raise ConfigError("data.root is not set: resolve the dataset first (pipeline.train.with_dataset)")
-    root = data_on_this_node(Path(cfg.data.root), "seg" if cfg.task == "segmentation" else "det")
+    root = data_on_this_node(cfg.data.root, "seg" if cfg.task == "segmentation" else "det")
     if cfg.task == "segmentation":
         return SegmentationTask(cfg, root)
     if cfg.task in ("detection", "instance"):

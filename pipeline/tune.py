@@ -34,6 +34,7 @@ from pipeline import tracking
 from pipeline.cli_args import add_common, parser_for, persistent_out
 from pipeline.config import (
     ExperimentConfig,
+    absolute_root,
     deep_merge,
     load_experiment,
     parse_override,
@@ -236,11 +237,11 @@ def max_concurrent(space: TuneSpace) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
 
 
-def run_sweep(space: TuneSpace, out: Path, data: Path | None = None, tracking_uri: str | None = None) -> dict:
+def run_sweep(space: TuneSpace, out: Path, data: str | Path | None = None, tracking_uri: str | None = None) -> dict:
     out = out.resolve()
     sweep_dir = out / space.name
     check_output_folder(sweep_dir)
-    root = data.resolve() if data else with_dataset(trial_config(space, {}, seed=0)).data.root
+    root = absolute_root(data) if data else with_dataset(trial_config(space, {}, seed=0)).data.root
     init_ray()
     uri = tracking_uri or tracking.local_tracking_uri(out)
     experiment = sweep_experiment(space)

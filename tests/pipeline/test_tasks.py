@@ -146,3 +146,20 @@ def test_the_embedded_study_is_made_again_on_a_node_that_lacks_it(tmp_path, monk
     assert tasks.data_on_this_node(tmp_path, "seg") == tmp_path  # present: used as it is
     with pytest.raises(DatasetError, match=r"/data/cityscapes does not exist on this node \(.+\): --data must be"):
         tasks.data_on_this_node(Path("/data/cityscapes"), "seg")
+
+
+def test_a_dataset_uri_is_fetched_once_per_node_into_the_cache(tmp_path, monkeypatch):
+    from pipeline import tasks
+
+    monkeypatch.setenv("DIVDR_CACHE", str(tmp_path / "cache"))
+    study = tmp_path / "shared" / "study"
+    generate(study_config(n_train=4, n_val=2, height=64, width=128, seed=1), study)
+    cfg = with_data_root(resolve("DR-A", None, ["model_size=micro"]), study.as_uri())
+    assert cfg.data.root == study.as_uri()  # a URI stays a URI, for every node
+    task = make_task(cfg)
+    assert task.root.parent == tmp_path / "cache" and task.split_size("train") == 4
+    assert sorted(p.name for p in (task.root / "leftImg8bit" / "train").rglob("*.png")) == sorted(
+        p.name for p in (study / "leftImg8bit" / "train").rglob("*.png"))
+    assert make_task(cfg).root == task.root  # fetched once
+    with pytest.raises(DatasetError, match="is not a folder"):
+        tasks.data_on_this_node((tmp_path / "nothing").as_uri(), "seg")
