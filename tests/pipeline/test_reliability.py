@@ -133,7 +133,7 @@ def test_unwritable_or_full_output_folder_refused_before_training(tmp_path, monk
 
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(ConfigError, match="not writable"):
+    with pytest.raises(ConfigError, match=f"{blocker} is a file, not a folder"):
         train.check_output_folder(blocker / "runs")
 
     class Usage:
