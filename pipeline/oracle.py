@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         return {}
     root = make_task(with_dataset(probe)).root  # a URI is fetched to this node's cache
     names = subset_names(root)
-    views = {s: write_subset_view(root, out / "oracle-views" / f"subset-{s}-{names[s]}", s) for s in sorted(names)}
+    views = {s: write_subset_view(root, out / "subset-views" / f"subset-{s}-{names[s]}", s) for s in sorted(names)}
     started = time.perf_counter()
     init_ray()
     if args.route_experts:

@@ -40,15 +40,31 @@ def local_tracking_uri(out_dir: Path) -> str:
     return f"sqlite:///{(Path(out_dir) / 'mlflow.db').resolve()}"
 
 
-def ui_command(uri: str) -> str:
-    """How to look at the runs of ``uri``: the MLflow UI on a local store, or the server itself."""
+# MLflow 3's UI has one switch for every experiment, GenAI (its default) or model training; this link
+# parameter sets it (the experiment tag above is what versions that infer the view read)
+TRAINING_VIEW = "?workflowType=machine_learning"
+
+
+def ui_command(uri: str, experiment_id: str = "") -> str:
+    """How to look at the runs of ``uri``: the MLflow UI on a local store, or the server itself, opened on
+    the experiment in the model-training view."""
     import sys
 
+    page = f"#/experiments/{experiment_id}{TRAINING_VIEW}" if experiment_id else TRAINING_VIEW
     if uri.startswith(("http://", "https://")):
-        return f"open {uri} in a browser (experiments: the 'Model training' view)"
+        return f"open {uri.rstrip('/')}/{page}"
     mlflow = Path(sys.executable).parent / "mlflow"
-    return (f"{mlflow} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then open "
-            "http://127.0.0.1:5000 ('Model training' view)")
+    return f"{mlflow} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then open http://127.0.0.1:5000/{page}"
+
+
+def experiment_of(uri: str, run_id: str) -> str:
+    """The experiment id of ``run_id`` ("" when tracking is offline or unreachable)."""
+    if run_id.startswith(OFFLINE_PREFIX):
+        return ""
+    try:
+        return MlflowClient(uri).get_run(run_id).info.experiment_id
+    except Exception:  # only for the printed link: tracking never stops a run
+        return ""
 
 
 def artifact_root(out_dir: Path) -> str:

@@ -210,6 +210,7 @@ def _train(cfg: ExperimentConfig, out: Path, run_dir: Path, parent_run_id: str |
         metrics["mlflow_run_id"] = run_id
         metrics["tracking_uri"] = redact_uri(uri)
         metrics["mlflow_experiment"] = cfg.tracking.experiment
+        metrics["mlflow_experiment_id"] = tracking.experiment_of(uri, run_id)
         metrics["checkpoints"] = str(run_dir / "checkpoint") if local else checkpoint_folder(cfg, out)
         (run_dir / "result.json").write_text(json.dumps(metrics, indent=2, default=str))
         status = "FINISHED"
@@ -357,7 +358,7 @@ def print_outputs(results: dict[str, dict[str, Any]], tables: Sequence[Path] = (
     uri = first["tracking_uri"]
     lines += [f"  {'MLflow':<15} {uri}, experiment '{first.get('mlflow_experiment', '')}' "
               f"(run {first['mlflow_run_id']}{' and the others' if len(results) > 1 else ''})",
-              f"  {'MLflow UI':<15} {tracking.ui_command(uri)}"]
+              f"  {'MLflow UI':<15} {tracking.ui_command(uri, first.get('mlflow_experiment_id', ''))}"]
     print("\n".join(lines), flush=True)
 
 

@@ -275,7 +275,8 @@ def run_sweep(space: TuneSpace, out: Path, data: str | Path | None = None, track
     print(f"\nOutputs:\n  {'report':<15} {sweep_dir / 'report'} (report.md, report.csv, trials.csv, plots)\n"
           f"  {'trials':<15} run folders {space.name}[...]-seed* under {out}\n"
           f"  {'MLflow':<15} {redact_uri(uri)}, experiment '{experiment}' (the sweep's run and its trials)\n"
-          f"  {'MLflow UI':<15} {tracking.ui_command(redact_uri(uri))}", flush=True)
+          f"  {'MLflow UI':<15} {tracking.ui_command(redact_uri(uri), tracking.experiment_of(uri, parent))}",
+          flush=True)
     if failed:
         print(failure_report(failed, len(grid)), file=sys.stderr)
     if stopped:

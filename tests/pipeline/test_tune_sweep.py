@@ -129,8 +129,9 @@ def test_mlflow_compare_view_and_a_run_page_in_headless_chromium(sweep):
         # one trial's own page: its logged model, and its route pictures among the artifacts
         child = children[0]
         run_page = f"{base}/#/experiments/{parent.info.experiment_id}/runs/{child.info.run_id}"
-        _, overview = _render(run_page, "mlflow_run_page")
-        _, artifacts = _render(f"{run_page}/artifacts/routes.png", "mlflow_run_routes")
+        training_view = "?workflowType=machine_learning"  # what the printed MLflow UI link opens
+        _, overview = _render(run_page + training_view, "mlflow_run_page")
+        _, artifacts = _render(f"{run_page}/artifacts/routes.png{training_view}", "mlflow_run_routes")
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -138,14 +139,15 @@ def test_mlflow_compare_view_and_a_run_page_in_headless_chromium(sweep):
     for child in children:
         assert child.info.run_name in dom  # both runs are in the compare view
     # and their metrics (the compare table is a scroll box: the first rows, alphabetically, render)
-    for metric in ("cost/ratio", "final/miou", "final/inter", "final/recovery"):
+    # (the first rows alphabetically: the per-class IoU, final/iou/<class>, come before final/miou)
+    for metric in ("cost/ratio", "final/inter", "final/intra", "final/iou/road"):
         assert f">{metric}<" in dom, metric
     import mlflow
 
     mlflow.set_tracking_uri(result["tracking_uri"])
     [model] = mlflow.search_logged_models(experiment_ids=[parent.info.experiment_id], output_format="list",
                                           filter_string=f"source_run_id = '{child.info.run_id}'")
-    assert model.model_id in overview  # the run page lists its logged model
+    assert model.model_id in overview and "Logged models (1)" in overview  # the run page lists its model
     for name in ("routes.png", "nearest_images.png", "a_space.png", "model.pt"):
         assert name in artifacts, name  # the artifact tree, routes.png open in the viewer
 
