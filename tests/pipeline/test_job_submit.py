@@ -57,12 +57,13 @@ def head(tmp_path_factory):
         stop_processes_naming(temp_dir, f"--address=[^ ]+:{gcs}( |$)", f"127.0.0.1:{gcs}")
 
 
-def submit(head: dict, *args: str, wait: bool = True) -> subprocess.CompletedProcess:
+def submit(head: dict, *args: str, wait: bool = True, submission_id: str | None = None) -> subprocess.CompletedProcess:
     """``ray job submit --working-dir . -- python pipeline/train.py ...``, as the README prints it. The head's
     job agent registers some seconds after `ray start` returns (longer on a loaded machine); until then
     the server refuses the job, which is not the job's failure: ask again."""
     env = {k: v for k, v in head.items() if k != "caches"}
-    command = [RAY, "job", "submit", *([] if wait else ["--no-wait"]), "--working-dir", str(REPO), "--",
+    command = [RAY, "job", "submit", *([] if wait else ["--no-wait"]),
+               *(["--submission-id", submission_id] if submission_id else []), "--working-dir", str(REPO), "--",
                "python", "pipeline/train.py", *args]
     deadline = time.monotonic() + 120
     while True:
@@ -90,9 +91,9 @@ def test_a_job_finds_its_data_on_the_worker_node_writes_where_told_and_resumes_a
     out = tmp_path / "runs"
     args = ("--smoke", "--data", shared.as_uri(), "--out", str(out), "--name", "two-node",
             "--set", "train.steps=200", "--set", "train.checkpoint_every=4", "--set", "data.max_train_images=8")
-    first = submit(head, *args, wait=False)
+    job_id = f"two-node-{time.time_ns()}"
+    first = submit(head, *args, wait=False, submission_id=job_id)
     assert first.returncode == 0, first.stderr[-3000:]
-    job_id = next(word for word in first.stdout.split() if word.startswith("raysubmit_"))
     checkpoints = out / "ray_results" / "two-node"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and len([p for p in checkpoints.glob("checkpoint_*") if p.is_dir()]) < 2:
