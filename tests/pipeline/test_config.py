@@ -186,3 +186,10 @@ def test_an_experiment_file_extends_another_and_a_cycle_is_refused(tmp_path):
     (tmp_path / "bad.yaml").write_text("extends: [a]\n")
     with pytest.raises(ConfigError, match="extends must name a file"):
         resolve(None, tmp_path / "bad.yaml", [])
+
+
+def test_the_premise_divdr_file_is_the_premise_file_with_the_studys_three_options():
+    divdr = resolve(None, REPO / "configs" / "premise-divdr.yaml", [])
+    by_hand = resolve(None, REPO / "configs" / "premise.yaml", [
+        "clustering.sigma2_min=0.25", "clustering.kmeans_start=fresh", "model.gate.input_norm=true"])
+    assert divdr == by_hand  # the commands of the study's entry reproduce what the file trains
