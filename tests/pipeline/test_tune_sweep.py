@@ -129,9 +129,11 @@ def test_mlflow_compare_view_and_a_run_page_in_headless_chromium(sweep):
         # one trial's own page: its logged model, and its route pictures among the artifacts
         child = children[0]
         run_page = f"{base}/#/experiments/{parent.info.experiment_id}/runs/{child.info.run_id}"
-        training_view = "?workflowType=machine_learning"  # what the printed MLflow UI link opens
-        _, overview = _render(run_page + training_view, "mlflow_run_page")
-        _, artifacts = _render(f"{run_page}/artifacts/routes.png{training_view}", "mlflow_run_routes")
+        # the experiment as the printed MLflow UI link opens it: the model-training view, its runs listed
+        _, experiment = _render(f"{base}/#/experiments/{parent.info.experiment_id}?workflowType=machine_learning",
+                                "mlflow_experiment_training_view")
+        _, overview = _render(run_page, "mlflow_run_page")
+        _, artifacts = _render(f"{run_page}/artifacts/routes.png", "mlflow_run_routes")
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -148,6 +150,7 @@ def test_mlflow_compare_view_and_a_run_page_in_headless_chromium(sweep):
     [model] = mlflow.search_logged_models(experiment_ids=[parent.info.experiment_id], output_format="list",
                                           filter_string=f"source_run_id = '{child.info.run_id}'")
     assert model.model_id in overview and "Logged models (1)" in overview  # the run page lists its model
+    assert "matching runs" in experiment and parent.info.run_name in experiment  # the training view's run list
     for name in ("routes.png", "nearest_images.png", "a_space.png", "model.pt"):
         assert name in artifacts, name  # the artifact tree, routes.png open in the viewer
 
