@@ -127,8 +127,8 @@ def test_mlflow_compare_view_and_a_run_page_in_headless_chromium(sweep):
                f"&experiments={urllib.request.quote(json.dumps([parent.info.experiment_id]))}")
         shot, dom = _render(url, "mlflow_compare_view")
         # one trial's own page: its logged model, and its route pictures among the artifacts
-        child = children[0]
-        run_page = f"{base}/#/experiments/{parent.info.experiment_id}/runs/{child.info.run_id}"
+        shown = children[0]
+        run_page = f"{base}/#/experiments/{parent.info.experiment_id}/runs/{shown.info.run_id}"
         # the experiment as the printed MLflow UI link opens it: the model-training view, its runs listed
         _, experiment = _render(f"{base}/#/experiments/{parent.info.experiment_id}?workflowType=machine_learning",
                                 "mlflow_experiment_training_view")
@@ -148,7 +148,7 @@ def test_mlflow_compare_view_and_a_run_page_in_headless_chromium(sweep):
 
     mlflow.set_tracking_uri(result["tracking_uri"])
     [model] = mlflow.search_logged_models(experiment_ids=[parent.info.experiment_id], output_format="list",
-                                          filter_string=f"source_run_id = '{child.info.run_id}'")
+                                          filter_string=f"source_run_id = '{shown.info.run_id}'")
     assert model.model_id in overview and "Logged models (1)" in overview  # the run page lists its model
     assert "matching runs" in experiment and parent.info.run_name in experiment  # the training view's run list
     for name in ("routes.png", "nearest_images.png", "a_space.png", "model.pt"):
