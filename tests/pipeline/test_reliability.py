@@ -155,7 +155,9 @@ def test_stopped_driver_rerun_resumes_with_the_same_mlflow_run(study, tmp_path, 
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.time() + 240
     ckpt_root = tmp_path / "ray_results" / "driver"
-    while time.time() < deadline and len(list(ckpt_root.glob("checkpoint_*"))) < 2:
+    # two checkpoint folders (not Ray's checkpoint_manager_snapshot.json, which the pattern also matches):
+    # the first is then registered, so the re-run has it to resume from
+    while time.time() < deadline and len([p for p in ckpt_root.glob("checkpoint_*") if p.is_dir()]) < 2:
         time.sleep(1)
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=60)
