@@ -28,7 +28,7 @@ from typing import Any, Literal
 import yaml
 
 from divdr.config import ConfigError
-from pipeline.config import ExperimentConfig
+from pipeline.config import ExperimentConfig, flatten
 
 Existing = Literal["continue", "resume", "fresh"]  # what to do with a run of the same name
 RESULT_FILE = "result.json"
@@ -61,19 +61,9 @@ def run_state(run_dir: Path) -> RunState:
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``key: saved -> current`` for every setting that differs, except those a resume may change."""
-    a, b = _flatten(saved), _flatten(current)
+    a, b = flatten(saved), flatten(current)
     return [f"{key}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}" for key in sorted(a.keys() | b.keys())
             if a.get(key) != b.get(key) and not key.startswith(RESUMABLE_CHANGES)]
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def saved_config(run_dir: Path) -> dict[str, Any]:

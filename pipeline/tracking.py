@@ -28,6 +28,11 @@ FALLBACK_FILE = "metrics_fallback.jsonl"
 MAX_PARAM_LENGTH = 500  # MLflow's limit on a param value
 
 
+def finite(values: dict[str, Any]) -> dict[str, float]:
+    """The values MLflow can hold: numbers, finite."""
+    return {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
+
+
 def mask_secret(text: str, uri: str) -> str:
     """``text`` with the password of ``uri`` (if any) masked: error messages may quote the URL."""
     from urllib.parse import urlsplit
@@ -173,7 +178,7 @@ class RunLogger:
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        clean = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
+        clean = finite(values)
         try:
             self._online()
             self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in clean.items()])
@@ -265,7 +270,7 @@ class Tracker:
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         self.logger.metrics(values, step)
-        clean = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
+        clean = finite(values)
         with (self.run_dir / PROGRESS_FILE).open("a") as f:
             f.write(json.dumps({"step": step, "metrics": clean}) + "\n")
 
