@@ -47,7 +47,9 @@ def gate_input(x: torch.Tensor, small_gate: bool, input_norm: bool = False) -> t
         size = (max(1, x.shape[-2] // SMALL_GATE_FACTOR), max(1, x.shape[-1] // SMALL_GATE_FACTOR))
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     if input_norm:
-        x = F.instance_norm(x, eps=INPUT_NORM_EPS)
+        # aten's instance norm directly: F.instance_norm refuses a 1x1 map (a coarse cell of a small crop),
+        # whose normalised value is simply 0
+        x = torch.instance_norm(x, None, None, None, None, True, 0.0, INPUT_NORM_EPS, False)
     return x
 
 
