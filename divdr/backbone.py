@@ -9,7 +9,7 @@ from torch import nn
 
 from divdr.cells import Cell, CellOutput
 from divdr.config import ModelConfig
-from divdr.ops import Stem, convert_norm
+from divdr.ops import Stem, convert_norm, drop_batch_counters
 from divdr.routing import INIT_LAYER, a_space_slice, route_paths, routing_space
 
 # Inputs are padded to a multiple of 32 (1/32 is the coarsest scale with an up path, whose x2
@@ -51,7 +51,7 @@ class DynamicBackbone(nn.Module):
         self._layers: list[list[int]] = [[] for _ in range(config.layers + 1)]
         for i, spec in enumerate(self.specs):
             self._layers[spec.layer + 1].append(i)
-        convert_norm(self, config.norm)
+        drop_batch_counters(convert_norm(self, config.norm))
 
     @property
     def out_channels(self) -> dict[str, int]:
@@ -84,4 +84,7 @@ def _aggregate(previous: list[CellOutput], scale: int) -> torch.Tensor:
         parts.append(previous[scale].keep)
     if scale + 1 < len(previous) and previous[scale + 1].up is not None:
         parts.append(previous[scale + 1].up)
-    return torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]
+    total = parts[0]
+    for part in parts[1:]:  # a chain of adds: no stack to copy into, nothing to do in the backward
+        total = total + part
+    return total

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from divdr.config import GateConfig
@@ -59,63 +61,91 @@ class Cell(nn.Module):
         super().__init__()
         self.spec = spec
         self.slots = [slot for slot, allowed in enumerate(spec.paths) if allowed]
+        # The gate's weights are for the cell's own paths, always contiguous slots (keep is always one):
+        # F.pad places them in the [up, keep, down] layout in one operation, with no index on the host.
+        self._layout_pad = (self.slots[0], 2 - self.slots[-1])
         # A fixed route (ModelConfig.route) closes some paths for good: their weights are multiplied by 0.
         self.route_mask: torch.Tensor | None
         if open_paths is None or tuple(open_paths) == spec.paths:
             self.register_buffer("route_mask", None)
+            self._route_open = spec.paths
         else:
             self.register_buffer("route_mask", torch.tensor(open_paths, dtype=torch.float32), persistent=False)
+            self._route_open = tuple(bool(o) and a for o, a in zip(open_paths, spec.paths, strict=True))
         self.op = SepConv3x3x2(spec.channels)
-        closed = open_paths is not None and not any(open_paths)
+        self._route_closed = open_paths is not None and not any(open_paths)
         # a cell the route closes has no gate to run: its weights are 0 whatever the input
-        self.gate = build_gate(replace(gate, enabled=False) if closed else gate, spec.channels, len(self.slots))
+        self.gate = build_gate(replace(gate, enabled=False) if self._route_closed else gate, spec.channels,
+                               len(self.slots))
         self.skip_branch = has_skip_branch(gate)
         self.keep = nn.ReLU()
         self.dense_fraction = STRICT_PER_IMAGE
         self.up = UpTransform(spec.channels) if spec.allow_up else None
         self.down = DownTransform(spec.channels) if spec.allow_down else None
+        self._compiled_training: Callable[[torch.Tensor], CellOutput] | None = None  # see compile_cells
+
+    def __getstate__(self) -> dict:
+        # a compiled function does not pickle (torch.save / mlflow of the whole model): compile again after loading
+        return {**self.__dict__, "_compiled_training": None}
 
     def transforms(self) -> dict[int, nn.Module]:
         return {slot: t for slot, t in ((UP, self.up), (KEEP, self.keep), (DOWN, self.down)) if t is not None}
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The gate's path weights scattered into the fixed [B, 3] layout, and the [B] weight of the
+        """The gate's path weights in the fixed [B, 3] layout, and the [B] weight of the
         fast-forward branch (None unless the gate has one)."""
+        own, skip = self._own_weights(x)
+        return self._layout(own), skip
+
+    def _own_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weights of the cell's own paths [B, n_paths] (route-masked) and the skip weight."""
         gate_out = self.gate(x)
         skip = None
         if self.skip_branch:
             gate_out, skip = gate_out[:, :-1], gate_out[:, -1]
-        weights = gate_out.new_zeros(x.shape[0], 3)
-        weights[:, self.slots] = gate_out
         if self.route_mask is not None:
-            weights = weights * self.route_mask.to(weights.dtype)
-        return weights, skip
+            gate_out = gate_out * self.route_mask[self.slots[0]:self.slots[-1] + 1].to(gate_out.dtype)
+        return gate_out, skip
+
+    def _layout(self, own: torch.Tensor) -> torch.Tensor:
+        # The cell's paths are contiguous slots (keep is always one): F.pad places their weights in the
+        # [up, keep, down] layout in one operation, with no index built on the host.
+        return F.pad(own, self._layout_pad) if any(self._layout_pad) else own
 
     def forward(self, x: torch.Tensor) -> CellOutput:
-        weights, skip = self.route(x)
         if self.training:
-            return self._forward_all_paths(x, weights, skip)
+            return (self._compiled_training or self._training_forward)(x)
+        weights, skip = self.route(x)
         return self._forward_skipping(x, weights, skip)
+
+    def _training_forward(self, x: torch.Tensor) -> CellOutput:
+        return self._forward_all_paths(x, *self.route(x))
 
     def _forward_all_paths(self, x: torch.Tensor, weights: torch.Tensor,
                            skip: torch.Tensor | None = None) -> CellOutput:
-        if self.route_mask is not None and not bool(self.route_mask.any()):
+        """Every path computed and weighted. Written for few kernels per cell (issue #20), with no
+        host synchronisation: ReLU(h) once for all paths (each transform begins with it), the weights
+        split in one ``unbind``, and no branch on a tensor's value, so the step can be compiled."""
+        if self._route_closed:
             return self._forward_skipping(x, weights, skip)  # closed by the route: passes x through
-        h = self.op(x) + x
+        activated = self.keep(self.op(x) + x)
+        first, last = self.slots[0], self.slots[-1]
+        own = weights[:, first:last + 1] if (first, last) != (0, 2) else weights
+        per_path = dict(zip(self.slots, own.reshape(-1, len(self.slots), 1, 1, 1).unbind(1), strict=True))
         # A cell whose gates are all closed passes its input through (official drop-cell residual);
         # a fast-forward branch passes it through with its own weight.
         if skip is None:
-            passthrough = (~cell_active(weights)).to(x.dtype)
+            passthrough = (own.sum(dim=-1) <= ACTIVE_THRESHOLD).to(x.dtype)
         else:
             passthrough = skip
-        out: dict[int, torch.Tensor] = {}
-        for slot, transform in self.transforms().items():
-            if self.route_mask is not None and not bool(self.route_mask[slot]):
-                out[slot] = weights[:, slot].view(-1, 1, 1, 1) * self._closed_output(x, slot)
-                continue
-            out[slot] = weights[:, slot].view(-1, 1, 1, 1) * transform(h)
-        out[KEEP] = out[KEEP] + passthrough.view(-1, 1, 1, 1) * x
-        return CellOutput(out.get(UP), out[KEEP], out.get(DOWN), weights)
+        keep = torch.addcmul(per_path[KEEP] * activated, passthrough.view(-1, 1, 1, 1), x)
+        up, down = None, None
+        if self.up is not None:
+            up = per_path[UP] * self.up.project(activated) if self._route_open[UP] else self._closed_output(x, UP)
+        if self.down is not None:
+            down = (per_path[DOWN] * self.down.project(activated) if self._route_open[DOWN]
+                    else self._closed_output(x, DOWN))
+        return CellOutput(up, keep, down, weights)
 
     def _forward_skipping(self, x: torch.Tensor, weights: torch.Tensor,
                           skip: torch.Tensor | None = None) -> CellOutput:
@@ -179,6 +209,27 @@ class Cell(nn.Module):
         if self.down is not None:
             shapes[DOWN] = (b, 2 * c, (h + 1) // 2, (w + 1) // 2)
         return shapes
+
+
+# Distinct cells a compiled training forward is specialised for (width, paths, route): Layer16 has about
+# a dozen; torch's default limit (8) would leave the rest in eager mode without a word.
+COMPILE_RECOMPILE_LIMIT = 64
+
+
+def compile_cells(model: nn.Module, backend: str = "inductor", mode: str | None = None) -> int:
+    """Regional compilation: every cell's training forward (gate, cell operation, weighted paths) is
+    compiled with ``torch.compile``; cells of the same width and paths share one compiled graph, so
+    compiling takes about as long as a dozen small graphs, not the whole network. Inference (which skips
+    paths per image, a data-dependent control flow) stays in eager mode. Returns how many cells were set.
+    """
+    import torch._dynamo
+
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit, COMPILE_RECOMPILE_LIMIT)
+    cells = [m for m in model.modules() if isinstance(m, Cell)]
+    for cell in cells:
+        cell._compiled_training = torch.compile(cell._training_forward, backend=backend, mode=mode)
+    return len(cells)
 
 
 def set_dense_fraction(model: nn.Module, fraction: float) -> None:

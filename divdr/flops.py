@@ -16,7 +16,7 @@ Per image:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -84,11 +84,26 @@ class CostTable:
     # official) or by the paths' total weight (Gumbel gates: 1 - the skip weight, or 1 without
     # a skip branch: the cell always runs, so its cost is never discounted).
     cell_usage: Literal["max", "sum"] = "max"
+    # C_max as a Python number, fixed at construction: reading it from the tensors in the training step
+    # would synchronise with the device (and break a compiled graph) at every step.
+    _routing_all_open: float = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_routing_all_open", float(self.cell.sum() + self.paths.sum()))
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> CostTable:
+        """The same table with its tensors on ``device`` in ``dtype``: move it once, before training, so
+        the step does not copy it from the host at every call (``routing_expected_cost`` then finds it
+        where the gates are)."""
+        moved = replace(self, cell=self.cell.to(device, dtype), paths=self.paths.to(device, dtype),
+                        gate=self.gate.to(device, dtype))
+        object.__setattr__(moved, "_routing_all_open", self._routing_all_open)  # not re-summed in ``dtype``
+        return moved
 
     @property
     def routing_all_open(self) -> float:
         """C_max of DR eq. 9: every cell and path computed."""
-        return float(self.cell.sum() + self.paths.sum())
+        return self._routing_all_open
 
     @property
     def all_open(self) -> float:
@@ -139,11 +154,26 @@ def cost_table(config: ModelConfig, height: int, width: int, convention: Convent
 
 def routing_expected_cost(gates: torch.Tensor, table: CostTable) -> torch.Tensor:
     """Differentiable routing cost per image, [B]: sum of cell x P(cell runs) + sum of w x path,
-    with P(cell runs) = max(w) (soft gates) or sum(w) (Gumbel gates), see ``CostTable.cell_usage``."""
+    with P(cell runs) = max(w) (soft gates) or sum(w) (Gumbel gates), see ``CostTable.cell_usage``.
+
+    At least float32 (gates in bf16 / fp16 under autocast are cast up: costs of ~1e9 FLOPs need the
+    precision). A table already on the gates' device in that dtype (``CostTable.to``) is used as it is."""
+    dtype = torch.promote_types(gates.dtype, torch.float32)
+    gates = gates.to(dtype)
     cell = table.cell.to(gates)
     paths = table.paths.to(gates)
     usage = gates.sum(dim=-1) if table.cell_usage == "sum" else gates.amax(dim=-1)
     return (usage * cell).sum(-1) + (gates * paths).sum(dim=(-2, -1))
+
+
+def table_for(tables: dict[tuple, CostTable], table: CostTable, gates: torch.Tensor) -> CostTable:
+    """``table`` on the device of ``gates`` in the dtype ``routing_expected_cost`` uses, moved once and
+    kept in ``tables`` (a training loop's own dict), so no step copies it from the host."""
+    dtype = torch.promote_types(gates.dtype, torch.float32)
+    key = (table.height, table.width, gates.device, dtype)
+    if key not in tables:
+        tables[key] = table.to(gates.device, dtype)
+    return tables[key]
 
 
 def expected_cost(gates: torch.Tensor, table: CostTable) -> torch.Tensor:

@@ -10,7 +10,7 @@ from torch import nn
 
 from divdr.backbone import SIZE_DIVISIBILITY, BackboneOutput, DynamicBackbone, feature_name
 from divdr.config import ModelConfig
-from divdr.ops import conv_bn, convert_norm, kaiming_init
+from divdr.ops import conv_bn, convert_norm, drop_batch_counters, kaiming_init
 
 
 class NaiveDecoder(nn.Module):
@@ -57,7 +57,8 @@ class DynamicRoutingSegmenter(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = DynamicBackbone(config)
-        self.decoder = convert_norm(NaiveDecoder(config.channels, config.num_classes, config.num_scales), config.norm)
+        self.decoder = drop_batch_counters(
+            convert_norm(NaiveDecoder(config.channels, config.num_classes, config.num_scales), config.norm))
 
     def forward(self, images: torch.Tensor) -> SegmentationOutput:
         height, width = images.shape[-2:]

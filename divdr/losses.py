@@ -71,6 +71,7 @@ def clustering_loss(a: torch.Tensor, centres: torch.Tensor, sigma2: float, alpha
     """
     if sigma2 <= 0:
         raise ValueError(f"sigma2 must be > 0, got {sigma2}")
+    a = a.to(torch.promote_types(a.dtype, torch.float32))  # A(x) from a bf16 / fp16 forward: eq. 2 in float32
     centres = centres.to(a)
     if centres.shape[0] < 2:
         return a.sum(dim=1) * 0.0

@@ -53,6 +53,24 @@ def convert_norm(module: nn.Module, kind: NormKind) -> nn.Module:
     return module
 
 
+def _drop_counter_on_load(state_dict: dict, prefix: str, *args: object) -> None:
+    state_dict.pop(prefix + "num_batches_tracked", None)  # written by checkpoints of before the counter went
+
+
+def drop_batch_counters(module: nn.Module) -> nn.Module:
+    """Remove every BatchNorm's ``num_batches_tracked`` counter (in place, also returned).
+
+    The counter is only read when ``momentum`` is None (a cumulative average); with the momentum kept
+    (0.1) it is dead weight, yet it costs one kernel per BatchNorm per training step (280 of them in
+    Layer16). Checkpoints that hold it still load: the key is dropped on load.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is not None and m.track_running_stats:
+            m.num_batches_tracked = None
+            m._register_load_state_dict_pre_hook(_drop_counter_on_load)
+    return module
+
+
 def kaiming_init(module: nn.Module, bias: float = 0.0) -> None:
     """Official ``kaiming_init_module(mode='fan_in')``: He-normal conv weights, constant biases."""
     for m in module.modules():
@@ -83,7 +101,9 @@ class SepConv3x3x2(nn.Module):
 
 
 class UpTransform(nn.Module):
-    """Resolution up, width down: ReLU, 1x1 conv to C/2 + BN + ReLU, bilinear x2."""
+    """Resolution up, width down: ReLU, 1x1 conv to C/2 + BN + ReLU, bilinear x2.
+
+    ``project`` is the part after the ReLU: a cell computes ReLU(h) once for all of its paths."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -91,11 +111,14 @@ class UpTransform(nn.Module):
         kaiming_init(self.conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(self.conv(x), scale_factor=2, mode="bilinear", align_corners=False)
+        return self.project(self.conv[0](x))
+
+    def project(self, activated: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(self.conv[1](activated), scale_factor=2, mode="bilinear", align_corners=False)
 
 
 class DownTransform(nn.Module):
-    """Resolution down, width up: ReLU, 1x1 conv stride 2 to 2C + BN + ReLU."""
+    """Resolution down, width up: ReLU, 1x1 conv stride 2 to 2C + BN + ReLU (``project``: after the ReLU)."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -103,7 +126,10 @@ class DownTransform(nn.Module):
         kaiming_init(self.conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        return self.project(self.conv[0](x))
+
+    def project(self, activated: torch.Tensor) -> torch.Tensor:
+        return self.conv[1](activated)
 
 
 class Stem(nn.Module):

@@ -28,6 +28,8 @@ from divdr.config import (
 from divdr.detection import DETECTION_TASKS, DetectionConfig
 
 StoreMode = Literal["streaming", "refresh"]
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS = ("fp32", "bf16", "fp16")
 TASKS = ("segmentation", *DETECTION_TASKS)  # detection: Faster R-CNN; instance: Mask R-CNN (issue 6)
 
 
@@ -57,8 +59,17 @@ class TrainConfig:
     # Not in the papers: the gates' learning rate is lr x this (their own parameter group), so routes
     # can form within a short schedule while the rest of the network trains at the paper's rate.
     gate_lr_scale: float = 1.0
+    # Speed (docs/benchmarks.md, "The training step"); none changes what a step computes beyond rounding.
+    # fp32, or autocast in bf16 / fp16 (fp16 with a GradScaler); the budget and eq. 2 stay in float32.
+    precision: Precision = "fp32"
+    # Regional compilation: each cell's training forward through torch.compile (divdr.cells.compile_cells);
+    # the first steps take longer (one graph per kind of cell), evaluation stays in eager mode.
+    compile: bool = False
+    channels_last: bool = False  # the network's tensors in NHWC, what GPU convolutions prefer
 
     def __post_init__(self) -> None:
+        _require(self.precision in PRECISIONS,
+                 f"train.precision must be {' or '.join(map(repr, PRECISIONS))}, got {self.precision!r}")
         _require(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
         _require(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
         _require(math.isfinite(self.lr) and self.lr > 0, f"train.lr must be finite and > 0, got {self.lr}")

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from divdr.backbone import BackboneOutput
+from divdr.cells import compile_cells
 from divdr.config import ConfigError
 from divdr.data.cityscapes import CityscapesSegmentation, DatasetError
 from divdr.data.coco import CocoDetection, RandomHorizontalFlip, is_degenerate, xywh_to_xyxy_clipped
@@ -41,10 +42,20 @@ from divdr.detection_eval import (
     score_detections,
 )
 from divdr.evaluation import InferenceResult, merge_results, run_inference
-from divdr.flops import CostTable, cost_table
+from divdr.flops import CostTable, cost_table, table_for
 from divdr.heads import DynamicRoutingSegmenter
 from divdr.losses import correctness
-from pipeline.config import ExperimentConfig, is_uri
+from pipeline.config import ExperimentConfig, TrainConfig, is_uri
+
+
+def speed_options(net: torch.nn.Module, train: TrainConfig) -> torch.nn.Module:
+    """``train.channels_last`` and ``train.compile`` applied to a freshly built network (in place, returned)."""
+    if train.channels_last:
+        net.to(memory_format=torch.channels_last)
+    if train.compile:
+        compile_cells(net)
+    return net
+
 
 if TYPE_CHECKING:  # the loop imports the tasks
     from pipeline.loop import CentreState
@@ -90,6 +101,7 @@ class SegmentationTask:
     def __init__(self, cfg: ExperimentConfig, root: Path) -> None:
         self.cfg, self.root = cfg, Path(root)
         self.table = cost_table(cfg.model, *cfg.train.crop)  # every training batch is a crop of this size
+        self._on_device: dict[tuple, CostTable] = {}
 
     def train_dataset(self) -> Dataset:
         train = self.cfg.train
@@ -102,13 +114,13 @@ class SegmentationTask:
                 "sample_id": [int(s["sample_id"]) for s in batch]}
 
     def build_model(self) -> nn.Module:
-        return DynamicRoutingSegmenter(self.cfg.model)
+        return speed_options(DynamicRoutingSegmenter(self.cfg.model), self.cfg.train)
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> TaskStep:
         out = model(batch["image"])
         loss = F.cross_entropy(out.logits, batch["label"], ignore_index=IGNORE_INDEX)
         correct = correctness(out.logits, batch["label"], self.cfg.resource) if self.cfg.resource.weight else None
-        return TaskStep(loss, out.backbone, self.table, correct, {})
+        return TaskStep(loss, out.backbone, table_for(self._on_device, self.table, out.backbone.gates), correct, {})
 
     def _split(self, split: str) -> CityscapesSegmentation:
         return CityscapesSegmentation(self.root, split)
@@ -149,6 +161,7 @@ class DetectionTask:
         self.manifest = read_subset_manifest(manifest) if manifest.exists() else {}
         self._splits: dict[tuple[str, bool], CocoDetection] = {}
         self._tables: dict[tuple[int, int], CostTable] = {}
+        self._on_device: dict[tuple, CostTable] = {}
         train, val = self._split("train", train=True), self._split("val", train=False)
         if train.category_to_label != val.category_to_label:
             raise DatasetError(f"{train.annotation_json} and {val.annotation_json} list different categories "
@@ -183,7 +196,8 @@ class DetectionTask:
                 "sample_id": [int(target["sample_id"]) for _, target in batch]}
 
     def build_model(self) -> nn.Module:
-        return build_detector(self.cfg.model, self.cfg.detection, self.num_categories, self.cfg.task)
+        return speed_options(build_detector(self.cfg.model, self.cfg.detection, self.num_categories, self.cfg.task),
+                             self.cfg.train)
 
     def _table(self, size: tuple[int, int]) -> CostTable:
         if size not in self._tables:  # torchvision pads each batch: a few sizes at most
@@ -194,7 +208,8 @@ class DetectionTask:
         out = model(batch["images"], batch["targets"])
         loss = torch.stack(list(out.losses.values())).sum()
         parts = {f"loss/{name}": value.detach() for name, value in out.losses.items()}
-        return TaskStep(loss, out.backbone, self._table(out.image_size), None, parts)
+        table = table_for(self._on_device, self._table(out.image_size), out.backbone.gates)
+        return TaskStep(loss, out.backbone, table, None, parts)
 
     def split_size(self, split: str) -> int:
         count = self.cfg.data.max_train_images if split == "train" else self.cfg.data.max_val_images

@@ -1,0 +1,98 @@
+"""The training step made for speed (issue #20): no host synchronisation or graph break in forward and
+losses, regional compilation, no per-step copy of the cost table, no BatchNorm counters."""
+
+import pickle
+
+import pytest
+import torch
+
+from divdr.cells import Cell, compile_cells
+from divdr.config import BudgetConfig, ClusteringConfig, get_model_config
+from divdr.flops import budget_ratio, cost_table, routing_expected_cost, table_for
+from divdr.heads import DynamicRoutingSegmenter
+from divdr.losses import clustering_loss, total_loss
+
+MICRO = get_model_config("micro", num_classes=5)
+
+
+def _loss(net, images, labels, table, centres):
+    out = net(images)
+    task = torch.nn.functional.cross_entropy(out.logits, labels)
+    return total_loss(task, cost_ratio=budget_ratio(out.backbone.gates, table), progress=0.5,
+                      budget=BudgetConfig(weight=1.0, mu=0.3), clustering=ClusteringConfig(weight=0.5, k=3, alpha=1.0),
+                      activations=out.backbone.activations, centres=centres, sigma2=0.1).total
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(2, 3, 64, 64, generator=g), torch.randint(0, 5, (2, 64, 64), generator=g),
+            torch.rand(3, MICRO.a_dim, generator=g))
+
+
+def test_forward_and_losses_trace_to_one_graph_without_breaks():
+    """Forward, budget (eq. 9) and eq. 2 in one graph: nothing reads a tensor's value on the host
+    (no .item(), no index list copied to the device, no branch on a tensor)."""
+    torch.manual_seed(0)
+    net = DynamicRoutingSegmenter(MICRO).train()
+    images, labels, centres = _inputs()
+    table = table_for({}, cost_table(MICRO, 64, 64), images)
+    explained = torch._dynamo.explain(lambda *a: _loss(net, *a, table, centres))(images, labels)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
+def test_compiled_cells_train_as_the_eager_ones():
+    torch.manual_seed(0)
+    eager = DynamicRoutingSegmenter(MICRO).train()
+    compiled = DynamicRoutingSegmenter(MICRO).train()
+    compiled.load_state_dict(eager.state_dict())
+    assert compile_cells(compiled, backend="aot_eager") == MICRO.routing_cells + 1
+    images, labels, centres = _inputs()
+    table = cost_table(MICRO, 64, 64)
+    losses = [_loss(net, images, labels, table, centres) for net in (eager, compiled)]
+    for loss in losses:
+        loss.backward()
+    assert losses[1].item() == pytest.approx(losses[0].item(), rel=1e-5)
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name
+    # evaluation skips paths per image: eager, and the same as the eager network's
+    eager.eval(), compiled.eval()
+    with torch.no_grad():
+        assert torch.allclose(eager(images).logits, compiled(images).logits, atol=1e-5)
+    # the compiled functions stay out of a pickled model (torch.save / mlflow of the whole model)
+    copy = pickle.loads(pickle.dumps(compiled))
+    assert all(m._compiled_training is None for m in copy.modules() if isinstance(m, Cell))
+
+
+def test_cost_table_moved_once_and_costs_in_float32():
+    table = cost_table(MICRO, 64, 64)
+    gates = torch.rand(2, len(table.cell), 3, dtype=torch.bfloat16)
+    tables: dict = {}
+    moved = table_for(tables, table, gates)
+    assert moved.cell.dtype == torch.float32 and table_for(tables, table, gates) is moved
+    assert moved.routing_all_open == table.routing_all_open  # the float64 sum, not re-summed in float32
+    assert routing_expected_cost(gates, moved).dtype == torch.float32
+    assert torch.allclose(routing_expected_cost(gates, moved), routing_expected_cost(gates.double(), table).float())
+    acts = torch.rand(4, 6, dtype=torch.bfloat16)
+    assert clustering_loss(acts, torch.rand(2, 6), 0.1, 1.0).dtype == torch.float32
+
+
+def test_no_batchnorm_counters_and_old_checkpoints_still_load():
+    net = DynamicRoutingSegmenter(MICRO)
+    assert not any("num_batches_tracked" in k for k in net.state_dict())
+    old = dict(net.state_dict())
+    for name, module in net.named_modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            old[f"{name}.num_batches_tracked"] = torch.tensor(7)
+    DynamicRoutingSegmenter(MICRO).load_state_dict(old)  # strict: the counters of old checkpoints are dropped
+
+
+def test_channels_last_gives_the_same_outputs():
+    torch.manual_seed(0)
+    net = DynamicRoutingSegmenter(MICRO).train()
+    nhwc = DynamicRoutingSegmenter(MICRO).train()
+    nhwc.load_state_dict(net.state_dict())
+    nhwc.to(memory_format=torch.channels_last)
+    images = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(net(images).logits, nhwc(images.contiguous(memory_format=torch.channels_last)).logits,
+                          atol=1e-5)
