@@ -33,10 +33,21 @@ def forward_skipping_before(self: Cell, x: torch.Tensor, weights: torch.Tensor,
             if out[slot] is None:
                 out[slot] = y.new_zeros((x.shape[0], *y.shape[1:]))
             out[slot] = out[slot].index_add(0, cell_idx[on], y)
-    for slot, shape in self._closed_shapes(x).items():
+    for slot, shape in _closed_shapes(self, x).items():
         if out[slot] is None:
             out[slot] = x.new_zeros(shape)
     return CellOutput(out.get(UP), out[KEEP], out.get(DOWN), weights)
+
+
+def _closed_shapes(cell: Cell, x: torch.Tensor) -> dict[int, tuple[int, ...]]:
+    """Shapes of the up/down outputs (the reference fills paths closed for the whole batch with zeros)."""
+    b, c, h, w = x.shape
+    shapes = {}
+    if cell.up is not None:
+        shapes[UP] = (b, c // 2, 2 * h, 2 * w)
+    if cell.down is not None:
+        shapes[DOWN] = (b, 2 * c, (h + 1) // 2, (w + 1) // 2)
+    return shapes
 
 
 @contextlib.contextmanager

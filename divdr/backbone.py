@@ -84,6 +84,9 @@ def _aggregate(previous: list[CellOutput], scale: int) -> torch.Tensor:
         parts.append(previous[scale].keep)
     if scale + 1 < len(previous) and previous[scale + 1].up is not None:
         parts.append(previous[scale + 1].up)
+    if not parts:  # a new scale whose only input, the down path from the scale above, is closed
+        b, c, h, w = previous[scale - 1].keep.shape
+        return previous[scale - 1].keep.new_zeros(b, 2 * c, (h + 1) // 2, (w + 1) // 2)
     total = parts[0]
     for part in parts[1:]:  # a chain of adds: no stack to copy into, nothing to do in the backward
         total = total + part

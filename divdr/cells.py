@@ -38,11 +38,14 @@ def cell_active(weights: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class CellOutput:
-    """What a cell sends on: per slot a tensor (zeros where the path is closed), and its weights."""
+    """What a cell sends on: per slot a tensor (zeros for the images whose path is closed), and its weights.
 
-    up: torch.Tensor | None  # at scale - 1 with C/2 channels; None if the cell has no up path
+    ``up`` / ``down`` are None where the cell has no such path, and at inference where the path is closed
+    for every image of the batch (nothing to add to the next cell's input)."""
+
+    up: torch.Tensor | None  # at scale - 1 with C/2 channels
     keep: torch.Tensor
-    down: torch.Tensor | None  # at scale + 1 with 2C channels; None if the cell has no down path
+    down: torch.Tensor | None  # at scale + 1 with 2C channels
     weights: torch.Tensor  # [B, 3] in the [up, keep, down] layout, 0 for slots the cell lacks
 
 
@@ -83,6 +86,7 @@ class Cell(nn.Module):
         self.up = UpTransform(spec.channels) if spec.allow_up else None
         self.down = DownTransform(spec.channels) if spec.allow_down else None
         self._compiled_training: Callable[[torch.Tensor], CellOutput] | None = None  # see compile_cells
+        self.forced_weights: torch.Tensor | None = None  # [3]: divdr.export.forced_route, the gate ignored
 
     def __getstate__(self) -> dict:
         # a compiled function does not pickle (torch.save / mlflow of the whole model): compile again after loading
@@ -94,6 +98,8 @@ class Cell(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The gate's path weights in the fixed [B, 3] layout, and the [B] weight of the
         fast-forward branch (None unless the gate has one)."""
+        if self.forced_weights is not None:
+            return self.forced_weights.to(x).expand(x.shape[0], 3), None
         own, skip = self._own_weights(x)
         return self._layout(own), skip
 
@@ -141,10 +147,9 @@ class Cell(nn.Module):
         keep = torch.addcmul(per_path[KEEP] * activated, passthrough.view(-1, 1, 1, 1), x)
         up, down = None, None
         if self.up is not None:
-            up = per_path[UP] * self.up.project(activated) if self._route_open[UP] else self._closed_output(x, UP)
+            up = per_path[UP] * self.up.project(activated) if self._route_open[UP] else None
         if self.down is not None:
-            down = (per_path[DOWN] * self.down.project(activated) if self._route_open[DOWN]
-                    else self._closed_output(x, DOWN))
+            down = per_path[DOWN] * self.down.project(activated) if self._route_open[DOWN] else None
         return CellOutput(up, keep, down, weights)
 
     def _forward_skipping(self, x: torch.Tensor, weights: torch.Tensor,
@@ -152,37 +157,43 @@ class Cell(nn.Module):
         """Only the open cells and paths of each image are computed. A cell or path open for every
         image of the batch (or for at least ``dense_fraction`` of it, closed images weighted 0) runs
         on the batch as it is; otherwise its images are gathered and the results scattered back.
-        At batch 1, or with the default fraction 1.0, no closed path of any image is computed."""
+        At batch 1, or with the default fraction 1.0, no closed path of any image is computed.
+
+        Which images and paths are open is read on the host once per cell (one synchronisation, not one
+        per path), and a path closed for the whole batch sends None, not a map of zeros to add."""
         batch = x.shape[0]
         active_cell = cell_active(weights)
-        cell_idx = active_cell.nonzero().flatten()
-        every_cell = cell_idx.numel() == batch
-        whole = cell_idx.numel() > 0 and (every_cell or cell_idx.numel() >= self.dense_fraction * batch)
+        flags = torch.cat([active_cell.unsqueeze(1), path_active(weights)], dim=1).tolist()
+        cell_rows = [b for b in range(batch) if flags[b][0]]
+        every_cell = len(cell_rows) == batch
+        whole = bool(cell_rows) and (every_cell or len(cell_rows) >= self.dense_fraction * batch)
         out: dict[int, torch.Tensor | None] = {slot: None for slot in self.transforms()}
-        if cell_idx.numel() > 0:
+        if cell_rows:
             # dropped images computed along (whole batch) have every path closed: weighted 0 below
+            cell_idx = None if whole else torch.tensor(cell_rows, device=x.device)
+            computed = range(batch) if whole else cell_rows  # the images xa holds, in order
             xa = x if whole else x[cell_idx]
             wa = weights if whole else weights[cell_idx]
             h = self.op(xa) + xa
             for slot, transform in self.transforms().items():
-                on = path_active(wa[:, slot])
-                count = int(on.sum())
-                if count == 0:
+                on = [i for i, b in enumerate(computed) if flags[b][1 + slot]]
+                if not on:
                     continue
-                if count == on.numel():  # open for every image computed
+                if len(on) == len(computed):  # open for every image computed
                     y = wa[:, slot].view(-1, 1, 1, 1) * transform(h)
-                    rows = None if whole else cell_idx
-                elif count >= self.dense_fraction * on.numel():  # most of them: closed ones weighted 0
-                    y = torch.where(on, wa[:, slot], 0.0).view(-1, 1, 1, 1) * transform(h)
-                    rows = None if whole else cell_idx
+                    rows = cell_idx
+                elif len(on) >= self.dense_fraction * len(computed):  # most of them: closed ones weighted 0
+                    y = torch.where(path_active(wa[:, slot]), wa[:, slot], 0.0).view(-1, 1, 1, 1) * transform(h)
+                    rows = cell_idx
                 else:
-                    y = wa[on, slot].view(-1, 1, 1, 1) * transform(h[on])
-                    rows = on.nonzero().flatten() if whole else cell_idx[on]
+                    on_idx = torch.tensor(on, device=x.device)
+                    y = wa[on_idx, slot].view(-1, 1, 1, 1) * transform(h[on_idx])
+                    rows = on_idx if whole else cell_idx[on_idx]
                 out[slot] = y if rows is None else y.new_zeros((batch, *y.shape[1:])).index_copy_(0, rows, y)
         # Images whose cell is dropped pass their input through unchanged; with a fast-forward
         # branch the images whose cell runs add their input times its weight.
         passthrough = None
-        if cell_idx.numel() == 0:
+        if not cell_rows:
             passthrough = x  # the cell is dropped for the whole batch: no copy (nothing edits x in place)
         elif not every_cell:
             passthrough = torch.where(active_cell.view(-1, 1, 1, 1), torch.zeros_like(x), x)
@@ -191,24 +202,9 @@ class Cell(nn.Module):
             passthrough = kept if passthrough is None else passthrough + kept
         if passthrough is not None:
             out[KEEP] = passthrough if out[KEEP] is None else out[KEEP] + passthrough
-        for slot, shape in {KEEP: tuple(x.shape), **self._closed_shapes(x)}.items():
-            if out[slot] is None:
-                out[slot] = x.new_zeros(shape)
+        if out[KEEP] is None:
+            out[KEEP] = torch.zeros_like(x)
         return CellOutput(out.get(UP), out[KEEP], out.get(DOWN), weights)
-
-    def _closed_output(self, x: torch.Tensor, slot: int) -> torch.Tensor:
-        """Zeros in the shape of a path's output (a path the fixed route closes is never computed)."""
-        return x.new_zeros({KEEP: tuple(x.shape), **self._closed_shapes(x)}[slot])
-
-    def _closed_shapes(self, x: torch.Tensor) -> dict[int, tuple[int, ...]]:
-        """Shapes of the up/down outputs, for paths closed in every image of the batch."""
-        b, c, h, w = x.shape
-        shapes = {}
-        if self.up is not None:
-            shapes[UP] = (b, c // 2, 2 * h, 2 * w)
-        if self.down is not None:
-            shapes[DOWN] = (b, 2 * c, (h + 1) // 2, (w + 1) // 2)
-        return shapes
 
 
 # Distinct cells a compiled training forward is specialised for (width, paths, route): Layer16 has about
