@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from bench import inference_latency, kmeans, memory, ray_vs_plain, step_time, store_scale
+from bench import gpu, inference_latency, kmeans, memory, ray_vs_plain, step_time, store_scale
 
 
 def _run(module, tmp_path, *extra):
@@ -15,6 +15,18 @@ def _run(module, tmp_path, *extra):
     assert written["benchmark"] == returned["benchmark"]
     assert written["machine"]["versions"]["torch"] and written["wall_seconds"] > 0
     return written
+
+
+def test_gpu(tmp_path):
+    out = _run(gpu, tmp_path, "--device", "cpu")
+    assert out["ops"]["graph_breaks"] == 0 and out["ops"]["total"] == out["ops"]["forward"] + out["ops"]["backward"]
+    assert out["train"]["eager_fp32"]["step_ms"] > 0 and out["train"]["compiled_fp32"]["compile_s"] > 0
+    assert out["train"]["divdr_over_dr_eager_fp32"] > 0
+    rows = out["inference"]["rows"]
+    assert rows["all_open"]["flops_ratio"] == 1.0
+    # the exported route costs its dynamic route's FLOPs minus the gates
+    assert rows["closed_50_static"]["gflops"] < rows["closed_50_dynamic"]["gflops"]
+    assert all("ms" in row for row in rows.values()), rows
 
 
 def test_kmeans(tmp_path):

@@ -1,0 +1,337 @@
+"""The training step and inference where users train: one prepared script, torch alone, JSON out.
+
+    python bench/gpu.py --json bench/results/gpu.json                # a GPU: Layer16, the paper's sizes
+    python bench/gpu.py --device cpu --json bench/results/gpu_cpu.json   # this machine: smaller sizes
+    python bench/gpu.py --tiny                                     # seconds: checks the script works
+
+It needs torch and this repository only (no Ray, FAISS, MLflow or pycocotools: the GPU machine this project
+is checked on has none of them), finishes within ``--budget`` seconds (sections that would start past it are
+skipped and say so), and keeps going when a section fails (its error is recorded). Sections:
+
+- ``ops``: aten operations dispatched by one forward + backward of the training step (task loss, budget and
+  eq. 2), counted with a TorchDispatchMode, by operation; and torch._dynamo.explain of forward + losses
+  (graphs, graph breaks).
+- ``train``: Layer16 training step time at the crop and batch given (forward, losses, backward, gradient
+  clipping, SGD - as ``pipeline.loop.Trainer.run_step``): eager fp32, bf16 autocast, bf16 + channels_last,
+  regional compilation (``divdr.cells.compile_cells``, its compile time measured) in fp32 and bf16; DivDR-A
+  over DR-A.
+- ``inference``: latency at batch 1 on the full-size image against FLOPs: every path open, paths closed at
+  random (50%, 90%), every cell dropped (the fixed floor), Network-Fix; the static export of each route
+  (``divdr.export``), eager and compiled; batch 8 per image.
+
+On a GPU every time is taken between ``torch.cuda.synchronize()`` calls; each figure is the median of
+``--repeats`` timed runs after warm-up.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import statistics
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+if __package__ in (None, ""):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import cap_threads, finish, parser
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any], device: str, repeats: int, warmup: int = 2) -> float:
+    """Median seconds of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class Step:
+    """One training step of the library, as ``pipeline.loop.Trainer.run_step`` does it (without Ray, the
+    store and the finite check): forward under the precision's autocast, cross-entropy, budget (eq. 9) and
+    eq. 2 against fixed centres in float32, backward (GradScaler for fp16), gradient clipping, SGD."""
+
+    def __init__(self, model_size: str, preset: str, crop: tuple[int, int], batch: int, device: str,
+                 precision: str = "fp32", channels_last: bool = False, compile_backend: str | None = None) -> None:
+        import torch
+
+        from divdr.cells import compile_cells
+        from divdr.config import get_model_config, get_preset
+        from divdr.flops import cost_table, table_for
+        from divdr.heads import DynamicRoutingSegmenter
+
+        torch.manual_seed(0)
+        self.device = device
+        self.preset = get_preset(preset)
+        base = get_model_config(model_size, num_classes=19)
+        self.config = replace(base, gate=replace(base.gate, kind=self.preset.gate))
+        self.net = DynamicRoutingSegmenter(self.config).to(device).train()
+        memory = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:
+            self.net.to(memory_format=memory)
+        self.compile_seconds = None
+        if compile_backend:
+            compile_cells(self.net, backend=compile_backend)
+        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4,
+                                         fused=True if device.startswith("cuda") else None)
+        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+        self.autocast = (torch.autocast(device.split(":")[0], dtype=dtypes[precision]) if precision in dtypes
+                         else contextlib.nullcontext())
+        self.scaler = torch.amp.GradScaler(device.split(":")[0]) if precision == "fp16" else None
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randn(batch, 3, *crop, generator=g).to(device).contiguous(memory_format=memory)
+        self.labels = torch.randint(0, 19, (batch, *crop), generator=g).to(device)
+        self.centres = torch.rand(3, self.config.a_dim, generator=g).to(device)
+        self.table = table_for({}, cost_table(self.config, *crop), self.centres)
+        if compile_backend:  # the first step compiles every kind of cell
+            start = time.perf_counter()
+            self()
+            _sync(device)
+            self.compile_seconds = time.perf_counter() - start
+
+    def loss(self):
+        import torch
+
+        from divdr.flops import budget_ratio
+        from divdr.losses import total_loss
+
+        with self.autocast:
+            out = self.net(self.images)
+            task = torch.nn.functional.cross_entropy(out.logits, self.labels, ignore_index=255)
+        clustering = self.preset.clustering
+        return total_loss(task, cost_ratio=budget_ratio(out.backbone.gates, self.table), progress=0.5,
+                          budget=replace(self.preset.budget, start_fraction=0.0),
+                          clustering=replace(clustering, start_fraction=0.0),
+                          activations=out.backbone.activations,
+                          centres=self.centres if clustering.weight else None, sigma2=0.1).total
+
+    def __call__(self) -> None:
+        import torch
+
+        loss = self.loss()
+        self.optimizer.zero_grad(set_to_none=True)
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), 5.0)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+
+def count_ops(fn: Callable[[], Any]) -> collections.Counter:
+    """aten operations dispatched while ``fn`` runs, by name."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counting(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.counts: collections.Counter = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.counts[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counting() as mode:
+        fn()
+    return mode.counts
+
+
+def section_ops(args) -> dict[str, Any]:
+    """Operations of one forward + backward (gradients accumulated, as in the issue's count) at a small size:
+    the count does not depend on the image size or the device."""
+    import torch
+
+    step = Step(args.ops_model, "DivDR-A", (64, 64), 2, "cpu")
+    step.loss().backward()  # first call: lazy initialisations out of the count
+    forward = count_ops(lambda: setattr(step, "_loss", step.loss()))
+    backward = count_ops(lambda: step._loss.backward())
+    total = forward + backward
+    explained = torch._dynamo.explain(step.loss)()
+    return {"model": args.ops_model, "forward": sum(forward.values()), "backward": sum(backward.values()),
+            "total": sum(total.values()), "by_operation": dict(total.most_common()),
+            "graphs": explained.graph_count, "graph_breaks": explained.graph_break_count,
+            "break_reasons": [str(b.reason)[:200] for b in explained.break_reasons]}
+
+
+def section_train(args, deadline: float) -> dict[str, Any]:
+    import torch
+
+    crop, batch = (args.crop, args.crop), args.batch
+    variants = {
+        "eager_fp32": {},
+        "eager_bf16": {"precision": "bf16"},
+        "eager_bf16_channels_last": {"precision": "bf16", "channels_last": True},
+        "compiled_fp32": {"compile_backend": args.compile_backend},
+        "compiled_bf16": {"precision": "bf16", "compile_backend": args.compile_backend},
+    }
+    out: dict[str, Any] = {"model": args.model, "crop": crop, "batch": batch, "device": args.device}
+    for name, options in variants.items():
+        if time.perf_counter() > deadline:
+            out[name] = {"skipped": "time budget spent"}
+            continue
+        try:
+            step = Step(args.model, "DivDR-A", crop, batch, args.device, **options)
+            seconds = timed(step, args.device, args.repeats)
+            out[name] = {"step_ms": 1000 * seconds, "images_per_s": batch / seconds,
+                         "compile_s": step.compile_seconds}
+            if args.device.startswith("cuda"):
+                out[name]["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                torch.cuda.reset_peak_memory_stats()
+            del step
+        except Exception as error:  # one failed variant must not lose the others
+            out[name] = {"error": f"{type(error).__name__}: {error}"[:500]}
+            traceback.print_exc()
+    if time.perf_counter() < deadline:
+        dr = Step(args.model, "DR-A", crop, batch, args.device)
+        divdr = Step(args.model, "DivDR-A", crop, batch, args.device)
+        ratios = [timed(divdr, args.device, args.repeats, 1) / timed(dr, args.device, args.repeats, 1)
+                  for _ in range(2)]
+        out["divdr_over_dr_eager_fp32"] = statistics.median(ratios)
+    return out
+
+
+def _route(net, closed: float, seed: int):
+    """Every path a cell has open with its gate's weight at initialisation (~0.9), a fraction ``closed``
+    of them closed at random."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for cell in net.backbone.cells:
+        open_paths = torch.tensor(cell.spec.paths, dtype=torch.float32)
+        rows.append(0.9 * open_paths * (torch.rand(3, generator=g) >= closed))
+    return torch.stack(rows)
+
+
+def section_inference(args, deadline: float) -> dict[str, Any]:
+    import torch
+
+    from divdr.config import GateConfig, get_model_config
+    from divdr.export import export_route, forced_route, route_flops
+    from divdr.flops import cost_table, real_cost
+    from divdr.heads import DynamicRoutingSegmenter
+
+    height, width = args.image
+    config = get_model_config(args.model, num_classes=19)
+    torch.manual_seed(0)
+    net = DynamicRoutingSegmenter(config).to(args.device).eval()
+    image = torch.randn(1, 3, height, width, device=args.device)
+    table = cost_table(config, height, width)
+    rows: dict[str, Any] = {}
+
+    def measure(name: str, fn: Callable[[], Any], gflops: float) -> None:
+        if time.perf_counter() > deadline:
+            rows[name] = {"skipped": "time budget spent"}
+            return
+        try:
+            with torch.no_grad():
+                rows[name] = {"ms": 1000 * timed(fn, args.device, args.repeats), "gflops": gflops}
+        except Exception as error:  # one failed row must not lose the others
+            rows[name] = {"error": f"{type(error).__name__}: {error}"[:500]}
+            traceback.print_exc()
+
+    with torch.no_grad():
+        gates = net(image).backbone.gates
+    measure("all_open", lambda: net(image), float(real_cost(gates.cpu().double(), table)[0]) / 1e9)
+    for closed in (0.5, 0.9, 1.0):
+        route = _route(net, closed, seed=int(closed * 100))
+        label = "every_cell_dropped" if closed == 1.0 else f"closed_{int(closed * 100)}"
+        gflops = float(real_cost(route[None].double(), table)[0]) / 1e9
+
+        def forced(route=route):
+            with forced_route(net, route):
+                return net(image)
+
+        measure(f"{label}_dynamic", forced, gflops)
+        static = export_route(net, route).to(args.device)
+        static_gflops = route_flops(net, route, height, width) / 1e9
+        measure(f"{label}_static", lambda static=static: static(image), static_gflops)
+        if time.perf_counter() < deadline:
+            compiled = torch.compile(static, backend=args.compile_backend)
+            start = time.perf_counter()
+            with torch.no_grad():
+                compiled(image)
+            _sync(args.device)
+            measure(f"{label}_static_compiled", lambda compiled=compiled: compiled(image), static_gflops)
+            rows[f"{label}_static_compiled"]["compile_s"] = time.perf_counter() - start
+    fix = DynamicRoutingSegmenter(replace(config, gate=GateConfig(enabled=False))).to(args.device).eval()
+    measure("network_fix", lambda: fix(image), cost_table(replace(config, gate=GateConfig(enabled=False)),
+                                                          height, width).all_open / 1e9)
+    batch = image.expand(8, -1, -1, -1).contiguous()
+    measure("all_open_batch8_per_image", lambda: net(batch), rows["all_open"].get("gflops", 0.0))
+    if "ms" in rows.get("all_open_batch8_per_image", {}):
+        rows["all_open_batch8_per_image"]["ms"] /= 8
+    base = rows.get("all_open", {})
+    for row in rows.values():
+        if "ms" in row and "ms" in base:
+            row["latency_ratio"] = row["ms"] / base["ms"]
+            row["flops_ratio"] = row["gflops"] / base["gflops"]
+    return {"model": args.model, "image": [height, width], "device": args.device, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--device", default=None, help="cuda (default when there is one) or cpu")
+    p.add_argument("--model", default="layer16")
+    p.add_argument("--ops-model", default="layer16", help="the network whose operations are counted")
+    p.add_argument("--crop", type=int, default=768)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--image", type=int, nargs=2, default=(1024, 2048))
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--budget", type=float, default=280.0, help="seconds; sections past it are skipped")
+    p.add_argument("--sections", nargs="+", default=["ops", "train", "inference"])
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (--tiny: aot_eager)")
+    args = p.parse_args(argv)
+    started = time.perf_counter()
+    import torch
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cpu":
+        cap_threads(args.threads)
+    if args.tiny:
+        args.model, args.ops_model, args.crop, args.batch, args.image, args.repeats = \
+            "micro", "micro", 64, 2, (64, 128), 2
+        args.compile_backend = "aot_eager"  # inductor on a CPU compiles C++: minutes
+    deadline = started + args.budget
+    result: dict[str, Any] = {"benchmark": "gpu", "torch": torch.__version__, "device": args.device,
+                              "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda")
+                              else "cpu"}
+    sections = {"ops": lambda: section_ops(args), "train": lambda: section_train(args, deadline),
+                "inference": lambda: section_inference(args, deadline)}
+    for name in args.sections:
+        t = time.perf_counter()
+        try:
+            result[name] = sections[name]()
+        except Exception as error:  # the other sections still run and are written
+            result[name] = {"error": f"{type(error).__name__}: {error}"[:1000]}
+            traceback.print_exc()
+        result.setdefault("section_seconds", {})[name] = round(time.perf_counter() - t, 1)
+        shown = {k: v for k, v in result[name].items() if k != "by_operation"}
+        print(f"{name}: {shown}", flush=True)
+    return finish(result, args.json, started)
+
+
+if __name__ == "__main__":
+    main()
