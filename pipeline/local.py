@@ -126,7 +126,7 @@ def run_local(cfg: ExperimentConfig, run_dir: Path, uri: str, run_id: str) -> di
     store = None
     if cfg.store.enabled:
         store = CentroidStoreImpl(len(train_set), cfg.model.a_dim, 1, cfg.train.steps, cfg.clustering, cfg.store,
-                                  str(run_dir / "store"), cfg.train.seed)
+                                  str(run_dir / "store"), cfg.train.seed, gpu=device.type == "cuda")
     logger = LogMetrics(sink)
     hooks: list[Hook] = [*([LocalCentres(store, sink)] if store is not None else []), logger,
                          PeriodicEvaluation(sink), Checkpoints(save_checkpoint(run_dir), logger)]

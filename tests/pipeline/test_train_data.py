@@ -53,7 +53,7 @@ def test_the_loader_is_built_from_the_data_section(study):
     assert batches.loader.num_workers == 0 and not batches.loader.persistent_workers
     assert batches.loader.prefetch_factor is None  # torch refuses one without workers
 
-    _, batches = loader_for(config(study, "data.persistent_workers=false"))
+    _, batches = loader_for(config(study, "data.loader_workers=2", "data.persistent_workers=false"))
     assert batches.loader.num_workers == 2 and not batches.loader.persistent_workers
 
 
