@@ -76,6 +76,18 @@ def main(argv: list[str] | None = None) -> None:
                                     "peak_over_imports_mib"],
                     {"parameters_m": ".2f", "after_imports_mib": ".0f", "peak_mib": ".0f",
                      "peak_over_imports_mib": ".0f"}) + "\n")
+    ld = _load(folder, "loader")
+    if ld:
+        print(f"## data loading (device {ld['device']}, threads {ld['threads']}, rounds {ld['rounds']})\n")
+        print(table(ld["rows"], ["setting", "variant", "images_per_s", "min", "max", "over_cpu_step", "over_h200_now",
+                                 "over_h200_target", "first_batch_s"],
+                    {"images_per_s": ".1f", "min": ".1f", "max": ".1f", "over_cpu_step": ".1f", "over_h200_now": ".2f",
+                     "over_h200_target": ".3f", "first_batch_s": ".2f"}) + "\n")
+        for name, setting in ld["settings"].items():
+            stages = ", ".join(f"{k} {v:.1f}" for k, v in setting["stages_ms"].items())
+            print(f"- {name}: ms per image: {stages}; cores for the H200 today {setting['cores_for_h200_now']:.1f}, "
+                  f"for {ld['gpu_target_factor']}x {setting['cores_for_h200_target']:.1f}")
+        print()
     for name in sorted(p.stem for p in folder.glob("store_scale*.json")):
         ss = _load(folder, name)
         print(f"## {name} (N {ss['n']}, D {ss['dim']}, {ss['workers']} workers x {ss['images']} every "

@@ -46,6 +46,10 @@ SINKHORN_FLOOR = 1e-300
 BALANCED_ROUNDS = 10
 # Blocked pairwise distances hold at most this many float64 values at once (32 MB).
 BLOCK_ELEMENTS = 1 << 22
+# FAISS on a GPU (faiss-gpu, the `gpu` extra): the scratch memory its resources may hold on the card.
+# FAISS's default (18% of the card) would come out of training's memory; a flat L2 index over K centres
+# needs little.
+GPU_TEMP_MEMORY = 256 * 2**20
 _INIT_METHODS = {
     "random": faiss.ClusteringInitMethod_RANDOM,
     "kmeans++": faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS,
@@ -111,16 +115,41 @@ def _check_k(k: int, n: int) -> None:
         raise ClusteringError(f"k = {k} clusters is more than the {n} points to cluster")
 
 
+# ---------------------------------------------------------------- the index: CPU or GPU
+
+
+def faiss_gpus() -> int:
+    """GPUs this FAISS can use: 0 with faiss-cpu (no GPU code), or where no GPU is visible."""
+    if not hasattr(faiss, "StandardGpuResources"):
+        return 0
+    return int(faiss.get_num_gpus())
+
+
+_gpu_resources = None  # one set per process, made on first use
+
+
+def flat_l2_index(dim: int, gpu: bool = False) -> faiss.Index:
+    """An exact L2 index: on the GPU where ``gpu`` is asked and FAISS has one (faiss-gpu and a visible
+    device), otherwise on the CPU. A GPU's results can differ from the CPU's in the last bits."""
+    global _gpu_resources
+    if gpu and faiss_gpus() > 0:
+        if _gpu_resources is None:
+            _gpu_resources = faiss.StandardGpuResources()
+            _gpu_resources.setTempMemory(GPU_TEMP_MEMORY)
+        return faiss.GpuIndexFlatL2(_gpu_resources, dim)
+    return faiss.IndexFlatL2(dim)
+
+
 # ---------------------------------------------------------------- assignment and distances
 
 
-def assign(activations: object, centres: object) -> np.ndarray:
-    """Index of the nearest centre (L2) for each activation, int64 [N]."""
+def assign(activations: object, centres: object, gpu: bool = False) -> np.ndarray:
+    """Index of the nearest centre (L2) for each activation, int64 [N]; ``gpu``: see ``flat_l2_index``."""
     x = as_activations(activations)
     c = as_activations(centres, "centres")
     if c.shape[1] != x.shape[1]:
         raise ClusteringError(f"centres have dimension {c.shape[1]}, activations {x.shape[1]}")
-    index = faiss.IndexFlatL2(c.shape[1])
+    index = flat_l2_index(c.shape[1], gpu)
     index.add(c)
     _, nearest = index.search(x, 1)
     return nearest[:, 0].astype(np.int64)
@@ -317,7 +346,7 @@ def _rms_spread(x: np.ndarray) -> float:
 
 
 def _faiss_round(x: np.ndarray, init: np.ndarray | None, k: int, niter: int, seed: int,
-                 init_method: InitMethod) -> tuple[np.ndarray, list]:
+                 init_method: InitMethod, gpu: bool = False) -> tuple[np.ndarray, list]:
     params = faiss.ClusteringParameters()
     params.niter = niter
     params.seed = seed
@@ -328,7 +357,7 @@ def _faiss_round(x: np.ndarray, init: np.ndarray | None, k: int, niter: int, see
     clus = faiss.Clustering(x.shape[1], k, params)
     if init is not None:
         faiss.copy_array_to_vector(np.ascontiguousarray(init, np.float32).ravel(), clus.centroids)
-    clus.train(x, faiss.IndexFlatL2(x.shape[1]))
+    clus.train(x, flat_l2_index(x.shape[1], gpu))
     stats = [clus.iteration_stats.at(i) for i in range(clus.iteration_stats.size())]
     centres = faiss.vector_float_to_array(clus.centroids).reshape(k, x.shape[1])
     return centres, stats
@@ -401,6 +430,7 @@ def kmeans(
     seed: int = DEFAULT_SEED,
     init_method: InitMethod = "kmeans++",
     balanced: bool = False,
+    gpu: bool = False,
 ) -> KMeansResult:
     """K-means of all N activations [N, D] into k clusters with FAISS (deterministic for a seed).
 
@@ -411,6 +441,9 @@ def kmeans(
 
     ``balanced``: after FAISS, Lloyd rounds with equal-size assignments (``balanced_assign``), so no
     cluster collapses; ``assignments``/``sizes``/``objective``/``sigma2`` are then the balanced ones.
+
+    ``gpu``: FAISS's assignments on a GPU where FAISS has one (``flat_l2_index``); the rest (re-seeding,
+    the float64 objective) stays on the CPU.
     """
     x = as_activations(activations)
     _check_k(k, x.shape[0])
@@ -427,7 +460,7 @@ def kmeans(
 
     centres, stats, iterations, splits, reseeded = init, [], 0, 0, 0
     for round_ in range(MAX_RESEED_ROUNDS + 1):
-        centres, stats = _faiss_round(x, centres, k, niter, seed + round_, init_method)
+        centres, stats = _faiss_round(x, centres, k, niter, seed + round_, init_method, gpu)
         iterations += len(stats)
         splits += sum(s.nsplit for s in stats)
         if round_ == MAX_RESEED_ROUNDS:
@@ -440,7 +473,7 @@ def kmeans(
     if balanced and k > 1:
         centres, assignments = _balanced_lloyd(x, centres, BALANCED_ROUNDS)
     else:
-        assignments = assign(x, centres)
+        assignments = assign(x, centres, gpu)
     sizes = np.bincount(assignments, minlength=k).astype(np.int64)
     objective = float(_own_sq_distances(x, centres, assignments).sum())
     return KMeansResult(

@@ -112,6 +112,7 @@ def run_detection_inference(model: DynamicRoutingDetector, dataset: CocoDetectio
     ``predict=False`` keeps only the routing (A(x) for the centroid store): no COCO results.
     """
     was_training = model.training
+    device = next(model.parameters()).device
     model.eval()
     config = model.config
     data = Subset(dataset, list(indices)) if indices is not None else dataset
@@ -123,6 +124,7 @@ def run_detection_inference(model: DynamicRoutingDetector, dataset: CocoDetectio
     results: list[dict[str, Any]] = []
     try:
         for images, targets in loader:
+            images = [image.to(device) for image in images]  # results come back on the CPU
             batch_ids = [int(t["image_id"]) for t in targets]
             if predict:
                 out = model(images)
@@ -138,10 +140,11 @@ def run_detection_inference(model: DynamicRoutingDetector, dataset: CocoDetectio
                 entry = manifest.get(files[-1])
                 subsets.append(entry.subset if entry else UNKNOWN_SUBSET)
             image_ids += batch_ids
-            acts.append(backbone.activations.float().numpy())
-            gates.append(backbone.gates.float().numpy())
-            flops.append(real_cost(backbone.gates, table).numpy() / 1e9)
-            flops_ref.append(real_cost(backbone.gates, reference).numpy() / 1e9)
+            gate_values = backbone.gates.float().cpu()
+            acts.append(backbone.activations.float().cpu().numpy())
+            gates.append(gate_values.numpy())
+            flops.append(real_cost(gate_values, table).numpy() / 1e9)
+            flops_ref.append(real_cost(gate_values, reference).numpy() / 1e9)
     finally:
         model.train(was_training)
     if not ids:

@@ -315,5 +315,6 @@ def _model_bytes(net: torch.nn.Module) -> bytes:
     sink = io.BytesIO()
     # a detector also needs its heads' config and category count to be rebuilt
     extra = {name: getattr(net, name) for name in ("detection", "num_categories", "masks") if hasattr(net, name)}
-    torch.save({"config": net.config, **extra, "state_dict": net.state_dict()}, sink)
+    state = {name: value.detach().cpu() for name, value in net.state_dict().items()}  # loads without a GPU
+    torch.save({"config": net.config, **extra, "state_dict": state}, sink)
     return sink.getvalue()

@@ -59,7 +59,7 @@ class CentroidStoreImpl:
 
     def __init__(self, num_samples: int, dim: int, world_size: int, total_steps: int,
                  clustering_config: ClusteringConfig, store_config: StoreConfig, snapshot_dir: str | None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, gpu: bool = False) -> None:
         if num_samples < clustering_config.k:
             raise ValueError(f"the store needs at least K={clustering_config.k} samples, got {num_samples}")
         self.dim = dim
@@ -69,6 +69,9 @@ class CentroidStoreImpl:
         self.kmeans_start = clustering_config.kmeans_start
         self.config = store_config
         self.seed = seed
+        # K-means on a GPU only where this process was given one (the local runner training on CUDA; a
+        # store actor given a GPU by Ray) and FAISS can use it (faiss-gpu): never on a training worker's card
+        self.gpu = gpu and clustering.faiss_gpus() > 0
         self.triggers = kmeans_trigger_steps(total_steps, clustering_config.update_every,
                                              clustering_config.update_every_final)
         dtype = np.float16 if store_config.float16 else np.float32
@@ -132,7 +135,7 @@ class CentroidStoreImpl:
         start = time.perf_counter()
         warm = self.centres if self.kmeans_start == "warm" else None
         result = clustering.kmeans(points, self.k, init_centres=warm, seed=self.seed + self.version,
-                                   niter=self.config.kmeans_iterations, balanced=self.balanced)
+                                   niter=self.config.kmeans_iterations, balanced=self.balanced, gpu=self.gpu)
         kmeans_seconds = time.perf_counter() - start
         previous = None
         if self.assignments is not None:
@@ -189,6 +192,7 @@ class CentroidStoreImpl:
             "history": list(self.history),
             "triggers": list(self.triggers),
             "restored": self.restored,
+            "kmeans_on_gpu": self.gpu,
         }
 
     # ---- snapshots -----------------------------------------------------------------------------
@@ -264,6 +268,9 @@ class CentroidStore:
     """The Ray actor around ``CentroidStoreImpl``: async, K-means and snapshot writes in worker threads."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # a GPU only if Ray gave this actor one: Ray 2.60 hides no GPU from an actor that asked for none,
+        # and one on a worker's node would otherwise take that worker's card (the pipeline asks for none)
+        kwargs.setdefault("gpu", bool(ray.get_gpu_ids()))
         self.impl = CentroidStoreImpl(*args, **kwargs)
         self._published = asyncio.Condition()
         self._task: asyncio.Task | None = None

@@ -131,6 +131,9 @@ class StoreConfig:
         _require(self.snapshot_every >= 1, f"store.snapshot_every must be >= 1, got {self.snapshot_every}")
 
 
+MAX_LOADER_WORKERS = 64  # per training process: more is a typo, not a machine
+
+
 @dataclass(frozen=True)
 class DataConfig:
     root: str = ""  # "" = the embedded default (generated on first use into the cache)
@@ -141,11 +144,24 @@ class DataConfig:
     # "train" / "val" for the generated study, "train2017" / "val2017" for COCO itself
     train_split: str = "train"
     val_split: str = "val"
+    # The training DataLoader (pipeline/train_data.py). Each image's augmentation is drawn from a seed of
+    # its own (train.seed, epoch, sample id), so these change how fast batches come, never which.
+    loader_workers: int = 2  # processes preparing batches beside each training process; 0 = in it
+    pin_memory: bool | None = None  # page-locked batches (fast, asynchronous copies); null = on with CUDA
+    persistent_workers: bool = True  # the loader's processes live from epoch to epoch (loader_workers > 0)
+    prefetch_factor: int = 2  # batches each loader process prepares ahead (loader_workers > 0)
 
     def __post_init__(self) -> None:
         _require(self.eval_batch_size >= 1, f"data.eval_batch_size must be >= 1, got {self.eval_batch_size}")
         _require(self.max_train_images >= 0, f"data.max_train_images must be >= 0, got {self.max_train_images}")
         _require(self.max_val_images >= 0, f"data.max_val_images must be >= 0, got {self.max_val_images}")
+        _require(0 <= self.loader_workers <= MAX_LOADER_WORKERS,
+                 f"data.loader_workers must be between 0 (load in the training process) and {MAX_LOADER_WORKERS}, "
+                 f"got {self.loader_workers}")
+        _require(self.pin_memory is None or isinstance(self.pin_memory, bool),
+                 f"data.pin_memory must be true, false or null (on when training on a CUDA device), "
+                 f"got {self.pin_memory!r}")
+        _require(self.prefetch_factor >= 1, f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
 
 
 @dataclass(frozen=True)
@@ -424,7 +440,9 @@ SMOKE_OVERRIDES: dict[str, Any] = {
     "train": {"steps": 12, "batch_size": 2, "crop": [64, 64], "log_every": 2, "checkpoint_every": 6},
     "clustering": {"update_every": 4, "k": 2, "alpha": 1.0},  # alpha > 0: with K = 2, eq. 2 is 0 otherwise
     "store": {"switch_lag": 1, "kmeans_iterations": 5},
-    "data": {"max_train_images": 16, "max_val_images": 6, "eval_batch_size": 2},
+    # a few tiny images: loader processes would only add their start to every smoke run (and processes to
+    # every Ray worker); tests/pipeline/test_train_data.py trains with them
+    "data": {"max_train_images": 16, "max_val_images": 6, "eval_batch_size": 2, "loader_workers": 0},
 }
 
 

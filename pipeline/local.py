@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
 
 from divdr.gates import set_temperature
 from pipeline import tracking
@@ -37,6 +36,7 @@ from pipeline.loop import (
 )
 from pipeline.schedule import switch_step
 from pipeline.tasks import limit, make_task
+from pipeline.train_data import local_device, train_loader
 
 CHECKPOINT = Path("checkpoint") / "state.pt"
 PREVIOUS_CHECKPOINT = Path("checkpoint") / "previous.pt"
@@ -100,7 +100,7 @@ def load_checkpoint(trainer: Trainer, run_dir: Path) -> None:
         if not path.is_file():
             continue
         try:
-            state = torch.load(path, weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)  # wherever it was saved
         except Exception as err:  # truncated or otherwise unreadable: try the previous one
             failures.append(f"{path}: {type(err).__name__}: {err}")
             print(f"checkpoint {path} is unreadable ({err}); trying the previous one", flush=True)
@@ -118,24 +118,23 @@ def run_local(cfg: ExperimentConfig, run_dir: Path, uri: str, run_id: str) -> di
     resumes from the run folder's checkpoint if there is one. Returns the final metrics."""
     torch.set_num_threads(cfg.scaling.torch_threads)
     torch.manual_seed(cfg.train.seed)
+    device = local_device(cfg)
     task = make_task(cfg)
     train_set = limit(task.train_dataset(), cfg.data.max_train_images)
-    # the same order of images as a one-worker Ray run
-    sampler = DistributedSampler(train_set, num_replicas=1, rank=0, shuffle=True, seed=cfg.train.seed, drop_last=True)
-    loader = DataLoader(train_set, batch_size=min(cfg.train.batch_size, len(train_set)), sampler=sampler,
-                        drop_last=True, collate_fn=task.collate)
+    batches = train_loader(cfg, train_set, task.collate, device)  # the batches of a one-worker Ray run
     sink = tracking.Tracker(uri, run_id, str(run_dir))
     store = None
     if cfg.store.enabled:
         store = CentroidStoreImpl(len(train_set), cfg.model.a_dim, 1, cfg.train.steps, cfg.clustering, cfg.store,
-                                  str(run_dir / "store"), cfg.train.seed)
+                                  str(run_dir / "store"), cfg.train.seed, gpu=device.type == "cuda")
     logger = LogMetrics(sink)
     hooks: list[Hook] = [*([LocalCentres(store, sink)] if store is not None else []), logger,
                          PeriodicEvaluation(sink), Checkpoints(save_checkpoint(run_dir), logger)]
-    trainer = Trainer(cfg, task, task.build_model(), hooks=hooks)
+    trainer = Trainer(cfg, task, task.build_model().to(device), hooks=hooks)
     load_checkpoint(trainer, run_dir)
     started = time.perf_counter()
-    trainer.fit(loader, sampler)
+    trainer.fit(batches, batches.sampler)
+    del batches  # the loader's processes end here, before the evaluation
     set_temperature(trainer.net, cfg.model.gate.temperature.final)  # evaluate at the final tau (gumbel gates)
     metrics = final_evaluation(trainer, store.status() if store is not None else {}, sink)
     metrics["store"] = store.status() if store is not None else None

@@ -38,7 +38,9 @@ LOCKS = ".locks"
 RUN_MARKERS = (CONFIG_FILE, RESULT_FILE, "mlflow_run_id", "store", "checkpoint", "artifacts")
 # keys a resumed run may change: where things are and how they are tracked, not what is trained
 RESUMABLE_CHANGES = ("name", "description", "data.root", "data.eval_batch_size", "tracking.uri",
-                     "tracking.experiment", "storage.path", "scaling.torch_threads")
+                     "tracking.experiment", "storage.path", "scaling.torch_threads",
+                     # how batches are loaded, never which (pipeline.train_data)
+                     "data.loader_workers", "data.pin_memory", "data.persistent_workers", "data.prefetch_factor")
 
 
 class RunState(Enum):

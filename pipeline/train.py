@@ -236,12 +236,24 @@ def banner(cfg: ExperimentConfig, run_dir: Path, local: bool) -> str:
             f"data {cfg.data.root}; into {run_dir} ===")
 
 
+def ray_train_scaling(cfg: ExperimentConfig) -> tuple[Any, Any]:
+    """Ray Train's ``TorchConfig`` and ``ScalingConfig`` for ``cfg.scaling``: DDP over NCCL between GPU
+    workers (one GPU each; Ray Train sets each worker's CUDA device), over gloo between CPU workers."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig
+
+    scaling = cfg.scaling
+    return (TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+            ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.use_gpu,
+                          resources_per_worker={"CPU": scaling.cpus_per_worker}))
+
+
 def _run_ray(cfg: ExperimentConfig, out: Path, run_dir: Path, uri: str, run_id: str,
              faults: str | None) -> dict[str, Any]:
     """TorchTrainer.fit with the run's tracker and centroid store actors."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from pipeline.centroid_store import CentroidStore, store_name
@@ -260,13 +272,12 @@ def _run_ray(cfg: ExperimentConfig, out: Path, run_dir: Path, uri: str, run_id: 
                 num_samples, cfg.model.a_dim, cfg.scaling.workers, cfg.train.steps, cfg.clustering, cfg.store,
                 str(run_dir / "store"), cfg.train.seed)
             _check_store(store, run_dir)
+        torch_config, scaling_config = ray_train_scaling(cfg)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"experiment": cfg, "store": store, "tracker": tracker, "run_dir": str(run_dir),
                                "faults": faults_from_env() if faults is None else faults},
-            torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
-                                         resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+            torch_config=torch_config, scaling_config=scaling_config,
             run_config=RunConfig(name=cfg.run_name, storage_path=cfg.storage.path or str(out / "ray_results"),
                                  failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2)),

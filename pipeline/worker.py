@@ -23,7 +23,6 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
 
 from divdr.gates import set_temperature
 from pipeline.config import ExperimentConfig
@@ -42,6 +41,7 @@ from pipeline.loop import (
 )
 from pipeline.schedule import kmeans_trigger_steps, switch_step
 from pipeline.tasks import limit, make_task
+from pipeline.train_data import train_loader
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class RayWorld:
         self.rank, self.size = context.get_world_rank(), context.get_world_size()
 
     def all_finite(self, value: torch.Tensor) -> bool:
-        flag = torch.tensor([float(torch.isfinite(value).all())])
+        flag = torch.isfinite(value).all().float().view(1)  # on value's device: NCCL reduces CUDA tensors only
         if self.size > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item() > 0)
@@ -180,10 +180,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     task = make_task(cfg)
     train_set = limit(task.train_dataset(), cfg.data.max_train_images)
-    sampler = DistributedSampler(train_set, num_replicas=world.size, rank=world.rank, shuffle=True,
-                                 seed=cfg.train.seed, drop_last=True)
-    batch_size = min(cfg.train.batch_size, max(1, len(train_set) // world.size))
-    loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=task.collate)
+    # use_gpu: the GPU Ray Train gave this worker (prepare_model puts the network there)
+    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+    batches = train_loader(cfg, train_set, task.collate, device, world.rank, world.size)
 
     net = task.build_model()
     # store.enabled=false: no store, nothing streamed, no centres (DR only; checked in the config)
@@ -195,7 +194,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
              logger, PeriodicEvaluation(sink), Checkpoints(_report_checkpoint, logger)]
     trainer = Trainer(cfg, task, net, ray.train.torch.prepare_model(net), world, hooks)
     _restore(trainer)
-    trainer.fit(loader, sampler)
+    trainer.fit(batches, batches.sampler)
+    del batches  # the loader's processes end here, before the evaluation
     if sender is not None:
         sender.flush()
     set_temperature(net, cfg.model.gate.temperature.final)  # evaluate at the final tau (gumbel gates)
@@ -319,7 +319,7 @@ def _restore(trainer: Trainer) -> None:
     for checkpoint in _newest_first(latest):
         try:
             with checkpoint.as_directory() as folder:
-                state = torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=True)
+                state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
         except Exception as err:  # any unreadable checkpoint: try the one before
             failures.append(f"{checkpoint.path}/{CHECKPOINT_FILE}: {type(err).__name__}: {err}")
             log.error("rank %d: checkpoint %s/%s is unreadable (%s); trying the one before", trainer.world.rank,

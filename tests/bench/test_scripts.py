@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from bench import gpu, inference_latency, kmeans, memory, ray_vs_plain, step_time, store_scale
+from bench import gpu, inference_latency, kmeans, loader, memory, ray_vs_plain, step_time, store_scale
 
 
 def _run(module, tmp_path, *extra):
@@ -51,6 +51,15 @@ def test_memory(tmp_path):
     assert store["buffer_mib"] > 0 and store["peak_mib"] >= store["after_imports_mib"]
     (worker,) = out["worker"]
     assert worker["peak_mib"] > worker["after_imports_mib"]
+
+
+def test_loader(tmp_path):
+    out = _run(loader, tmp_path)
+    (setting,) = out["settings"].values()
+    assert set(setting["images_per_s"]) == {"loader w0", "loader w1", "CPU step"}
+    assert all(v["median"] > 0 for v in setting["images_per_s"].values())
+    assert setting["loader_over_cpu_step"]["loader w0"]["median"] > 0 and setting["cores_for_h200_target"] > 0
+    assert set(setting["stages_ms"]) >= {"decode image", "rescale"}
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from divdr.clustering import (
     subset_probe,
     subset_variance_share,
 )
+from tests.divdr.doubles import FakeGpu
 
 BLOB_CENTRES = np.array([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0]])
 
@@ -239,3 +240,30 @@ def test_subset_probe_ignores_closed_gates_and_names_bad_input():
         subset_probe(x, labels, x[:4], labels[:3])
     with pytest.raises(ClusteringError, match=">= 2 train subsets"):
         subset_probe(x, np.zeros(len(x), int), x, labels)
+
+
+# ---------------------------------------------------------------- FAISS on a GPU (faked: CI has none)
+
+
+def test_faiss_without_gpu_code_has_no_gpu(monkeypatch):
+    monkeypatch.delattr(clustering.faiss, "StandardGpuResources", raising=False)
+    assert clustering.faiss_gpus() == 0
+    assert isinstance(clustering.flat_l2_index(4, gpu=True), clustering.faiss.IndexFlatL2)
+
+
+def test_kmeans_runs_on_a_gpu_only_when_asked_and_faiss_has_one(monkeypatch):
+    x, _ = _blobs(40)
+    on_cpu = kmeans(x, 3, seed=1)
+    fake = FakeGpu(monkeypatch, gpus=1)
+    assert kmeans(x, 3, seed=1).centres.tolist() == on_cpu.centres.tolist() and fake.indexes == []
+    on_gpu = kmeans(x, 3, seed=1, gpu=True)
+    assert fake.indexes and set(fake.indexes) == {2}  # every FAISS round and the final assignment
+    assert fake.temp_memory == [clustering.GPU_TEMP_MEMORY]  # one set of resources, its scratch memory capped
+    assert on_gpu.centres.tolist() == on_cpu.centres.tolist()  # the fake GPU index computes as the CPU's
+    assert assign(x, on_gpu.centres, gpu=True).tolist() == on_cpu.assignments.tolist()
+
+
+def test_no_visible_gpu_keeps_kmeans_on_the_cpu(monkeypatch):
+    fake = FakeGpu(monkeypatch, gpus=0)
+    kmeans(_blobs(10)[0], 3, gpu=True)
+    assert fake.indexes == [] and clustering.faiss_gpus() == 0

@@ -6,6 +6,7 @@ import pytest
 from divdr.config import ClusteringConfig
 from pipeline.centroid_store import CentroidStoreImpl
 from pipeline.config import StoreConfig
+from tests.divdr.doubles import FakeGpu
 
 DIM = 6
 
@@ -117,3 +118,16 @@ def test_fresh_kmeans_start_ignores_the_previous_centres():
     fresh.publish(fresh.cluster(*fresh.take_batch()))
     assert sorted(fresh.history[-1]["cluster_sizes"]) == [20, 20, 20]
     assert np.abs(fresh.centres).max() < 2.0
+
+
+@pytest.mark.parametrize(("asked", "gpus", "on_gpu"), [(True, 1, True), (True, 0, False), (False, 1, False)])
+def test_the_store_clusters_on_a_gpu_only_where_it_was_given_one_and_faiss_has_one(monkeypatch, asked, gpus,
+                                                                                     on_gpu):
+    fake = FakeGpu(monkeypatch, gpus)
+    store = CentroidStoreImpl(60, DIM, 1, 20, ClusteringConfig(k=3, update_every=5), StoreConfig(), None, gpu=asked)
+    points, _ = blobs(20)
+    store.ingest(0, 4, np.arange(60), points)
+    store.publish(store.cluster(*store.take_batch()))
+    assert store.status()["kmeans_on_gpu"] is on_gpu
+    assert bool(fake.indexes) is on_gpu
+    assert sorted(store.history[-1]["cluster_sizes"]) == [20, 20, 20]

@@ -1,6 +1,10 @@
 """cluster.yaml passes Ray's own cluster-config schema (prepare, then validate, as Ray's tests do),
 with no cloud credentials, and never exposes the dashboard, job API or GCS ports."""
 
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +29,100 @@ def test_gpu_workers_and_autoscaling_bounds(config):
     assert workers["node_config"]["InstanceType"].startswith(("g", "p"))
     assert 0 <= workers["min_workers"] <= workers["max_workers"] <= config["max_workers"]
     assert config["available_node_types"]["head"]["resources"] == {"CPU": 0}
-    assert any("[gpu]" in c for c in config["setup_commands"])
+
+
+# ---- installing on a node: torch for the node's driver, then the project ------------------------------
+
+SETUP = CLUSTER_YAML.parent / "cluster-setup.sh"
+SMI_HEADER = """+-----------------------------------------------------------------------------------------+
+| NVIDIA-SMI {driver}             Driver Version: {driver}     CUDA Version: {cuda}     |
+|-----------------------------------------+------------------------+----------------------+
+"""
+
+
+def fake_nvidia_smi(folder: Path, driver: str | None, cuda: str | None) -> Path:
+    """An nvidia-smi that prints the header of a driver (or, with ``cuda`` None, fails as on a CPU node)."""
+    path = folder / "nvidia-smi"
+    if cuda is None:
+        body = ('echo "NVIDIA-SMI has failed because it couldn\'t communicate with the NVIDIA driver." >&2\n'
+                "exit 9\n")
+    else:
+        body = f"cat <<'EOF'\n{SMI_HEADER.format(driver=driver, cuda=cuda)}EOF\n"
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+def setup(command: str, nvidia_smi: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", f'source "{SETUP}" && {command}'], capture_output=True, text=True,
+                          env={"PATH": os.environ["PATH"], "NVIDIA_SMI": nvidia_smi, **env}, check=False)
+
+
+@pytest.mark.parametrize(("driver", "cuda", "index"), [
+    ("535.230.02", "12.2", "cu126"),  # a CUDA 12 deep-learning image: minor-version compatibility
+    ("560.35.03", "12.6", "cu126"),
+    ("570.133.20", "12.8", "cu128"),
+    ("575.57.08", "12.9", "cu128"),
+    ("580.65.06", "13.0", "cu130"),
+    ("590.10.01", "13.1", "cu130"),
+])
+def test_a_gpu_node_gets_the_wheels_of_its_driver(tmp_path, driver, cuda, index):
+    done = setup("torch_index", str(fake_nvidia_smi(tmp_path, driver, cuda)))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == index
+
+
+def test_a_cpu_node_gets_the_cpu_wheels(tmp_path):
+    missing = setup("torch_index", str(tmp_path / "no-such-nvidia-smi"))
+    failing = setup("torch_index", str(fake_nvidia_smi(tmp_path, None, None)))  # the head: a GPU image, no GPU
+    assert (missing.stdout.strip(), failing.stdout.strip()) == ("cpu", "cpu")
+    assert "no nvidia-smi" in missing.stderr and "reaches no driver" in failing.stderr
+
+
+def test_a_driver_older_than_cuda_12_stops_the_setup(tmp_path):
+    done = setup("torch_index", str(fake_nvidia_smi(tmp_path, "470.256.02", "11.4")))
+    assert done.returncode != 0 and done.stdout == ""
+    assert "supports CUDA 11.4" in done.stderr and "CUDA 12 or later" in done.stderr
+
+
+def test_the_project_is_installed_without_replacing_the_nodes_torch(tmp_path):
+    """The whole install with a python whose pip only records what it is asked (the snippet that reads
+    the installed versions runs in this environment's python): torch from the driver's index first,
+    then the project constrained to the torch and torchvision installed."""
+    log = tmp_path / "calls.log"
+    python = tmp_path / "python"
+    python.write_text(f"""#!/bin/sh
+if [ "$1" = "-c" ]; then echo "-c" >> {log}; exec {sys.executable} "$@"; fi
+echo "$@" >> {log}
+prev=""
+for a in "$@"; do if [ "$prev" = "-c" ]; then cat "$a" >> {log}; fi; prev=$a; done
+""")
+    python.chmod(0o755)
+    done = setup("install_node /home/ubuntu/divdr", str(fake_nvidia_smi(tmp_path, "570.133.20", "12.8")),
+                 PYTHON=str(python))
+    assert done.returncode == 0, done.stderr
+    calls = log.read_text().splitlines()
+    assert calls[0] == ("-m pip install -q torch>=2.9,<2.15 torchvision>=0.24,<0.30 "
+                        "--index-url https://download.pytorch.org/whl/cu128")
+    assert calls[1] == "-c"
+    assert calls[2].startswith("-m pip install -q -c ") and calls[2].endswith(" -e /home/ubuntu/divdr")
+    from importlib.metadata import version
+
+    # the constraints pip was given: the installed versions as pip knows them (a download.pytorch.org
+    # wheel's carry its build tag, 2.10.0+cu128; PyPI's 2.14.1 here carries none)
+    assert calls[3:] == [f"torch=={version('torch')}", f"torchvision=={version('torchvision')}"]
+
+
+def test_every_node_runs_the_setup_and_its_torch_range_is_the_projects(config):
+    import tomllib
+
+    assert config["setup_commands"] == ["bash /home/ubuntu/divdr/cluster-setup.sh /home/ubuntu/divdr"]
+    assert config["file_mounts"]["/home/ubuntu/divdr"] == "."  # the script travels with the project
+    dependencies = tomllib.loads((CLUSTER_YAML.parent / "pyproject.toml").read_text())["project"]["dependencies"]
+    script = SETUP.read_text()
+    for name in ("torch", "torchvision"):
+        (spec,) = [d for d in dependencies if re.match(rf"{name}\b(?!vision)", d)]
+        assert f'{name.upper()}_SPEC="{spec}"' in script
 
 
 def test_no_private_port_open_to_the_internet(config):

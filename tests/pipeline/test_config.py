@@ -81,6 +81,32 @@ def test_a_section_or_a_name_given_a_value_of_the_wrong_kind_is_rejected_by_name
         resolve(None, None, [override])
 
 
+@pytest.mark.parametrize(("override", "message"), [
+    ("data.loader_workers=-1", r"data\.loader_workers must be between 0 \(load in the training process\) and 64"),
+    ("data.loader_workers=1000", r"data\.loader_workers must be between 0 .* and 64, got 1000"),
+    ("data.loader_workers=1.5", r"data\.loader_workers must be an integer, got 1\.5"),
+    ("data.pin_memory=sometimes", r"data\.pin_memory must be true, false or null .*, got 'sometimes'"),
+    ("data.pin_memory=1", r"data\.pin_memory must be true, false or null .*, got 1"),
+    ("data.persistent_workers=2", r"data\.persistent_workers must be true or false, got 2"),
+    ("data.prefetch_factor=0", r"data\.prefetch_factor must be >= 1, got 0"),
+])
+def test_loader_settings_rejected_by_name(override, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve(None, None, [override])
+
+
+def test_loader_settings_from_a_file_and_from_set(tmp_path):
+    default = resolve(None, None, []).data
+    assert (default.loader_workers, default.pin_memory, default.persistent_workers, default.prefetch_factor) == (
+        2, None, True, 2)
+    path = tmp_path / "exp.yaml"
+    path.write_text("data:\n  loader_workers: 0\n  pin_memory: true\n  prefetch_factor: 4\n")
+    data = resolve(None, path, ["data.persistent_workers=false"]).data
+    assert (data.loader_workers, data.pin_memory, data.persistent_workers, data.prefetch_factor) == (0, True, False, 4)
+    assert resolve(None, path, ["data.pin_memory=null"]).data.pin_memory is None
+    assert resolve(None, path, []).flat()["data.loader_workers"] == 0
+
+
 def test_learning_rate_must_be_finite_even_when_built_directly():
     from pipeline.config import TrainConfig
 

@@ -124,6 +124,16 @@ def test_config_differences_name_what_changed_but_not_where_things_are():
     assert not any(d.startswith(("data.root", "tracking.uri", "name")) for d in differences)
 
 
+def test_how_batches_are_loaded_may_change_on_resume():
+    """The loader's settings change how fast batches come, never which (pipeline.train_data)."""
+    a = smoke("name=r").to_dict()
+    b = smoke("name=r", "data.loader_workers=0", "data.pin_memory=true", "data.persistent_workers=false",
+              "data.prefetch_factor=4").to_dict()
+    assert config_differences(a, b) == []
+    del a["data"]["loader_workers"]  # a run started before the loader had settings
+    assert config_differences(a, b) == []
+
+
 def test_credentials_in_the_tracking_uri_are_never_saved_or_printed():
     cfg = smoke("tracking.uri=http://alice:s3cret@127.0.0.1:5000")
     assert cfg.tracking.uri == "http://alice:s3cret@127.0.0.1:5000"  # the runtime keeps it

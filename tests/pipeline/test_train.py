@@ -36,3 +36,16 @@ def test_a_relative_out_inside_a_ray_job_is_refused(tmp_path):
         persistent_out(Path("runs"), cwd=job_copy)
     assert persistent_out(tmp_path / "runs", cwd=job_copy) == tmp_path / "runs"
     assert persistent_out(Path("runs"), cwd=tmp_path) == tmp_path / "runs"  # elsewhere: resolved
+
+
+@pytest.mark.parametrize(("use_gpu", "backend"), [(False, "gloo"), (True, "nccl")])
+def test_gpu_workers_train_over_nccl_with_one_gpu_each(use_gpu, backend):
+    from pipeline.config import resolve
+    from pipeline.train import ray_train_scaling
+
+    cfg = resolve(None, None, [f"scaling.use_gpu={str(use_gpu).lower()}", "scaling.workers=3",
+                               "scaling.cpus_per_worker=2"])
+    torch_config, scaling = ray_train_scaling(cfg)
+    assert torch_config.backend == backend
+    assert scaling.num_workers == 3 and scaling.use_gpu is use_gpu
+    assert scaling._resources_per_worker_not_none == {"CPU": 2.0, **({"GPU": 1} if use_gpu else {})}
