@@ -177,18 +177,15 @@ def route_flops(model: DynamicRoutingSegmenter, route: torch.Tensor, height: int
     return float(real_cost(route[None].double(), table)[0]) - float(table.gate.sum())
 
 
-def cluster_routes(gates: np.ndarray | torch.Tensor, assignments: np.ndarray, k: int) -> torch.Tensor:
-    """Per cluster the mean of its images' gates, [k, cells, 3]: the route of the cluster's centre (a path
-    open for any of its images stays open). ``gates``: [N, cells, 3] (``BackboneOutput.gates`` of N images,
-    e.g. ``InferenceResult.gates``), ``assignments``: [N] cluster of each image."""
+def cluster_routes(gates: np.ndarray | torch.Tensor, assignments: np.ndarray, k: int) -> dict[int, torch.Tensor]:
+    """Per cluster with images, the mean of its images' gates [cells, 3]: the route of the cluster's centre
+    (a path open for any of its images stays open). ``gates``: [N, cells, 3] (``BackboneOutput.gates`` of N
+    images, e.g. ``InferenceResult.gates``), ``assignments``: [N] cluster of each image, in 0 .. k-1."""
     gates = torch.as_tensor(np.asarray(gates), dtype=torch.float32)
     assignments = np.asarray(assignments)
     if gates.ndim != 3 or gates.shape[-1] != 3 or len(assignments) != len(gates):
         raise ValueError(f"gates must be [N, cells, 3] with one assignment per image; got {tuple(gates.shape)} "
                          f"and {len(assignments)} assignments")
-    empty = [c for c in range(k) if not (assignments == c).any()]
-    if empty:
-        raise ValueError(f"clusters {empty} have no image: no route to take from them")
-    return torch.stack([gates[torch.from_numpy(assignments == c)].mean(0) for c in range(k)])
-
-
+    if len(assignments) and not ((assignments >= 0) & (assignments < k)).all():
+        raise ValueError(f"assignments must be clusters 0 .. {k - 1}")
+    return {c: gates[torch.from_numpy(assignments == c)].mean(0) for c in range(k) if (assignments == c).any()}

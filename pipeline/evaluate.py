@@ -12,6 +12,12 @@ data root), runs the model over the val split (paths really skipped) and reports
 - each image's cluster: its nearest centre among the run's reported centres (``pipeline.trained_run``),
   with the distance; ``OUT/images.parquet`` per image, ``OUT/routes.png`` the centres' routes;
 - ``OUT/evaluation.json``: everything above.
+- with ``--export-routes`` (segmentation): each cluster's route (the mean gates of its images,
+  ``divdr.export.cluster_routes``) exported as a static gate-free network (``divdr.export``), saved with
+  ``torch.export`` as ``OUT/routes/cluster<k>.pt2`` (loads with ``torch.export.load`` alone, no divdr code;
+  for images of the val images' size), with its GFLOPs and its mIoU on its cluster's images beside the
+  dynamic network's on the same images: what deploying DivDR's K architectures instead of the dynamic
+  network costs in accuracy and buys in FLOPs.
 
 On the run's own data the val images are those the run scored (its ``data.max_val_images``), so the
 figures are the run's own; ``--all-val`` scores every val image instead (what ``divdr eval-seg`` needs
@@ -47,10 +53,13 @@ from divdr.detection import DynamicRoutingDetector
 from divdr.detection_eval import REFERENCE_SIZE as DETECTION_REFERENCE_SIZE
 from divdr.detection_eval import iou_types_for, run_detection_inference, score_detections
 from divdr.evaluation import REFERENCE_SIZE, InferenceResult, run_inference
+from divdr.export import cluster_routes, export_route, route_flops
+from divdr.metrics import ConfusionMatrix
 from pipeline.analysis import routes_plot
 from pipeline.trained_run import RunDirError, TrainedRun, load_run, nearest_centre
 
 PREDICTIONS_DIR = "labelIds"
+EXPORT_DIR = "routes"
 REPORT_FILE = "evaluation.json"
 IMAGES_FILE = "images.parquet"
 ROUTES_FILE = "routes.png"
@@ -77,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--all-val", action="store_true",
                         help="score every val image of the run's data, not only those the run scored "
                              "(its data.max_val_images)")
+    parser.add_argument("--export-routes", action="store_true",
+                        help="segmentation: export each cluster's route as a static network (OUT/routes/*.pt2) "
+                             "and score it on its cluster's images")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
     return parser
 
@@ -186,8 +198,50 @@ def agreement_with_run(run: TrainedRun, routing: InferenceResult, clusters: np.n
     return [sum(int(r == c) for r, c in pairs), len(pairs)]
 
 
+def export_routes(run: TrainedRun, root: Path, routing: InferenceResult, clusters: np.ndarray, k: int,
+                  out: Path) -> list[dict[str, Any]]:
+    """Per non-empty cluster: its route exported (``OUT/routes/cluster<k>.pt2``), its GFLOPs at the images'
+    size and at the reference size, and the mIoU of the static network and of the dynamic one on the cluster's
+    images."""
+    sizes = {_height_width(root / f) for f in routing.files}
+    if len(sizes) != 1:
+        raise EvaluationError(f"--export-routes needs val images of one size (a static network is exported for "
+                              f"one input size); {root} has {sorted(sizes)}")
+    (height, width), = sizes
+    dataset = CityscapesSegmentation(root, "val")
+    model = run.model.eval()
+    device = next(model.parameters()).device
+    folder = out / EXPORT_DIR
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    routes = cluster_routes(routing.gates, clusters, k)
+    rows = []
+    for cluster in range(k):
+        members = routing.sample_ids[clusters == cluster]
+        if cluster not in routes:
+            rows.append({"cluster": cluster, "images": 0})
+            continue
+        route = routes[cluster]
+        static = export_route(model, route).to(device)
+        confusion = ConfusionMatrix(model.config.num_classes)
+        with torch.no_grad():
+            for index in members:
+                sample = dataset[int(index)]
+                confusion.update(static(sample["image"][None].to(device)).argmax(1).cpu(), sample["label"][None])
+            program = torch.export.export(static, (dataset[int(members[0])]["image"][None].to(device),))
+        path = folder / f"cluster{cluster}.pt2"
+        torch.export.save(program, path)
+        dynamic = run_inference(model, dataset, 1, indices=members.tolist()).scores.miou
+        reference = f"gflops_{REFERENCE_SIZE[0]}x{REFERENCE_SIZE[1]}"
+        rows.append({"cluster": cluster, "images": len(members), "file": str(path),
+                     "gflops": route_flops(model, route, height, width) / 1e9,
+                     reference: route_flops(model, route, *REFERENCE_SIZE) / 1e9,
+                     "miou_static": confusion.compute().miou, "miou_dynamic": dynamic})
+    return rows
+
+
 def evaluate(run_dir: Path, data: Path | None = None, out: Path | None = None,
-             all_val: bool = False) -> dict[str, Any]:
+             all_val: bool = False, routes: bool = False) -> dict[str, Any]:
     """Score the run in ``run_dir`` (see the module doc); returns what ``evaluation.json`` holds."""
     run = load_run(run_dir)
     own_data = data is None or data.resolve() == run.data_root.resolve()
@@ -223,6 +277,10 @@ def evaluate(run_dir: Path, data: Path | None = None, out: Path | None = None,
         "reported": _reported(run.run_dir),
         "out": str(out),
     }
+    if routes:
+        if detection:
+            raise EvaluationError("--export-routes is for segmentation runs (a detector's heads are not exported)")
+        report["routes"] = export_routes(run, root, routing, clusters, k, out)
     (out / REPORT_FILE).write_text(json.dumps(_json_safe(report), indent=2))
     return report
 
@@ -292,13 +350,18 @@ def format_report(report: dict[str, Any]) -> str:
                          "data.max_val_images; --all-val predicts every one, for divdr eval-seg on the gtFine folder)")
     else:
         lines.append(f"  detections (COCO results JSON): {report['detections']}")
+    for row in report.get("routes", []):
+        if row["images"]:
+            lines.append(f"  route of cluster {row['cluster']} ({row['images']} images): {row['gflops']:.4f} GFLOPs, "
+                         f"mIoU {100 * row['miou_static']:.2f} static / {100 * row['miou_dynamic']:.2f} dynamic "
+                         f"-> {row['file']}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     try:
-        report = evaluate(args.run_dir, args.data, args.out, args.all_val)
+        report = evaluate(args.run_dir, args.data, args.out, args.all_val, args.export_routes)
     except (RunDirError, EvaluationError, DatasetError, LabelError) as error:
         print(f"pipeline/evaluate.py: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

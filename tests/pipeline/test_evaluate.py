@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from divdr.cli import main as divdr_main
@@ -87,6 +88,23 @@ def test_the_text_report_names_the_figures_and_the_eval_seg_command(seg_run, cap
     assert f"mIoU {miou}" in text and f"(the run reported mIoU {miou})" in text
     assert "road" in text and "at 1024x2048" in text and "6 of the 6 images the run clustered as it did" in text
     assert f"divdr eval-seg --pred {run_dir / 'evaluation' / 'labelIds'}" in text
+
+
+def test_each_clusters_route_exported_as_a_static_network(seg_run, tmp_path, capsys):
+    """--export-routes: one torch.export program per cluster with images, loadable without divdr, that gives
+    the static network's predictions; its FLOPs and mIoU on its cluster's images next to the dynamic net's."""
+    run_dir, _ = seg_run
+    report = _evaluate_json(capsys, run_dir, "--out", tmp_path / "ev", "--export-routes")
+    rows = [row for row in report["routes"] if row["images"]]
+    assert sum(row["images"] for row in report["routes"]) == report["images"] and rows
+    images = {row["cluster"]: row["images"] for row in report["routes"]}
+    assert [images[c] for c in range(len(report["cluster_sizes"]))] == report["cluster_sizes"]
+    for row in rows:
+        assert 0 <= row["miou_static"] <= 1 and 0 <= row["miou_dynamic"] <= 1
+        assert 0 < row["gflops"] < report["gflops_real"] * 2
+        program = torch.export.load(row["file"])
+        assert not any("gate" in name for name, _ in program.named_parameters())
+    assert (tmp_path / "ev" / "routes").is_dir()
 
 
 def test_another_dataset_of_the_same_layout_is_scored_whole(seg_run, tmp_path, capsys):
