@@ -194,6 +194,7 @@ class Trainer:
         self.hooks = list(hooks)
         self.optimizer = build_optimizer(net, cfg.train)
         self.precision = Precision(cfg.train.precision, next(net.parameters()).device.type)
+        self._device_centres: tuple[Any, torch.Tensor | None] = (None, None)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self.centres = centres or CentreState()
         self.step = 0  # steps done (a restored trainer starts where its checkpoint stopped)
@@ -204,6 +205,14 @@ class Trainer:
     @property
     def progress(self) -> float:
         return self.step / self.cfg.train.steps
+
+    def _centres_on(self, device: torch.device) -> torch.Tensor:
+        """The current centres on the training device, copied once per centre version, not at every step
+        (a host-to-device copy would synchronise a GPU step)."""
+        key = (id(self.centres.centres), device)
+        if self._device_centres[0] != key:
+            self._device_centres = (key, self.centres.centres.to(device))
+        return self._device_centres[1]
 
     @property
     def done(self) -> bool:
@@ -223,7 +232,7 @@ class Trainer:
         centres = self.centres
         terms = total_loss(task_loss, cost_ratio=ratio, progress=self.progress, budget=cfg.budget,
                            clustering=cfg.clustering, activations=acts,
-                           centres=centres.centres if centres.usable() else None, sigma2=centres.sigma2,
+                           centres=self._centres_on(acts.device) if centres.usable() else None, sigma2=centres.sigma2,
                            resource=cfg.resource, correct=out.correct)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
