@@ -120,11 +120,12 @@ def _resample(image: torch.Tensor, rows: BilinearTaps, cols: BilinearTaps) -> to
     window = image[:, top:bottom, left:right].permute(1, 2, 0)  # [h, w, C]: rows are contiguous for HWC
     rows, cols = rows.shifted(top), cols.shifted(left)
     dtype = image.dtype if image.is_floating_point() else torch.float32
-    sampled = (window.index_select(0, rows.index0).to(dtype) * rows.weight0[:, None, None]
-               + window.index_select(0, rows.index1).to(dtype) * rows.weight1[:, None, None])
-    sampled = (sampled.index_select(1, cols.index0) * cols.weight0[:, None]
-               + sampled.index_select(1, cols.index1) * cols.weight1[:, None])
-    return sampled.permute(2, 0, 1)
+    # in place on the gathered copies (index_select allocates): about twice as fast as out-of-place
+    sampled = window.index_select(0, rows.index0).to(dtype).mul_(rows.weight0[:, None, None])
+    sampled.addcmul_(window.index_select(0, rows.index1).to(dtype), rows.weight1[:, None, None])
+    out = sampled.index_select(1, cols.index0).mul_(cols.weight0[:, None])
+    out.addcmul_(sampled.index_select(1, cols.index1), cols.weight1[:, None])
+    return out.permute(2, 0, 1)
 
 
 def scaled_crop(image: torch.Tensor, label: torch.Tensor, scaled: tuple[int, int], corner: tuple[int, int],

@@ -218,3 +218,7 @@ def test_source_is_left_untouched() -> None:
     before = pixels.clone(), label.clone()
     RandomScaleCropFlip(config)(pixels, label, torch.Generator().manual_seed(0), normalize=normalize)
     assert torch.equal(pixels, before[0]) and torch.equal(label, before[1])
+    image = normalize(pixels)  # float: the resampling works in place on copies, never on the source
+    kept = image.clone()
+    RandomScaleCropFlip(config)(image, label, torch.Generator().manual_seed(0))
+    assert torch.equal(image, kept)
