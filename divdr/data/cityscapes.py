@@ -58,7 +58,7 @@ def normalize(image: torch.Tensor) -> torch.Tensor:
     mean/std normalised. Per-channel affine, so it commutes with bilinear resampling."""
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (image.float() / MAX_PIXEL_VALUE - mean) / std
+    return (image.float() / MAX_PIXEL_VALUE).sub_(mean).div_(std)  # in place on the quotient: a new tensor
 
 
 def image_tensor(rgb: np.ndarray) -> torch.Tensor:

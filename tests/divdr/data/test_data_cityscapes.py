@@ -109,6 +109,9 @@ def test_transformed_item_is_what_it_was(tmp_path: Path) -> None:
     config = SegTransformConfig(crop_size=(40, 24), scale_range=(0.5, 2.0))
     dataset = CityscapesSegmentation(tmp_path, "train", RandomScaleCropFlip(config))
     whole = CityscapesSegmentation(tmp_path, "train")[0]  # no transform: as before, bit for bit
+    pixels = torch.from_numpy(np.array(Image.open(image).convert("RGB"))).permute(2, 0, 1).float() / 255
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    assert torch.equal(whole["image"], (pixels - mean) / std)  # the formula as it was
     assert torch.equal(whole["image"], normalize_image(np.asarray(Image.open(image).convert("RGB"))))
     assert torch.equal(whole["label"], torch.from_numpy(label_ids_to_train_ids(ids).astype(np.int64)))
     for seed in range(40):
