@@ -189,7 +189,7 @@ class RandomScaleCropFlip:
     align_corners=False, for the image; nearest-exact for the label). A 768x768 crop of a 1024x2048
     image thus costs the crop's pixels, not the whole image's at up to twice its size.
 
-    ``image`` is [C, H, W], float or integer (e.g. the undecoded uint8 pixels, in any memory layout:
+    ``image`` is [C, H, W], float or integer (e.g. the decoded, unnormalised uint8 pixels; any memory layout:
     a [3, H, W] view of an [H, W, 3] array is the fast one); ``label`` is [H, W], any integer dtype,
     returned in that dtype (uint8 keeps a sample small). ``normalize`` is applied to the crop's values
     before padding: a per-channel affine map (e.g. the dataset's ImageNet normalisation), which commutes
