@@ -21,8 +21,9 @@ The GPU's appetite is quoted, not measured here (the GPU check of 2026-11-26, on
 Layer16 768x768 batch 8 trained at 28.7 images/s; the ``small`` net at 128x256 ran ~5 steps/s at batch 16
 (~80 images/s, overhead-bound). The target is 4x those. ``cores_for_*`` divides them by what one core
 prepares (the in-process loader: no copies between processes; an extrapolation: linear scaling over
-cores is assumed, not measured here). ``stages_ms``: where one image's time goes (decode, labels,
-normalisation, rescale, crop and flip), timed on a few images with the dataset's own functions.
+cores is assumed, not measured here). ``stages_ms``: where one image's time goes (decode, labels, the
+scaled crop and flip, normalised: ``RandomScaleCropFlip`` computes only the crop), timed on a few images
+with the dataset's own functions.
 """
 
 from __future__ import annotations
@@ -164,39 +165,34 @@ def step_variant(setting: Setting, root: Path, steps: int) -> dict[str, Any]:
 
 
 def stage_times(setting: Setting, root: Path, count: int) -> dict[str, float]:
-    """Milliseconds per image of each stage of a training sample, on ``count`` images (one thread)."""
+    """Milliseconds per image of each stage of a training sample, on ``count`` images (one thread), as
+    ``CityscapesSegmentation.__getitem__`` runs them with ``RandomScaleCropFlip``."""
     import numpy as np
     import torch
 
     from divdr.data.cityscapes import (
         CityscapesSegmentation,
+        image_tensor,
         label_ids_to_train_ids,
-        normalize_image,
+        normalize,
         read_label_ids,
         read_rgb,
     )
-    from divdr.data.transforms import SegTransformConfig, pad_to, rescale
+    from divdr.data.transforms import RandomScaleCropFlip, SegTransformConfig
 
     data = CityscapesSegmentation(root, "train")
-    config = SegTransformConfig(crop_size=setting.crop, scale_range=setting.scale)
+    transform = RandomScaleCropFlip(SegTransformConfig(crop_size=setting.crop, scale_range=setting.scale))
     generator = torch.Generator().manual_seed(0)
-    times = dict.fromkeys(("decode image", "decode labels", "label ids", "normalise", "rescale", "crop+flip"), 0.0)
+    times = dict.fromkeys(("decode image", "decode labels", "label ids", "scaled crop+flip, normalised"), 0.0)
     for i in range(count):
         marks = [time.perf_counter()]
-        rgb = np.asarray(read_rgb(data.images[i % len(data)]))
+        pixels = image_tensor(np.array(read_rgb(data.images[i % len(data)]), dtype=np.uint8))
         marks.append(time.perf_counter())
         ids = read_label_ids(data.labels[i % len(data)])
         marks.append(time.perf_counter())
-        label = torch.from_numpy(label_ids_to_train_ids(ids).astype(np.int64))
+        label = torch.from_numpy(label_ids_to_train_ids(ids))
         marks.append(time.perf_counter())
-        image = normalize_image(rgb)
-        marks.append(time.perf_counter())
-        scale = setting.scale[0] + (setting.scale[1] - setting.scale[0]) * torch.rand((), generator=generator).item()
-        image, label = rescale(image, label, scale)
-        marks.append(time.perf_counter())
-        image, label = pad_to(image, label, setting.crop, config)
-        image[:, : setting.crop[0], : setting.crop[1]].flip(-1).contiguous()
-        label[: setting.crop[0], : setting.crop[1]].flip(-1).contiguous()
+        transform(pixels, label, generator, normalize=normalize)
         marks.append(time.perf_counter())
         for key, start, end in zip(times, marks, marks[1:], strict=False):
             times[key] += end - start

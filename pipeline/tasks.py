@@ -118,8 +118,9 @@ class SegmentationTask:
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> TaskStep:
         out = model(batch["image"])
-        loss = F.cross_entropy(out.logits, batch["label"], ignore_index=IGNORE_INDEX)
-        correct = correctness(out.logits, batch["label"], self.cfg.resource) if self.cfg.resource.weight else None
+        label = batch["label"].long()  # loaded as uint8 (8x less to copy), widened where the loss needs it
+        loss = F.cross_entropy(out.logits, label, ignore_index=IGNORE_INDEX)
+        correct = correctness(out.logits, label, self.cfg.resource) if self.cfg.resource.weight else None
         return TaskStep(loss, out.backbone, table_for(self._on_device, self.table, out.backbone.gates), correct, {})
 
     def _split(self, split: str) -> CityscapesSegmentation:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -42,16 +43,32 @@ LABEL_DIR = "gtFine"
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
 
-# A joint (image, label) transform, e.g. divdr.data.transforms.RandomScaleCropFlip.
-JointTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+class JointTransform(Protocol):
+    """A joint (image, label) transform, e.g. divdr.data.transforms.RandomScaleCropFlip: it gets the decoded
+    image (uint8 [3, H, W]), the train ids (uint8 [H, W]) and the dataset's ``normalize`` (a per-channel
+    affine map), and returns the image normalised (float32) and the label."""
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor, *, normalize: Callable[[torch.Tensor], torch.Tensor],
+                 ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def normalize(image: torch.Tensor) -> torch.Tensor:
+    """[3, H, W] pixel values on the 0-255 scale (uint8, or float: e.g. resampled) -> float32, ImageNet
+    mean/std normalised. Per-channel affine, so it commutes with bilinear resampling."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (image.float() / MAX_PIXEL_VALUE).sub_(mean).div_(std)  # in place on the quotient: a new tensor
+
+
+def image_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W, 3] -> uint8 [3, H, W], a view of the same memory (no copy)."""
+    return torch.from_numpy(rgb).permute(2, 0, 1)
 
 
 def normalize_image(rgb: np.ndarray) -> torch.Tensor:
-    """uint8 [H, W, 3] -> float32 [3, H, W], ImageNet mean/std normalised."""
-    image = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).float() / MAX_PIXEL_VALUE
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (image - mean) / std
+    """uint8 [H, W, 3] -> float32 [3, H, W], ImageNet mean/std normalised (the whole image)."""
+    return normalize(image_tensor(np.array(rgb, dtype=np.uint8)))
 
 
 def read_png(path: Path, what: str) -> Image.Image:
@@ -92,13 +109,15 @@ class CityscapesSegmentation(Dataset):
     """Cityscapes-layout semantic segmentation.
 
     Each sample is a dict: ``image`` float32 [3, H, W] (ImageNet-normalised), ``label`` int64 [H, W]
-    (train ids 0-18, 255 ignored), ``sample_id`` (index in the sorted file list of the split: the
+    (train ids 0-18, 255 ignored; with a transform, the dtype it returns: uint8 for
+    ``RandomScaleCropFlip``), ``sample_id`` (index in the sorted file list of the split: the
     same file always gets the same id), ``image_id`` (e.g. ``aachen_000000_000019``), ``file`` (image
     path relative to ``root``) and ``subset`` (from ``root/subsets.parquet``; -1 when there is no
     manifest or the image is not listed in it).
 
-    ``transform(image, label)`` is applied after normalisation (training: random scale, crop, flip;
-    evaluation: None, full size).
+    ``transform(image, label, normalize=normalize)`` gets the decoded pixels (uint8) and the train ids
+    (uint8) and normalises what it keeps (training: random scale, crop, flip, which normalises only the
+    crop). Evaluation: no transform, the whole image normalised.
     """
 
     def __init__(self, root: str | Path, split: str, transform: JointTransform | None = None) -> None:
@@ -146,10 +165,12 @@ class CityscapesSegmentation(Dataset):
                 f"{image_path} is {rgb.width}x{rgb.height}"
             )
         train_ids = label_ids_to_train_ids(label_ids, source=str(label_path))
-        image = normalize_image(np.asarray(rgb))
-        label = torch.from_numpy(train_ids.astype(np.int64))
-        if self.transform is not None:
-            image, label = self.transform(image, label)
+        if self.transform is None:
+            image = normalize_image(np.asarray(rgb))
+            label = torch.from_numpy(train_ids.astype(np.int64))
+        else:
+            pixels = image_tensor(np.array(rgb, dtype=np.uint8))  # writable: torch.from_numpy warns otherwise
+            image, label = self.transform(pixels, torch.from_numpy(train_ids), normalize=normalize)
         return {
             "image": image,
             "label": label,

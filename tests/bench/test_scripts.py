@@ -59,7 +59,7 @@ def test_loader(tmp_path):
     assert set(setting["images_per_s"]) == {"loader w0", "loader w1", "CPU step"}
     assert all(v["median"] > 0 for v in setting["images_per_s"].values())
     assert setting["loader_over_cpu_step"]["loader w0"]["median"] > 0 and setting["cores_for_h200_target"] > 0
-    assert set(setting["stages_ms"]) >= {"decode image", "rescale"}
+    assert set(setting["stages_ms"]) >= {"decode image", "scaled crop+flip, normalised"}
 
 
 @pytest.fixture(scope="module")

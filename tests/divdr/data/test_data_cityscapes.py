@@ -12,12 +12,20 @@ import pytest
 import torch
 from PIL import Image
 
-from divdr.data.cityscapes import IMAGENET_MEAN, IMAGENET_STD, CityscapesSegmentation, DatasetError, write_subset_view
-from divdr.data.labels import IGNORE_INDEX, LABEL_ID_BY_NAME, LabelError
+from divdr.data.cityscapes import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CityscapesSegmentation,
+    DatasetError,
+    normalize_image,
+    write_subset_view,
+)
+from divdr.data.labels import IGNORE_INDEX, LABEL_ID_BY_NAME, LabelError, label_ids_to_train_ids
 from divdr.data.manifest import SUBSET_MANIFEST, SubsetEntry, read_subset_manifest, write_subset_manifest
 from divdr.data.transforms import RandomScaleCropFlip, SegTransformConfig
 
 from .conftest import SMALL
+from .test_data_transforms import IMAGE_TOLERANCE, whole_image_reference
 
 RGB = (255, 0, 51)
 
@@ -88,6 +96,31 @@ def test_transform_is_applied(tmp_path: Path) -> None:
     config = SegTransformConfig(crop_size=(8, 8), scale_range=(1.0, 1.0))
     sample = CityscapesSegmentation(tmp_path, "train", RandomScaleCropFlip(config))[0]
     assert sample["image"].shape == (3, 8, 8) and sample["label"].shape == (8, 8)
+
+
+def test_transformed_item_is_what_it_was(tmp_path: Path) -> None:
+    """A training item (the transform drawing from torch's RNG, seeded as the loader seeds it) equals the
+    computation it replaced: the whole image normalised, then rescaled, padded, cropped and flipped;
+    its label is uint8 now (int64 before), the same values."""
+    rng = np.random.default_rng(0)
+    ids = rng.choice([0, 7, 8, 11, 21, 26], size=(37, 53)).astype(np.uint8)
+    image, _ = write_pair(tmp_path, "train", "aachen_000000_000019", ids)
+    Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)).save(image)  # every pixel differs
+    config = SegTransformConfig(crop_size=(40, 24), scale_range=(0.5, 2.0))
+    dataset = CityscapesSegmentation(tmp_path, "train", RandomScaleCropFlip(config))
+    whole = CityscapesSegmentation(tmp_path, "train")[0]  # no transform: as before, bit for bit
+    pixels = torch.from_numpy(np.array(Image.open(image).convert("RGB"))).permute(2, 0, 1).float() / 255
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    assert torch.equal(whole["image"], (pixels - mean) / std)  # the formula as it was
+    assert torch.equal(whole["image"], normalize_image(np.asarray(Image.open(image).convert("RGB"))))
+    assert torch.equal(whole["label"], torch.from_numpy(label_ids_to_train_ids(ids).astype(np.int64)))
+    for seed in range(40):
+        torch.manual_seed(seed)
+        sample = dataset[0]
+        torch.manual_seed(seed)
+        expected_image, expected_label = whole_image_reference(whole["image"], whole["label"], config)
+        assert sample["label"].dtype == torch.uint8 and torch.equal(sample["label"].long(), expected_label)
+        assert (sample["image"] - expected_image).abs().max().item() < IMAGE_TOLERANCE
 
 
 def test_subset_manifest_round_trip_and_lookup(tmp_path: Path) -> None:
