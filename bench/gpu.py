@@ -15,9 +15,11 @@ skipped and say so), and keeps going when a section fails (its error is recorded
   clipping, SGD - as ``pipeline.loop.Trainer.run_step``): eager fp32, bf16 autocast, bf16 + channels_last,
   regional compilation (``divdr.cells.compile_cells``, its compile time measured) in fp32 and bf16; DivDR-A
   over DR-A.
-- ``inference``: latency at batch 1 on the full-size image against FLOPs: every path open, paths closed at
-  random (50%, 90%), every cell dropped (the fixed floor), Network-Fix; the static export of each route
-  (``divdr.export``), eager and compiled; batch 8 per image.
+- ``inference``: latency at batch 1 on the full-size image against FLOPs: every path open (weights 0.9, the
+  gates' value at initialisation), paths closed at random (50%, 90%), every cell dropped (the fixed floor),
+  each with the dynamic network forced onto the route (its gates run) and the route's static export
+  (``divdr.export``: no gates), eager and compiled; the network at initialisation (its own gates), Network-Fix;
+  batch 8 per image. Ratios are to ``all_open``.
 
 On a GPU every time is taken between ``torch.cuda.synchronize()`` calls; each figure is the median of
 ``--repeats`` timed runs after warm-up.
@@ -253,17 +255,17 @@ def section_inference(args, deadline: float) -> dict[str, Any]:
 
     with torch.no_grad():
         gates = net(image).backbone.gates
-    measure("all_open", lambda: net(image), float(real_cost(gates.cpu().double(), table)[0]) / 1e9)
-    for closed in (0.5, 0.9, 1.0):
+    measure("at_initialisation", lambda: net(image), float(real_cost(gates.cpu().double(), table)[0]) / 1e9)
+    for closed in (0.0, 0.5, 0.9, 1.0):
         route = _route(net, closed, seed=int(closed * 100))
-        label = "every_cell_dropped" if closed == 1.0 else f"closed_{int(closed * 100)}"
+        label = {0.0: "all_open", 1.0: "every_cell_dropped"}.get(closed, f"closed_{int(closed * 100)}")
         gflops = float(real_cost(route[None].double(), table)[0]) / 1e9
 
         def forced(route=route):
             with forced_route(net, route):
                 return net(image)
 
-        measure(f"{label}_dynamic", forced, gflops)
+        measure(f"{label}_dynamic" if closed else label, forced, gflops)
         static = export_route(net, route).to(args.device)
         static_gflops = route_flops(net, route, height, width) / 1e9
         measure(f"{label}_static", lambda static=static: static(image), static_gflops)
@@ -279,7 +281,13 @@ def section_inference(args, deadline: float) -> dict[str, Any]:
     measure("network_fix", lambda: fix(image), cost_table(replace(config, gate=GateConfig(enabled=False)),
                                                           height, width).all_open / 1e9)
     batch = image.expand(8, -1, -1, -1).contiguous()
-    measure("all_open_batch8_per_image", lambda: net(batch), rows["all_open"].get("gflops", 0.0))
+    all_open = _route(net, 0.0, seed=0)
+
+    def forced_batch():
+        with forced_route(net, all_open):
+            return net(batch)
+
+    measure("all_open_batch8_per_image", forced_batch, rows["all_open"].get("gflops", 0.0))
     if "ms" in rows.get("all_open_batch8_per_image", {}):
         rows["all_open_batch8_per_image"]["ms"] /= 8
     base = rows.get("all_open", {})
