@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from bench import gpu, inference_latency, kmeans, loader, memory, ray_vs_plain, step_time, store_scale
+from bench import compare_trees, gpu, inference_latency, kmeans, loader, memory, ray_vs_plain, step_time, store_scale
 
 
 def _run(module, tmp_path, *extra):
@@ -27,6 +27,14 @@ def test_gpu(tmp_path):
     # the exported route costs its dynamic route's FLOPs minus the gates
     assert rows["closed_50_static"]["gflops"] < rows["closed_50_dynamic"]["gflops"]
     assert all("ms" in row for row in rows.values()), rows
+
+
+def test_compare_trees(tmp_path):
+    from bench.common import REPO
+
+    out = _run(compare_trees, tmp_path, "--before", str(REPO))  # this tree against itself
+    assert set(out["cases"]) == set(compare_trees.TINY_CASES)
+    assert all(case["median_ratio"] > 0 for case in out["cases"].values())
 
 
 def test_kmeans(tmp_path):
