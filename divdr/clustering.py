@@ -14,9 +14,9 @@ against the fixed centres. What this module guarantees beyond a bare ``faiss.Kme
 - the objective and sigma^2 are recomputed in float64 on all points with the final centres.
 
 Diagnostics (DivDR Tables 2/3): ``sigma2``, ``inter_distance``, ``intra_distance``, ``cluster_sizes``,
-``assignment_change`` and ``recovery_accuracy`` (best one-to-one matching of clusters to known subsets);
-``subset_probe`` and ``subset_variance_share`` say whether known subsets are in A(x) at all and whether
-they dominate it.
+``assignment_change`` (``matched_change``: the same up to a relabelling of the clusters) and
+``recovery_accuracy`` (best one-to-one matching of clusters to known subsets); ``subset_probe`` and
+``subset_variance_share`` say whether known subsets are in A(x) at all and whether they dominate it.
 """
 
 from __future__ import annotations
@@ -218,6 +218,17 @@ def assignment_change(previous: object, current: object) -> float:
     if before.size == 0:
         raise ClusteringError("assignment_change needs at least one point")
     return float(np.count_nonzero(before != after) / before.size)
+
+
+def matched_change(previous: object, current: object) -> float:
+    """Fraction of points whose cluster changed between two partitions of the same points, after the
+    best one-to-one relabelling of the clusters: 0 when they are the same partition under other names
+    (a fresh K-means start numbers its clusters anew, which ``assignment_change`` counts as change)."""
+    before = _as_labels(previous, "previous assignments")
+    _as_labels(current, "current assignments", before.shape[0])
+    if before.size == 0:
+        raise ClusteringError("matched_change needs at least one point")
+    return 1.0 - recovery_accuracy(current, before)
 
 
 def recovery_accuracy(assignments: object, subset_labels: object) -> float:
