@@ -199,6 +199,8 @@ def test_matched_change_ignores_a_relabelling_of_the_clusters():
     assert matched_change([0, 0, 1, 1], [1, 1, 0, 0]) == 0.0
     # one point of four moved, names swapped as well
     assert matched_change([0, 0, 1, 1], [1, 0, 0, 0]) == pytest.approx(0.25)
+    # exact, so that a threshold compares as written: 12 of 240 points is 0.05, not 0.05 + 4e-17
+    assert matched_change([0] * 120 + [1] * 120, [1] * 12 + [0] * 108 + [1] * 120) == 0.05
     with pytest.raises(ClusteringError, match="current assignments"):
         matched_change([0, 1], [0, 1, 1])
 
