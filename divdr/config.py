@@ -222,9 +222,9 @@ class ClusteringConfig:
     # Not in the paper: eq. 2 uses a centre version only when its partition differs from the previous
     # version's in at most this fraction of the points, up to a relabelling of the clusters; otherwise
     # eq. 2 pauses until the next version (0 = off: every version is used). On the premise study the
-    # regimes are K-means' partition of A(x) in almost every update, but now and then a gate flips for
-    # 10-30% of the images, and for one or two updates that flip is the best partition (seed 2: recovery
-    # 0.99 at step 1400, 0.70 at step 1500 where eq. 2 started, 0.62-0.98 after): eq. 2 then pulls
+    # regimes are K-means' partition of A(x) in almost every update, but now and then a cell's gates
+    # switch, and for one or two updates which images have switched is the best partition (seed 2:
+    # recovery 0.99 at step 1400, 0.70 at step 1500 where eq. 2 started, 0.62-0.98 after): eq. 2 then pulls
     # towards a partition that is gone 50 steps later. A partition that persists is used; a flip is not.
     stable_max_change: float = 0.0
 
