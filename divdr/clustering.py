@@ -14,9 +14,9 @@ against the fixed centres. What this module guarantees beyond a bare ``faiss.Kme
 - the objective and sigma^2 are recomputed in float64 on all points with the final centres.
 
 Diagnostics (DivDR Tables 2/3): ``sigma2``, ``inter_distance``, ``intra_distance``, ``cluster_sizes``,
-``assignment_change`` and ``recovery_accuracy`` (best one-to-one matching of clusters to known subsets);
-``subset_probe`` and ``subset_variance_share`` say whether known subsets are in A(x) at all and whether
-they dominate it.
+``assignment_change`` (``matched_change``: the same up to a relabelling of the clusters) and
+``recovery_accuracy`` (best one-to-one matching of clusters to known subsets); ``subset_probe`` and
+``subset_variance_share`` say whether known subsets are in A(x) at all and whether they dominate it.
 """
 
 from __future__ import annotations
@@ -249,6 +249,18 @@ def assignment_change(previous: object, current: object) -> float:
     return float(np.count_nonzero(before != after) / before.size)
 
 
+def matched_change(previous: object, current: object) -> float:
+    """Fraction of points whose cluster changed between two partitions of the same points, after the
+    best one-to-one relabelling of the clusters: 0 when they are the same partition under other names
+    (a fresh K-means start numbers its clusters anew, which ``assignment_change`` counts as change)."""
+    before = _as_labels(previous, "previous assignments")
+    after = _as_labels(current, "current assignments", before.shape[0])
+    if before.size == 0:
+        raise ClusteringError("matched_change needs at least one point")
+    # counted, not 1 - recovery_accuracy: 12 of 240 must be exactly 0.05 for a threshold of 0.05
+    return float((before.size - _matched_points(after, before)) / before.size)
+
+
 def recovery_accuracy(assignments: object, subset_labels: object) -> float:
     """Best one-to-one matching of clusters to known subsets (Hungarian on the contingency table) / N.
 
@@ -258,12 +270,17 @@ def recovery_accuracy(assignments: object, subset_labels: object) -> float:
     subsets = _as_labels(subset_labels, "subset_labels", clusters.shape[0])
     if clusters.size == 0:
         raise ClusteringError("recovery_accuracy needs at least one point")
+    return float(_matched_points(clusters, subsets) / clusters.size)
+
+
+def _matched_points(clusters: np.ndarray, subsets: np.ndarray) -> int:
+    """Points on the diagonal of the best one-to-one matching of clusters to subsets (Hungarian)."""
     _, cluster_idx = np.unique(clusters, return_inverse=True)
     _, subset_idx = np.unique(subsets, return_inverse=True)
     table = np.zeros((cluster_idx.max() + 1, subset_idx.max() + 1), np.int64)
     np.add.at(table, (cluster_idx, subset_idx), 1)
     rows, cols = linear_sum_assignment(table, maximize=True)
-    return float(table[rows, cols].sum() / clusters.size)
+    return int(table[rows, cols].sum())
 
 
 # Two questions recovery alone cannot tell apart: are the subsets in A(x) at all (the probe), and are

@@ -8,6 +8,8 @@ Protocol (SPEC section 5):
   never blocked by it;
 - ``get_centres(v)`` waits (bounded) for version v; rank 0 fetches it at the switch step and
   broadcasts it, so all DDP ranks switch at the same step;
+- with ``clustering.stable_max_change`` a version whose partition differs too much from the previous
+  one is published with sigma^2 = 0, which the workers read as "no usable centres": eq. 2 pauses;
 - after every ``snapshot_every``-th update the state (activations, centres, sigma^2, version,
   history) is written as Parquet/NumPy/JSON into the run folder; a restarted actor restores it.
   The actor copies the state on its event loop and writes it in a thread, so a snapshot (3.6 s at
@@ -67,6 +69,9 @@ class CentroidStoreImpl:
         self.k = clustering_config.k
         self.balanced = clustering_config.balanced
         self.kmeans_start = clustering_config.kmeans_start
+        self.stable_max_change = clustering_config.stable_max_change
+        # Whether eq. 2 may use the current version (always without the stability condition).
+        self.eq2_on = True
         self.config = store_config
         self.seed = seed
         # K-means on a GPU only where this process was given one (the local runner training on CUDA; a
@@ -142,6 +147,10 @@ class CentroidStoreImpl:
             previous = self.assignments[ids]
         assignments = np.full(len(self.seen), -1, dtype=np.int64)
         assignments[ids] = result.assignments
+        both = previous >= 0 if previous is not None else None
+        matched = (clustering.matched_change(previous[both], result.assignments[both])
+                   if both is not None and both.any() else None)
+        eq2_on = not self.stable_max_change or (matched is not None and matched <= self.stable_max_change)
         stats = {
             "version": self.version + 1,
             "trigger_step": self.next_trigger(),
@@ -154,14 +163,15 @@ class CentroidStoreImpl:
                                                      seed=self.seed + self.version)),
             "cluster_sizes": result.sizes.tolist(),
             "reseeded": int(result.reseeded),
-            "changed": (float(clustering.assignment_change(previous[previous >= 0],
-                                                           result.assignments[previous >= 0]))
-                        if previous is not None and (previous >= 0).any() else None),
+            "changed": (float(clustering.assignment_change(previous[both], result.assignments[both]))
+                        if matched is not None else None),
+            "matched_change": matched,  # the same, up to a relabelling of the clusters
+            "eq2_on": int(eq2_on),  # 0: eq. 2 pauses with this version (clustering.stable_max_change)
             "kmeans_seconds": kmeans_seconds,
             "seconds": time.perf_counter() - start,
         }
         return {"centres": np.array(result.centres), "sigma2": float(result.sigma2), "assignments": assignments,
-                "stats": stats}
+                "eq2_on": eq2_on, "stats": stats}
 
     def publish(self, update: dict[str, Any], snapshot: bool = True) -> None:
         """Adopt an update; with ``snapshot`` write the snapshot now if one is due (the actor
@@ -169,6 +179,7 @@ class CentroidStoreImpl:
         self.centres = update["centres"]
         self.sigma2 = update["sigma2"]
         self.assignments = update["assignments"]
+        self.eq2_on = update.get("eq2_on", True)
         self.version += 1
         self.history.append(update["stats"])
         if snapshot and self.snapshot_due():
@@ -178,7 +189,10 @@ class CentroidStoreImpl:
         return bool(self.snapshot_dir) and self.version % self.config.snapshot_every == 0
 
     def centres_payload(self) -> dict[str, Any]:
-        return {"version": self.version, "centres": self.centres, "sigma2": self.sigma2,
+        """What the workers adopt. A version eq. 2 must not use (``clustering.stable_max_change``) has its
+        sigma^2 published as 0, which the workers' ``CentreState.usable`` reads as "no centres for eq. 2";
+        the stats keep the real one."""
+        return {"version": self.version, "centres": self.centres, "sigma2": self.sigma2 if self.eq2_on else 0.0,
                 "stats": self.history[-1] if self.history else {}}
 
     def status(self) -> dict[str, Any]:
@@ -206,6 +220,7 @@ class CentroidStoreImpl:
         ids = np.flatnonzero(self.seen)
         return {"ids": ids, "activations": self.activations[ids], "centres": self.centres,
                 "state": {"version": self.version, "sigma2": self.sigma2, "history": list(self.history),
+                          "eq2_on": self.eq2_on,
                           "num_samples": len(self.seen), "dim": self.dim, "config": asdict(self.config),
                           "assignments": self.assignments.tolist() if self.assignments is not None else None}}
 
@@ -256,6 +271,7 @@ class CentroidStoreImpl:
         self.version = state["version"]
         self.sigma2 = state["sigma2"]
         self.history = state["history"]
+        self.eq2_on = state.get("eq2_on", True)  # older snapshots had no stability condition
         if state["assignments"] is not None:
             self.assignments = np.asarray(state["assignments"], dtype=np.int64)
         if (folder / CENTRES_FILE).exists():

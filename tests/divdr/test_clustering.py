@@ -15,6 +15,7 @@ from divdr.clustering import (
     inter_distance,
     intra_distance,
     kmeans,
+    matched_change,
     mean_pairwise_distance,
     recovery_accuracy,
     reseed_centres,
@@ -191,6 +192,18 @@ def test_sizes_and_changes():
     with pytest.raises(ClusteringError, match="0-1"):
         cluster_sizes([0, 2], 2)
     assert assignment_change([0, 1, 2, 2], [0, 1, 1, 2]) == pytest.approx(0.25)
+
+
+def test_matched_change_ignores_a_relabelling_of_the_clusters():
+    # the same partition under swapped names: every label changed, no point changed cluster
+    assert assignment_change([0, 0, 1, 1], [1, 1, 0, 0]) == 1.0
+    assert matched_change([0, 0, 1, 1], [1, 1, 0, 0]) == 0.0
+    # one point of four moved, names swapped as well
+    assert matched_change([0, 0, 1, 1], [1, 0, 0, 0]) == pytest.approx(0.25)
+    # exact, so that a threshold compares as written: 12 of 240 points is 0.05, not 0.05 + 4e-17
+    assert matched_change([0] * 120 + [1] * 120, [1] * 12 + [0] * 108 + [1] * 120) == 0.05
+    with pytest.raises(ClusteringError, match="current assignments"):
+        matched_change([0, 1], [0, 1, 1])
 
 
 def test_balanced_assign_splits_one_blob_evenly_and_keeps_separated_blobs():

@@ -107,7 +107,8 @@ def test_clustering_schedule_starts_late_and_ramps():
 
 
 @pytest.mark.parametrize(("field", "value"), [("start_fraction", 1.5), ("warmup_fraction", -0.1),
-                                              ("kmeans_start", "cold"), ("sigma2_min", -0.1)])
+                                              ("kmeans_start", "cold"), ("sigma2_min", -0.1),
+                                              ("stable_max_change", 1.0), ("stable_max_change", -0.1)])
 def test_clustering_schedule_options_are_validated(field, value):
     with pytest.raises(ConfigError, match=rf"clustering\.{field}"):
         ClusteringConfig(**{field: value})

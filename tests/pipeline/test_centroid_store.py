@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from divdr import clustering
 from divdr.config import ClusteringConfig
 from pipeline.centroid_store import CentroidStoreImpl
 from pipeline.config import StoreConfig
@@ -131,3 +132,57 @@ def test_the_store_clusters_on_a_gpu_only_where_it_was_given_one_and_faiss_has_o
     assert store.status()["kmeans_on_gpu"] is on_gpu
     assert bool(fake.indexes) is on_gpu
     assert sorted(store.history[-1]["cluster_sizes"]) == [20, 20, 20]
+
+
+def stable_store(tmp_path=None, max_change=0.05) -> CentroidStoreImpl:
+    """K = 2, fresh K-means every 5 of 40 steps, eq. 2 only with a partition that persists."""
+    config = ClusteringConfig(weight=0.5, k=2, alpha=1.0, update_every=5, kmeans_start="fresh",
+                              stable_max_change=max_change)
+    return CentroidStoreImpl(40, DIM, 1, 40, config, StoreConfig(), str(tmp_path / "store") if tmp_path else None)
+
+
+def two_partitions(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """40 points on two axes, K-means' partition by the wider one: the first (points 0-19 against 20-39);
+    the second axis (even against odd) is a fifth as wide."""
+    rng = np.random.default_rng(seed)
+    first, second = np.repeat([0.0, 1.0], 20), np.tile([0.0, 0.2], 20)
+    points = np.zeros((40, DIM), np.float32)
+    points[:, 0], points[:, 1] = first, second
+    return (points + rng.normal(0, 0.01, points.shape)).astype(np.float32), first.astype(int)
+
+
+def update(store: CentroidStoreImpl, points: np.ndarray, step: int) -> dict:
+    store.ingest(0, step - 1, np.arange(len(points)), points)
+    assert store.due()
+    store.publish(store.cluster(*store.take_batch()))
+    return store.centres_payload()
+
+
+def test_eq2_uses_only_partitions_that_persist(tmp_path):
+    store = stable_store(tmp_path)
+    points, halves = two_partitions()
+    flipped = points * np.array([0.2, 5.0] + [1.0] * (DIM - 2), np.float32)  # now the other split wins
+    # the first version has nothing to agree with: eq. 2 waits
+    payload = update(store, points, 5)
+    assert payload["sigma2"] == 0.0 and payload["stats"]["eq2_on"] == 0 and store.sigma2 > 0
+    # the same partition again (fresh starts may rename the clusters): eq. 2 uses it, with the real sigma^2
+    payload = update(store, points, 10)
+    assert store.history[-1]["matched_change"] == 0.0
+    assert payload["sigma2"] == store.sigma2 > 0 and payload["stats"]["eq2_on"] == 1
+    assert clustering.recovery_accuracy(store.assignments, halves) == 1.0
+    # a flip (half of the points change cluster) pauses eq. 2, and so does the way back
+    payload = update(store, flipped, 15)
+    assert payload["sigma2"] == 0.0 and store.history[-1]["matched_change"] == pytest.approx(0.5)
+    assert update(store, points, 20)["sigma2"] == 0.0
+    # the pause is kept across a restart from the snapshot; the next agreeing version resumes eq. 2
+    restored = stable_store(tmp_path)
+    assert restored.centres_payload()["sigma2"] == 0.0
+    assert update(restored, points, 25)["sigma2"] == restored.sigma2 > 0
+
+
+def test_without_the_stability_condition_every_version_is_published_with_its_sigma2():
+    store = CentroidStoreImpl(40, DIM, 1, 40, ClusteringConfig(weight=0.5, k=2, alpha=1.0, update_every=5),
+                              StoreConfig(), None)
+    points, _ = two_partitions()
+    payload = update(store, points, 5)
+    assert payload["sigma2"] == store.sigma2 > 0 and payload["stats"]["eq2_on"] == 1
