@@ -20,7 +20,7 @@ def _run(module, tmp_path, *extra):
 def test_gpu(tmp_path):
     out = _run(gpu, tmp_path, "--device", "cpu")
     assert out["ops"]["graph_breaks"] == 0 and out["ops"]["total"] == out["ops"]["forward"] + out["ops"]["backward"]
-    assert out["train"]["eager_fp32"]["step_ms"] > 0 and out["train"]["compiled_fp32"]["compile_s"] > 0
+    assert out["train"]["eager_fp32"]["step_ms"] > 0 and out["compile"]["compiled_fp32"]["compile_s"] > 0
     assert out["train"]["divdr_over_dr_eager_fp32"] > 0
     rows = out["inference"]["rows"]
     assert rows["all_open"]["flops_ratio"] == 1.0
