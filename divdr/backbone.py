@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -9,6 +10,7 @@ from torch import nn
 
 from divdr.cells import Cell, CellOutput
 from divdr.config import ModelConfig
+from divdr.costs import strided
 from divdr.ops import Stem, convert_norm, drop_batch_counters
 from divdr.routing import INIT_LAYER, a_space_slice, route_paths, routing_space
 
@@ -64,10 +66,11 @@ class DynamicBackbone(nn.Module):
                 "pad it first (DynamicRoutingSegmenter does)"
             )
         init_index = self._layers[INIT_LAYER + 1][0]
-        previous = [self.cells[init_index](self.stem(images))]
+        stem_out = self.stem(images)
+        previous = [self.cells[init_index](stem_out)]
         all_weights = [previous[0].weights]
         for layer in range(self.config.layers):
-            inputs = [_aggregate(previous, scale) for scale in range(len(self._layers[layer + 1]))]
+            inputs = [aggregate(previous, scale, stem_out) for scale in range(len(self._layers[layer + 1]))]
             previous = [self.cells[i](x) for i, x in zip(self._layers[layer + 1], inputs, strict=True)]
             all_weights.extend(out.weights for out in previous)
         gates = torch.stack(all_weights, dim=1)
@@ -75,18 +78,24 @@ class DynamicBackbone(nn.Module):
         return BackboneOutput(features, gates, gates[:, self._a_slice].flatten(1))
 
 
-def _aggregate(previous: list[CellOutput], scale: int) -> torch.Tensor:
-    """X_s = down(Y_{s-1}) + keep(Y_s) + up(Y_{s+1}), over the cells the previous layer has."""
+def scale_zeros(stem_out: torch.Tensor, scale: int) -> torch.Tensor:
+    """A map of zeros of the routing space at ``scale`` (the stem's output is scale 0)."""
+    b, c, h, w = stem_out.shape
+    return stem_out.new_zeros(b, c * 2**scale, strided(h, 2**scale), strided(w, 2**scale))
+
+
+def aggregate(previous: Sequence[CellOutput], scale: int, stem_out: torch.Tensor) -> torch.Tensor:
+    """X_s = down(Y_{s-1}) + keep(Y_s) + up(Y_{s+1}), over the cells the previous layer has and the paths
+    they send (zeros when none reaches the scale: a new scale whose down path is closed)."""
     parts = []
     if scale > 0 and previous[scale - 1].down is not None:
         parts.append(previous[scale - 1].down)
-    if scale < len(previous):
+    if scale < len(previous) and previous[scale].keep is not None:
         parts.append(previous[scale].keep)
     if scale + 1 < len(previous) and previous[scale + 1].up is not None:
         parts.append(previous[scale + 1].up)
-    if not parts:  # a new scale whose only input, the down path from the scale above, is closed
-        b, c, h, w = previous[scale - 1].keep.shape
-        return previous[scale - 1].keep.new_zeros(b, 2 * c, (h + 1) // 2, (w + 1) // 2)
+    if not parts:
+        return scale_zeros(stem_out, scale)
     total = parts[0]
     for part in parts[1:]:  # a chain of adds: no stack to copy into, nothing to do in the backward
         total = total + part

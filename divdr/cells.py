@@ -44,7 +44,7 @@ class CellOutput:
     for every image of the batch (nothing to add to the next cell's input)."""
 
     up: torch.Tensor | None  # at scale - 1 with C/2 channels
-    keep: torch.Tensor
+    keep: torch.Tensor | None  # None only from a static route's cell whose keep path is closed (divdr.export)
     down: torch.Tensor | None  # at scale + 1 with 2C channels
     weights: torch.Tensor  # [B, 3] in the [up, keep, down] layout, 0 for slots the cell lacks
 
@@ -64,8 +64,6 @@ class Cell(nn.Module):
         super().__init__()
         self.spec = spec
         self.slots = [slot for slot, allowed in enumerate(spec.paths) if allowed]
-        # The gate's weights are for the cell's own paths, always contiguous slots (keep is always one):
-        # F.pad places them in the [up, keep, down] layout in one operation, with no index on the host.
         self._layout_pad = (self.slots[0], 2 - self.slots[-1])
         # A fixed route (ModelConfig.route) closes some paths for good: their weights are multiplied by 0.
         self.route_mask: torch.Tensor | None

@@ -24,10 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from divdr.backbone import feature_name
-from divdr.cells import ACTIVE_THRESHOLD, Cell
+from divdr.backbone import aggregate, feature_name, scale_zeros
+from divdr.cells import ACTIVE_THRESHOLD, Cell, CellOutput
 from divdr.config import ConfigError
-from divdr.costs import strided
 from divdr.flops import cost_table, real_cost
 from divdr.heads import DynamicRoutingSegmenter, padded_size
 from divdr.routing import DOWN, INIT_LAYER, KEEP, UP
@@ -86,6 +85,7 @@ class StaticCell(nn.Module):
     def __init__(self, cell: Cell, weights: list[float]) -> None:
         super().__init__()
         self.weights = weights
+        self.register_buffer("route_row", torch.tensor(weights), persistent=False)
         dropped = sum(weights) <= ACTIVE_THRESHOLD
         self.op = None if dropped else _fused(cell.op)
 
@@ -96,9 +96,9 @@ class StaticCell(nn.Module):
         self.up, self.down = open_transform(UP, cell.up), open_transform(DOWN, cell.down)
         self.keep_open = not dropped and weights[KEEP] > ACTIVE_THRESHOLD
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor) -> CellOutput:
         if self.op is None:
-            return None, x, None
+            return CellOutput(None, x, None, self.route_row)
         activated = torch.relu(self.op(x) + x)
         keep = self.weights[KEEP] * activated if self.keep_open else None
         up = None
@@ -106,7 +106,7 @@ class StaticCell(nn.Module):
             up = self.weights[UP] * F.interpolate(self.up(activated), scale_factor=2, mode="bilinear",
                                                   align_corners=False)
         down = self.weights[DOWN] * self.down(activated) if self.down is not None else None
-        return up, keep, down
+        return CellOutput(up, keep, down, self.route_row)
 
 
 class StaticRouteNetwork(nn.Module):
@@ -139,30 +139,11 @@ class StaticRouteNetwork(nn.Module):
         previous = [self.cells[self.layers[INIT_LAYER + 1][0]](x)]
         for layer in range(self.config.layers):
             scales = len(self.layers[layer + 1])
-            inputs = [self._aggregate(previous, scale, x) for scale in range(scales)]
+            inputs = [aggregate(previous, scale, x) for scale in range(scales)]
             previous = [self.cells[i](xs) for i, xs in zip(self.layers[layer + 1], inputs, strict=True)]
-        features = {feature_name(s): keep if keep is not None else self._zeros(x, s)
-                    for s, (_, keep, _) in enumerate(previous)}
+        features = {feature_name(s): out.keep if out.keep is not None else scale_zeros(x, s)
+                    for s, out in enumerate(previous)}
         return self.decoder(features)[..., :height, :width]
-
-    def _aggregate(self, previous: list, scale: int, stem_out: torch.Tensor) -> torch.Tensor:
-        parts = []
-        if scale > 0 and previous[scale - 1][DOWN] is not None:
-            parts.append(previous[scale - 1][DOWN])
-        if scale < len(previous) and previous[scale][KEEP] is not None:
-            parts.append(previous[scale][KEEP])
-        if scale + 1 < len(previous) and previous[scale + 1][UP] is not None:
-            parts.append(previous[scale + 1][UP])
-        if not parts:  # nothing reaches this cell on the route: its input is zero, as in the dynamic network
-            return self._zeros(stem_out, scale)
-        total = parts[0]
-        for part in parts[1:]:
-            total = total + part
-        return total
-
-    def _zeros(self, stem_out: torch.Tensor, scale: int) -> torch.Tensor:
-        b, c, h, w = stem_out.shape
-        return stem_out.new_zeros(b, c * 2**scale, strided(h, 2**scale), strided(w, 2**scale))
 
 
 def export_route(model: DynamicRoutingSegmenter, route: torch.Tensor) -> StaticRouteNetwork:

@@ -152,14 +152,17 @@ def cost_table(config: ModelConfig, height: int, width: int, convention: Convent
     )
 
 
+def _cost_dtype(gates: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(gates.dtype, torch.float32)
+
+
 def routing_expected_cost(gates: torch.Tensor, table: CostTable) -> torch.Tensor:
     """Differentiable routing cost per image, [B]: sum of cell x P(cell runs) + sum of w x path,
     with P(cell runs) = max(w) (soft gates) or sum(w) (Gumbel gates), see ``CostTable.cell_usage``.
 
     At least float32 (gates in bf16 / fp16 under autocast are cast up: costs of ~1e9 FLOPs need the
     precision). A table already on the gates' device in that dtype (``CostTable.to``) is used as it is."""
-    dtype = torch.promote_types(gates.dtype, torch.float32)
-    gates = gates.to(dtype)
+    gates = gates.to(_cost_dtype(gates))
     cell = table.cell.to(gates)
     paths = table.paths.to(gates)
     usage = gates.sum(dim=-1) if table.cell_usage == "sum" else gates.amax(dim=-1)
@@ -169,7 +172,7 @@ def routing_expected_cost(gates: torch.Tensor, table: CostTable) -> torch.Tensor
 def table_for(tables: dict[tuple, CostTable], table: CostTable, gates: torch.Tensor) -> CostTable:
     """``table`` on the device of ``gates`` in the dtype ``routing_expected_cost`` uses, moved once and
     kept in ``tables`` (a training loop's own dict), so no step copies it from the host."""
-    dtype = torch.promote_types(gates.dtype, torch.float32)
+    dtype = _cost_dtype(gates)
     key = (table.height, table.width, gates.device, dtype)
     if key not in tables:
         tables[key] = table.to(gates.device, dtype)
