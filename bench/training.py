@@ -68,7 +68,7 @@ class Trainer:
         if link is not None:
             from pipeline.worker import StoreCentres, StreamActivations  # Ray only when a store is used
 
-            hooks = [StoreCentres(link.store, link.sender, None), StreamActivations(link.sender)]
+            hooks = [StoreCentres(link.store, link.sender, None), StreamActivations(link.sender, cfg)]
         self.loop = LoopTrainer(cfg, task, self.net, wrap(self.net) if wrap is not None else None, hooks=hooks,
                                 centres=link.centres if link is not None else None)
         if link is not None:

@@ -86,19 +86,19 @@ class CostTable:
     cell_usage: Literal["max", "sum"] = "max"
     # C_max as a Python number, fixed at construction: reading it from the tensors in the training step
     # would synchronise with the device (and break a compiled graph) at every step.
-    _routing_all_open: float = field(init=False, repr=False, compare=False)
+    # (``to`` hands it over: summing a moved table would read from the device).
+    _routing_all_open: float | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_routing_all_open", float(self.cell.sum() + self.paths.sum()))
+        if self._routing_all_open is None:
+            object.__setattr__(self, "_routing_all_open", float(self.cell.sum() + self.paths.sum()))
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> CostTable:
         """The same table with its tensors on ``device`` in ``dtype``: move it once, before training, so
         the step does not copy it from the host at every call (``routing_expected_cost`` then finds it
         where the gates are)."""
-        moved = replace(self, cell=self.cell.to(device, dtype), paths=self.paths.to(device, dtype),
-                        gate=self.gate.to(device, dtype))
-        object.__setattr__(moved, "_routing_all_open", self._routing_all_open)  # not re-summed in ``dtype``
-        return moved
+        return replace(self, cell=self.cell.to(device, dtype), paths=self.paths.to(device, dtype),
+                       gate=self.gate.to(device, dtype), _routing_all_open=self._routing_all_open)
 
     @property
     def routing_all_open(self) -> float:

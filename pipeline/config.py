@@ -113,6 +113,9 @@ class StoreConfig:
     # while they train, and every rank switches at the same step by construction.
     switch_lag: int = 2
     max_in_flight: int = 8  # activation sends a worker may have unanswered before it waits
+    # streaming: A(x) waits on the training device and goes to the store every send_every steps and at
+    # the step before each K-means (copying it every step would make a GPU step wait for the last one)
+    send_every: int = 10
     float16: bool = True  # store A(x) in half precision (values lie in [0, 1))
     kmeans_iterations: int = 20
     # Intra (a diagnostic) is O(n^2) per cluster: ~90 s at COCO's 118k images. The store estimates
@@ -125,6 +128,7 @@ class StoreConfig:
                  f"store.mode must be 'streaming' or 'refresh', got {self.mode!r}")
         _require(self.switch_lag >= 1, f"store.switch_lag must be >= 1, got {self.switch_lag}")
         _require(self.max_in_flight >= 1, f"store.max_in_flight must be >= 1, got {self.max_in_flight}")
+        _require(self.send_every >= 1, f"store.send_every must be >= 1, got {self.send_every}")
         _require(self.kmeans_iterations >= 1, f"store.kmeans_iterations must be >= 1, got {self.kmeans_iterations}")
         _require(self.intra_sample == 0 or self.intra_sample >= 2,
                  f"store.intra_sample must be 0 (exact) or >= 2, got {self.intra_sample}")

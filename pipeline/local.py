@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from divdr.gates import set_temperature
@@ -28,6 +27,7 @@ from pipeline.loop import (
     Hook,
     LogMetrics,
     MetricsSink,
+    PendingActivations,
     PeriodicEvaluation,
     StepResult,
     Trainer,
@@ -47,8 +47,9 @@ class LocalCentres(Hook):
     training image at each trigger step (refresh); K-means as soon as a version is due; every version
     adopted at its switch step, as the Ray workers do."""
 
-    def __init__(self, store: CentroidStoreImpl, sink: MetricsSink | None) -> None:
+    def __init__(self, store: CentroidStoreImpl, sink: MetricsSink | None, cfg: ExperimentConfig) -> None:
         self.store, self.sink = store, sink
+        self.pending = PendingActivations(cfg.store.send_every, store.triggers, cfg.train.steps)
 
     def before_step(self, trainer: Trainer, batch: dict[str, Any]) -> None:
         step = trainer.step
@@ -74,10 +75,9 @@ class LocalCentres(Hook):
     def after_step(self, trainer: Trainer, result: StepResult) -> None:
         if trainer.cfg.store.mode != "streaming":
             return
-        acts = result.activations.detach().float().cpu().numpy()
-        finite = np.isfinite(acts).all(axis=1)  # non-finite A(x) never reach the centres
-        ids = np.asarray(result.batch["sample_id"], dtype=np.int64)[finite]
-        self.store.ingest(0, result.index, ids, acts[finite])
+        sent = self.pending.add(result)
+        if sent is not None:
+            self.store.ingest(0, *sent)  # non-finite rows are the store's to reject (and count)
 
 
 def save_checkpoint(run_dir: Path) -> Any:
@@ -128,7 +128,7 @@ def run_local(cfg: ExperimentConfig, run_dir: Path, uri: str, run_id: str) -> di
         store = CentroidStoreImpl(len(train_set), cfg.model.a_dim, 1, cfg.train.steps, cfg.clustering, cfg.store,
                                   str(run_dir / "store"), cfg.train.seed, gpu=device.type == "cuda")
     logger = LogMetrics(sink)
-    hooks: list[Hook] = [*([LocalCentres(store, sink)] if store is not None else []), logger,
+    hooks: list[Hook] = [*([LocalCentres(store, sink, cfg)] if store is not None else []), logger,
                          PeriodicEvaluation(sink), Checkpoints(save_checkpoint(run_dir), logger)]
     trainer = Trainer(cfg, task, task.build_model().to(device), hooks=hooks)
     load_checkpoint(trainer, run_dir)

@@ -3,7 +3,9 @@
 One step (``Trainer.run_step``): the task's forward, DR's budget loss, DivDR's clustering loss against the
 current centres, DRNets' resource loss (DivDR eq. 3), a check that the loss and A(x) are finite on every
 process (a non-finite step is skipped, too many in a row stop the run), backward, gradient clipping, SGD,
-the poly schedule. Everything else is a ``Hook`` called around the step, in the order given:
+the poly schedule. With a fused optimizer (on a GPU) the check never waits on the device: the fused SGD
+kernel skips the update itself (its ``found_inf``) and the skips are counted on the device and read every
+``train.log_every`` steps (``SkipCounter``). Everything else is a ``Hook`` called around the step, in the order given:
 
 - the centres (K-means over A(x), switching to new centres) - ``pipeline.worker`` (Ray's centroid store)
   or ``pipeline.local`` (the same store logic in-process);
@@ -37,18 +39,24 @@ log = logging.getLogger(__name__)
 MAX_SKIPPED_STEPS = 5  # consecutive non-finite steps tolerated before the run stops
 
 
-def build_optimizer(net: torch.nn.Module, train: TrainConfig) -> torch.optim.SGD:
+def finite_flag(value: torch.Tensor) -> torch.Tensor:
+    """1.0 where every element of ``value`` is finite, else 0.0: a one-element tensor on its device."""
+    return torch.isfinite(value).all().float().view(1)
+
+
+def build_optimizer(net: torch.nn.Module, train: TrainConfig, fused: bool | None = None) -> torch.optim.SGD:
     """SGD as the DR paper; the gates in a group of their own at ``lr x train.gate_lr_scale``.
 
-    On a GPU the fused implementation (one kernel for every parameter, not one per parameter: Layer16 has
-    ~1,100 parameter tensors); elsewhere torch's default (foreach where it can)."""
+    On a GPU (``fused=None``) the fused implementation (one kernel for every parameter, not one per
+    parameter: Layer16 has ~1,100 parameter tensors); elsewhere torch's default (foreach where it can)."""
     gates = {id(p) for p in gate_parameters(net)}
     rest = [p for p in net.parameters() if id(p) not in gates]
     groups: list[dict] = [{"params": rest}]
     if gates:
         groups.append({"params": [p for p in net.parameters() if id(p) in gates],
                        "lr": train.lr * train.gate_lr_scale})
-    fused = all(p.device.type == "cuda" for p in net.parameters()) or None
+    if fused is None:
+        fused = all(p.device.type == "cuda" for p in net.parameters()) or None
     return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay, fused=fused)
 
 
@@ -105,7 +113,7 @@ class World(Protocol):
     rank: int
     size: int
 
-    def all_finite(self, value: torch.Tensor) -> bool: ...
+    def finite_flag(self, value: torch.Tensor) -> torch.Tensor: ...
     def broadcast(self, obj: Any) -> Any: ...
     def gather(self, obj: Any) -> list[Any]: ...
     def sync_buffers(self, net: torch.nn.Module) -> None: ...
@@ -118,8 +126,8 @@ class SingleProcess:
     rank: int = 0
     size: int = 1
 
-    def all_finite(self, value: torch.Tensor) -> bool:
-        return bool(torch.isfinite(value).all())
+    def finite_flag(self, value: torch.Tensor) -> torch.Tensor:
+        return finite_flag(value)
 
     def broadcast(self, obj: Any) -> Any:
         return obj
@@ -165,10 +173,55 @@ class StepResult:
     tau: float
 
 
+class SkipCounter:
+    """Non-finite (skipped) steps counted on the training device, so that counting never waits on it:
+    the current run of skips, the longest run since the last read, and the total since the last read."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.counts = torch.zeros(3, device=device)  # in a row, longest in a row, total
+
+    def count(self, finite: torch.Tensor) -> None:
+        skipped = 1.0 - finite.view(())
+        in_a_row = (self.counts[0] + 1.0) * skipped
+        self.counts = torch.stack([in_a_row, torch.maximum(self.counts[1], in_a_row), self.counts[2] + skipped])
+
+    def read(self) -> tuple[int, int, int]:
+        """(in a row now, longest in a row, total) since the last read; one host synchronisation."""
+        in_a_row, longest, total = (int(v) for v in self.counts.tolist())
+        self.counts = torch.stack([self.counts[0], self.counts[0], torch.zeros_like(self.counts[2])])
+        return in_a_row, longest, total
+
+
+class PendingActivations:
+    """Streaming mode's A(x), kept on the training device and brought to the host together: one host
+    synchronisation per ``send_every`` steps instead of one per step. Ready at every ``send_every``-th
+    step, at the step before each K-means trigger (the store clusters what it has by then) and at the
+    last step."""
+
+    def __init__(self, send_every: int, triggers: Sequence[int], steps: int) -> None:
+        self.send_every = send_every
+        self.due_at = {t - 1 for t in triggers} | {steps - 1}  # step indices (0-based) after which to send
+        self.steps: list[int] = []
+        self.ids: list[Any] = []
+        self.acts: list[torch.Tensor] = []
+
+    def add(self, result: StepResult) -> tuple[int, np.ndarray, np.ndarray] | None:
+        """Keep ``result``'s A(x); when a send is due, (last step index, sample ids, A(x) rows) on the host."""
+        self.steps.append(result.index)
+        self.ids.extend(result.batch["sample_id"])
+        self.acts.append(result.activations.detach())
+        if len(self.steps) < self.send_every and result.index not in self.due_at:
+            return None
+        sent = (self.steps[-1], np.asarray(self.ids, dtype=np.int64), torch.cat(self.acts).float().cpu().numpy())
+        self.steps, self.ids, self.acts = [], [], []
+        return sent
+
+
 class Hook:
     """A part of training around the step; override what is needed. Hooks run in the order given to
     the trainer: ``before_step`` before each step, ``perturb`` between the forward and the losses
-    (fault injection), ``after_step`` after each step that was trained (not after a skipped one)."""
+    (fault injection), ``after_step`` after each step that was trained (not after a skipped one, except
+    where the skip is decided on the device: ``Trainer.skips_on_device``)."""
 
     def before_step(self, trainer: Trainer, batch: dict[str, Any]) -> None:
         return None
@@ -201,6 +254,9 @@ class Trainer:
         self.start_step = 0
         self.skipped_in_a_row = 0
         self.skipped_total = 0
+        # a fused SGD skips a non-finite step on the device; GradScaler (fp16) sets the same flag itself
+        self.skips_on_device = bool(self.optimizer.defaults.get("fused")) and self.precision.scaler is None
+        self._skips: SkipCounter | None = None
 
     @property
     def progress(self) -> float:
@@ -219,7 +275,9 @@ class Trainer:
         return self.step >= self.cfg.train.steps
 
     def run_step(self, batch: dict[str, Any]) -> StepResult | None:
-        """One training step on ``batch``; None if it was skipped (a non-finite loss or A(x) anywhere)."""
+        """One training step on ``batch``; None if it was skipped (a non-finite loss or A(x) anywhere).
+        Where skips are decided on the device (a fused optimizer), every step returns its result, and a
+        skipped step is one whose update the optimizer left out."""
         cfg, index = self.cfg, self.step
         self.model.train()
         tau = anneal_temperature(self.net, self.progress, cfg.model.gate.temperature)  # no-op: soft gates
@@ -236,16 +294,46 @@ class Trainer:
                            resource=cfg.resource, correct=out.correct)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        if not self.world.all_finite(torch.cat([terms.total.detach().view(1), acts.detach().flatten()])):
+        finite = self.world.finite_flag(torch.cat([terms.total.detach().view(1), acts.detach().flatten()]))
+        if self.skips_on_device:
+            self._step_unless(finite, terms.total)
+            return StepResult(index, batch, out, terms, ratio, acts, tau)
+        if not bool(finite):
             self._skip(index, task_loss, terms)
             return None
         self.skipped_in_a_row = 0
-        self.precision.backward(terms.total)
+        self._update(terms.total)
+        return StepResult(index, batch, out, terms, ratio, acts, tau)
+
+    def _update(self, loss: torch.Tensor) -> None:
+        self.precision.backward(loss)
         self.precision.unscale(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.train.grad_clip)
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.train.grad_clip)
         self.precision.step(self.optimizer)
         self.scheduler.step()
-        return StepResult(index, batch, out, terms, ratio, acts, tau)
+
+    def _step_unless(self, finite: torch.Tensor, loss: torch.Tensor) -> None:
+        """The update with no host read: a non-finite step's gradients are computed but the fused SGD
+        leaves the weights and momenta as they were (``found_inf``); its skips are read every
+        ``train.log_every`` steps and at the end (``check_skips``)."""
+        if self._skips is None:
+            self._skips = SkipCounter(finite.device)
+        self.optimizer.found_inf = 1.0 - finite
+        self._update(loss)
+        self._skips.count(finite)
+        if self.step % self.cfg.train.log_every == 0 or self.done:
+            self.check_skips()
+
+    def check_skips(self) -> None:
+        """Bring the device's skip count to the host; too many non-finite steps in a row stop the run."""
+        if self._skips is None:
+            return
+        in_a_row, longest, total = self._skips.read()
+        self.skipped_in_a_row, self.skipped_total = in_a_row, self.skipped_total + total
+        if longest > MAX_SKIPPED_STEPS:
+            raise FloatingPointError(
+                f"rank {self.world.rank}: loss or gate activations non-finite for {longest} consecutive steps "
+                f"(by step {self.step}); lower train.lr or check the data")
 
     def _skip(self, index: int, task_loss: torch.Tensor, terms: LossTerms) -> None:
         self.skipped_in_a_row += 1

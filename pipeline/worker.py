@@ -14,6 +14,7 @@ import collections
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,12 @@ from pipeline.loop import (
     Hook,
     LogMetrics,
     MetricsSink,
+    PendingActivations,
     PeriodicEvaluation,
     StepResult,
     Trainer,
     final_evaluation,
+    finite_flag,
     kmeans_metrics,
     shard,
 )
@@ -60,8 +63,9 @@ class ActivationSender:
         self.in_flight: collections.deque = collections.deque()
         self.failures = 0
 
-    def send(self, step: int, sample_ids: list[int], activations: torch.Tensor, complete: bool = True) -> None:
-        acts = activations.detach().float().cpu().numpy()
+    def send(self, step: int, sample_ids: Sequence[int], activations: torch.Tensor | np.ndarray,
+             complete: bool = True) -> None:
+        acts = activations.detach().float().cpu().numpy() if isinstance(activations, torch.Tensor) else activations
         finite = np.isfinite(acts).all(axis=1)  # non-finite A(x) never reach the centres
         ids = np.asarray(sample_ids, dtype=np.int64)[finite]
         self.in_flight.append(self.store.ingest.remote(self.rank, step, ids, acts[finite].astype(self.dtype),
@@ -114,11 +118,11 @@ class RayWorld:
         context = ray.train.get_context()
         self.rank, self.size = context.get_world_rank(), context.get_world_size()
 
-    def all_finite(self, value: torch.Tensor) -> bool:
-        flag = torch.isfinite(value).all().float().view(1)  # on value's device: NCCL reduces CUDA tensors only
+    def finite_flag(self, value: torch.Tensor) -> torch.Tensor:
+        flag = finite_flag(value)  # on value's device: NCCL reduces CUDA tensors only
         if self.size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item() > 0)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # queued on the device: nothing waits here
+        return flag
 
     def broadcast(self, obj: Any) -> Any:
         if self.size == 1:
@@ -190,7 +194,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
               if store is not None else None)
     logger = LogMetrics(sink)
     hooks = [*([StoreCentres(store, sender, sink)] if sender is not None else []), InjectFaults(faults, store),
-             *([StreamActivations(sender)] if sender is not None and cfg.store.mode == "streaming" else []),
+             *([StreamActivations(sender, cfg)] if sender is not None and cfg.store.mode == "streaming" else []),
              logger, PeriodicEvaluation(sink), Checkpoints(_report_checkpoint, logger)]
     trainer = Trainer(cfg, task, net, ray.train.torch.prepare_model(net), world, hooks)
     _restore(trainer)
@@ -298,13 +302,18 @@ class StoreCentres(Hook):
 
 
 class StreamActivations(Hook):
-    """Streaming mode: every step's A(x) to the store, without waiting (``ActivationSender``)."""
+    """Streaming mode: every step's A(x) to the store, without waiting (``ActivationSender``), every
+    ``store.send_every`` steps and before each K-means (``PendingActivations``)."""
 
-    def __init__(self, sender: ActivationSender) -> None:
+    def __init__(self, sender: ActivationSender, cfg: ExperimentConfig) -> None:
         self.sender = sender
+        triggers = kmeans_trigger_steps(cfg.train.steps, cfg.clustering.update_every, cfg.clustering.update_every_final)
+        self.pending = PendingActivations(cfg.store.send_every, triggers, cfg.train.steps)
 
     def after_step(self, trainer: Trainer, result: StepResult) -> None:
-        self.sender.send(result.index, result.batch["sample_id"], result.activations)
+        sent = self.pending.add(result)
+        if sent is not None:
+            self.sender.send(*sent)
 
 
 # ---- checkpoints ------------------------------------------------------------------------------

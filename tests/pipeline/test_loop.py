@@ -80,3 +80,110 @@ def test_compiled_channels_last_steps_match_eager(monkeypatch):
 def test_precision_is_validated_by_name():
     with pytest.raises(Exception, match=re.escape("train.precision must be 'fp32' or 'bf16' or 'fp16', got 'fp64'")):
         resolve("DR-A", None, ["train.precision=fp64"])
+
+
+def _fused_trainer(monkeypatch, cfg, hooks=()):
+    """The pipeline's Trainer with the fused SGD it gets on a GPU (fused SGD runs on the CPU too)."""
+    import functools
+
+    import torch
+
+    import pipeline.loop
+    from pipeline.loop import Trainer
+    from pipeline.tasks import SegmentationTask
+
+    monkeypatch.setattr(pipeline.loop, "build_optimizer", functools.partial(pipeline.loop.build_optimizer, fused=True))
+    torch.manual_seed(0)
+    task = SegmentationTask(cfg, Path("."))
+    return Trainer(cfg, task, task.build_model(), hooks=hooks)
+
+
+def _batches(cfg, count):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return [{"image": torch.randn(2, 3, 64, 64, generator=g),
+             "label": torch.randint(0, cfg.model.num_classes, (2, 64, 64), generator=g), "sample_id": [0, 1]}
+            for _ in range(count)]
+
+
+class _NaNAt:
+    """A hook that makes A(x) non-finite at the given step indices."""
+
+    def __init__(self, indices):
+        self.indices = set(indices)
+
+    def before_step(self, trainer, batch):
+        return None
+
+    def perturb(self, trainer, task_loss, activations):
+        if trainer.step in self.indices:
+            activations = activations * float("nan")
+        return task_loss, activations
+
+    def after_step(self, trainer, result):
+        return None
+
+
+def test_fused_steps_skip_non_finite_steps_without_reading_the_device(monkeypatch):
+    """With a fused optimizer (GPUs) a step reads nothing back to the host: a non-finite step is left out by
+    the optimizer itself (found_inf), weights and momenta untouched, and the skips are counted on the device
+    and read every train.log_every steps."""
+    import torch
+
+    cfg = resolve("DivDR-A", None, ["model_size=micro", "train.crop=[64,64]", "train.log_every=4", "train.steps=8"])
+    trainer = _fused_trainer(monkeypatch, cfg, hooks=[_NaNAt({1, 2})])
+    assert trainer.skips_on_device
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            reads.append((trainer.step, _name))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    weights = []
+    for batch in _batches(cfg, 8):
+        before = [p.detach().clone() for p in trainer.net.parameters()]
+        assert trainer.run_step(batch) is not None
+        weights.append(all(torch.equal(a, b) for a, b in zip(before, trainer.net.parameters(), strict=True)))
+    monkeypatch.undo()
+    assert weights == [False, True, True, False, False, False, False, False]  # steps 1 and 2 left out
+    assert {step for step, _ in reads} <= {4, 8}  # host reads only where the skips are checked
+    assert trainer.skipped_total == 2 and trainer.skipped_in_a_row == 0
+
+
+def test_fused_steps_stop_a_run_that_stays_non_finite(monkeypatch):
+    from pipeline.loop import MAX_SKIPPED_STEPS
+
+    steps = MAX_SKIPPED_STEPS + 3
+    cfg = resolve("DivDR-A", None, ["model_size=micro", "train.crop=[64,64]", f"train.log_every={steps}",
+                                    f"train.steps={steps}"])
+    trainer = _fused_trainer(monkeypatch, cfg, hooks=[_NaNAt(range(1, MAX_SKIPPED_STEPS + 2))])
+    batches = _batches(cfg, steps)
+    for batch in batches[:-1]:
+        trainer.run_step(batch)  # counted on the device, not read yet
+    with pytest.raises(FloatingPointError, match=f"non-finite for {MAX_SKIPPED_STEPS + 1} consecutive steps"):
+        trainer.run_step(batches[-1])
+
+
+def test_pending_activations_go_to_the_host_together():
+    """Streaming mode: A(x) leaves the device every store.send_every steps, at the step before each K-means
+    trigger and at the last step, with every row and the last step's index (the store's watermark)."""
+    import torch
+
+    from pipeline.loop import PendingActivations, StepResult
+
+    pending = PendingActivations(send_every=3, triggers=[5, 10], steps=12)
+    sent = {}
+    for index in range(12):
+        result = StepResult(index, {"sample_id": [2 * index, 2 * index + 1]}, None, None, None,
+                            torch.full((2, 4), float(index)), 1.0)
+        out = pending.add(result)
+        if out is not None:
+            sent[index] = out
+    assert sorted(sent) == [2, 4, 7, 9, 11]  # every 3rd, before K-means at 5 and 10, the last
+    step, ids, acts = sent[4]
+    assert step == 4 and ids.tolist() == [6, 7, 8, 9] and acts[:, 0].tolist() == [3, 3, 4, 4]
+    assert acts.dtype == "float32" and sum(len(s[1]) for s in sent.values()) == 24

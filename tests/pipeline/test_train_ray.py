@@ -47,7 +47,8 @@ def test_every_worker_streamed_to_the_store(smoke_run):
     cfg, _, metrics = smoke_run
     store = metrics["store"]
     calls = store["ingest_calls_by_rank"]
-    assert len(calls) == 2 and all(c == cfg.train.steps for c in calls)  # one send per step per rank
+    # per rank: A(x) sent before each K-means (steps 4, 8) and at the last step (store.send_every 10 > 4)
+    assert cfg.train.steps == 12 and cfg.store.send_every == 10 and calls == [3, 3]
     assert store["held"] == cfg.data.max_train_images  # the 16 images of the shards, all seen
     assert store["rejected_rows"] == 0
     assert all(h["points"] == store["held"] or h["points"] <= store["held"] for h in store["history"])
