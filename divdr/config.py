@@ -13,6 +13,7 @@ from typing import Any, Literal, get_args, get_type_hints
 GateKind = str  # a registered gate family: "soft" (DR) or "gumbel" (DRNets); see divdr.gates
 ClusterDistance = Literal["l2", "squared_l2"]
 KMeansStart = Literal["warm", "fresh"]
+OnUnstable = Literal["pause", "hold"]
 Correctness = Literal["pixels", "image"]
 
 NUM_SCALES = 4  # 1/4, 1/8, 1/16, 1/32 (DR paper, Fig. 2)
@@ -227,6 +228,12 @@ class ClusteringConfig:
     # recovery 0.99 at step 1400, 0.70 at step 1500 where eq. 2 started, 0.62-0.98 after): eq. 2 then pulls
     # towards a partition that is gone 50 steps later. A partition that persists is used; a flip is not.
     stable_max_change: float = 0.0
+    # What eq. 2 does with a version whose partition changed more than ``stable_max_change``: "pause"
+    # (no clustering loss until a version agrees with the one before it) or "hold" (keep pulling towards
+    # the last version that persisted: its centres and sigma^2). On the premise study a pause also came
+    # where the regimes' routes drifted together (changes of 0.05-0.08 over 2-3 updates), and the drift
+    # went on without eq. 2 against it until the regimes merged (seed 1: Inter 1.2 -> 0.13).
+    on_unstable: OnUnstable = "pause"
 
     def __post_init__(self) -> None:
         _require(self.weight >= 0, f"clustering.weight (lambda2) must be >= 0, got {self.weight}")
@@ -253,6 +260,8 @@ class ClusteringConfig:
         _require(0 <= self.start_fraction <= 1,
                  f"clustering.start_fraction must be in [0, 1], got {self.start_fraction}")
         _require(self.warmup_fraction >= 0, f"clustering.warmup_fraction must be >= 0, got {self.warmup_fraction}")
+        _require(self.on_unstable in ("pause", "hold"),
+                 f"clustering.on_unstable must be 'pause' or 'hold', got {self.on_unstable!r}")
         _require(self.kmeans_start in ("warm", "fresh"),
                  f"clustering.kmeans_start must be 'warm' or 'fresh', got {self.kmeans_start!r}")
 

@@ -9,7 +9,9 @@ Protocol (SPEC section 5):
 - ``get_centres(v)`` waits (bounded) for version v; rank 0 fetches it at the switch step and
   broadcasts it, so all DDP ranks switch at the same step;
 - with ``clustering.stable_max_change`` a version whose partition differs too much from the previous
-  one is published with sigma^2 = 0, which the workers read as "no usable centres": eq. 2 pauses;
+  one is published with sigma^2 = 0, which the workers read as "no usable centres": eq. 2 pauses
+  (``clustering.on_unstable: pause``), or with the centres and sigma^2 of the last version that
+  persisted (``hold``);
 - after every ``snapshot_every``-th update the state (activations, centres, sigma^2, version,
   history) is written as Parquet/NumPy/JSON into the run folder; a restarted actor restores it.
   The actor copies the state on its event loop and writes it in a thread, so a snapshot (3.6 s at
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 ACTIVATIONS_FILE = "activations.parquet"
 STATE_FILE = "state.json"
 CENTRES_FILE = "centres.npy"
+HELD_CENTRES_FILE = "held_centres.npy"  # clustering.on_unstable: hold
 # Environment of the store's process: FAISS's OpenMP threads sleep instead of spinning while they
 # wait (read by the OpenMP runtime when it loads, hence set for the actor's process, not at run time).
 STORE_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
@@ -70,6 +73,9 @@ class CentroidStoreImpl:
         self.balanced = clustering_config.balanced
         self.kmeans_start = clustering_config.kmeans_start
         self.stable_max_change = clustering_config.stable_max_change
+        self.on_unstable = clustering_config.on_unstable
+        # the last version eq. 2 could use: what ``on_unstable: hold`` publishes in an unstable one's place
+        self.held: tuple[np.ndarray, float] | None = None
         # Whether eq. 2 may use the current version (always without the stability condition).
         self.eq2_on = True
         self.config = store_config
@@ -180,6 +186,8 @@ class CentroidStoreImpl:
         self.sigma2 = update["sigma2"]
         self.assignments = update["assignments"]
         self.eq2_on = update.get("eq2_on", True)
+        if self.eq2_on:
+            self.held = (self.centres, self.sigma2)
         self.version += 1
         self.history.append(update["stats"])
         if snapshot and self.snapshot_due():
@@ -190,9 +198,13 @@ class CentroidStoreImpl:
 
     def centres_payload(self) -> dict[str, Any]:
         """What the workers adopt. A version eq. 2 must not use (``clustering.stable_max_change``) has its
-        sigma^2 published as 0, which the workers' ``CentreState.usable`` reads as "no centres for eq. 2";
-        the stats keep the real one."""
-        return {"version": self.version, "centres": self.centres, "sigma2": self.sigma2 if self.eq2_on else 0.0,
+        sigma^2 published as 0, which the workers' ``CentreState.usable`` reads as "no centres for eq. 2",
+        or, with ``on_unstable: hold``, the last usable version's centres and sigma^2 in its place; the
+        stats keep the real ones."""
+        centres, sigma2 = self.centres, self.sigma2
+        if not self.eq2_on:
+            centres, sigma2 = self.held if self.on_unstable == "hold" and self.held is not None else (centres, 0.0)
+        return {"version": self.version, "centres": centres, "sigma2": sigma2,
                 "stats": self.history[-1] if self.history else {}}
 
     def status(self) -> dict[str, Any]:
@@ -219,8 +231,9 @@ class CentroidStoreImpl:
         files can be written while ingestion goes on."""
         ids = np.flatnonzero(self.seen)
         return {"ids": ids, "activations": self.activations[ids], "centres": self.centres,
+                "held_centres": self.held[0] if self.held is not None else None,
                 "state": {"version": self.version, "sigma2": self.sigma2, "history": list(self.history),
-                          "eq2_on": self.eq2_on,
+                          "eq2_on": self.eq2_on, "held_sigma2": self.held[1] if self.held is not None else None,
                           "num_samples": len(self.seen), "dim": self.dim, "config": asdict(self.config),
                           "assignments": self.assignments.tolist() if self.assignments is not None else None}}
 
@@ -236,6 +249,8 @@ class CentroidStoreImpl:
         pq.write_table(table, tmp / ACTIVATIONS_FILE)
         if data["centres"] is not None:
             np.save(tmp / CENTRES_FILE, data["centres"])
+        if data.get("held_centres") is not None:
+            np.save(tmp / HELD_CENTRES_FILE, data["held_centres"])
         (tmp / STATE_FILE).write_text(json.dumps(data["state"]))
         old = self.snapshot_dir.with_name(self.snapshot_dir.name + ".old")
         if self.snapshot_dir.exists():
@@ -276,6 +291,8 @@ class CentroidStoreImpl:
             self.assignments = np.asarray(state["assignments"], dtype=np.int64)
         if (folder / CENTRES_FILE).exists():
             self.centres = np.load(folder / CENTRES_FILE)
+        if (folder / HELD_CENTRES_FILE).exists() and state.get("held_sigma2") is not None:
+            self.held = (np.load(folder / HELD_CENTRES_FILE), state["held_sigma2"])
         return True
 
 

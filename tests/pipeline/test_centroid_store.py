@@ -1,10 +1,12 @@
 """The centroid store's logic, without Ray (the actor is a thin async wrapper around it)."""
 
+import re
+
 import numpy as np
 import pytest
 
 from divdr import clustering
-from divdr.config import ClusteringConfig
+from divdr.config import ClusteringConfig, ConfigError
 from pipeline.centroid_store import CentroidStoreImpl
 from pipeline.config import StoreConfig
 from tests.divdr.doubles import FakeGpu
@@ -186,3 +188,31 @@ def test_without_the_stability_condition_every_version_is_published_with_its_sig
     points, _ = two_partitions()
     payload = update(store, points, 5)
     assert payload["sigma2"] == store.sigma2 > 0 and payload["stats"]["eq2_on"] == 1
+
+
+def test_hold_keeps_eq2_on_the_last_partition_that_persisted(tmp_path):
+    """clustering.on_unstable: hold publishes, in an unstable version's place, the centres and sigma^2 of
+    the last version eq. 2 could use (kept across a restart); before any, eq. 2 waits as with pause."""
+    config = ClusteringConfig(weight=0.5, k=2, alpha=1.0, update_every=5, kmeans_start="fresh",
+                              stable_max_change=0.05, on_unstable="hold")
+    store = CentroidStoreImpl(40, DIM, 1, 40, config, StoreConfig(), str(tmp_path / "store"))
+    points, halves = two_partitions()
+    flipped = points * np.array([0.2, 5.0] + [1.0] * (DIM - 2), np.float32)
+    assert update(store, points, 5)["sigma2"] == 0.0  # nothing persisted yet
+    stable = update(store, points, 10)
+    kept_centres, kept_sigma2 = stable["centres"].copy(), stable["sigma2"]
+    assert kept_sigma2 > 0
+    held = update(store, flipped, 15)  # a flip: the halves' centres and sigma^2 stay in use
+    assert held["stats"]["eq2_on"] == 0 and store.sigma2 != kept_sigma2
+    np.testing.assert_array_equal(held["centres"], kept_centres)
+    assert held["sigma2"] == kept_sigma2
+    assert clustering.recovery_accuracy(clustering.assign(points, held["centres"]), halves) == 1.0
+    restored = CentroidStoreImpl(40, DIM, 1, 40, config, StoreConfig(), str(tmp_path / "store"))
+    again = restored.centres_payload()
+    np.testing.assert_array_equal(again["centres"], kept_centres)
+    assert again["sigma2"] == kept_sigma2
+
+
+def test_on_unstable_is_validated_by_name():
+    with pytest.raises(ConfigError, match=re.escape("clustering.on_unstable must be 'pause' or 'hold', got 'keep'")):
+        ClusteringConfig(on_unstable="keep")
