@@ -87,6 +87,12 @@ class GateConfig:
     # brightness or colour balance, which shifts and scales the early features of the whole image,
     # cannot move the route. The cell operation still sees the raw input.
     input_norm: bool = False
+    # Not in the papers (soft gates): the slope, relative to tanh', of the gradient a closed gate gets
+    # (0 = the paper: max(0, tanh) has none). A path whose gate is closed for every image gets no gradient
+    # from the task, the budget or eq. 2, so it can never reopen; on the premise study the per-image
+    # budget closed the path one regime needed, for good (docs/2026-11-26-premise-study.md). The
+    # forward, and so the zeros that let inference skip paths, are unchanged.
+    closed_gradient: float = 0.0
 
     def __post_init__(self) -> None:
         from divdr.gates import GATE_FAMILIES  # the registry (a gate family registers itself there)
@@ -94,6 +100,8 @@ class GateConfig:
         _require(self.kind in GATE_FAMILIES,
                  f"gate.kind must be {' or '.join(map(repr, GATE_FAMILIES))}, got {self.kind!r}")
         _require(0 < self.threshold <= 1, f"gate.threshold must be in (0, 1], got {self.threshold}")
+        _require(0 <= self.closed_gradient <= 1,
+                 f"gate.closed_gradient must be in [0, 1] (0 = the paper's gate), got {self.closed_gradient}")
         _require(isinstance(self.max_branches, int) and self.max_branches >= 0,
                  f"gate.max_branches must be an integer >= 0 (0 = no cap), got {self.max_branches!r}")
 

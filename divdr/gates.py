@@ -31,11 +31,18 @@ SMALL_GATE_FACTOR = 4  # "small gate": the gate sees the input bilinearly down-s
 
 
 
-def soft_gate_activation(logits: torch.Tensor) -> torch.Tensor:
-    """DR eq. 4: delta(x) = max(0, tanh(x)); exact zeros let inference skip paths."""
+def soft_gate_activation(logits: torch.Tensor, closed_gradient: float = 0.0) -> torch.Tensor:
+    """DR eq. 4: delta(x) = max(0, tanh(x)); exact zeros let inference skip paths. With
+    ``closed_gradient`` c > 0 (GateConfig.closed_gradient) the forward is the same and a closed gate
+    gets c * tanh'(x) of the gradient instead of none, so the losses can reopen it."""
     # threshold(., 0, 0) is ReLU; it keeps its input for the backward where relu keeps its output,
     # which costs two more kernels (a detach each way) per gate
-    return F.threshold(torch.tanh(logits), 0.0, 0.0)
+    gate = torch.tanh(logits)
+    weights = F.threshold(gate, 0.0, 0.0)
+    if closed_gradient > 0:
+        # exactly 0 in the forward (x - x), c * d tanh / dx in the backward where the gate is closed
+        weights = weights + closed_gradient * (gate - gate.detach()) * (gate < 0)
+    return weights
 
 
 # GateConfig.input_norm: the variance floor of the per-image normalisation (a constant map stays 0).
@@ -64,17 +71,18 @@ class SoftGate(Gate):
     1x1 conv (C/2 -> n_paths, bias initialised to ``bias_init``), then max(0, tanh)."""
 
     def __init__(self, channels: int, n_paths: int, small_gate: bool, bias_init: float,
-                 input_norm: bool = False) -> None:
+                 input_norm: bool = False, closed_gradient: float = 0.0) -> None:
         super().__init__()
         self.small_gate = small_gate
         self.input_norm = input_norm
+        self.closed_gradient = closed_gradient
         self.reduce = conv_bn(channels, channels // 2, 1)
         self.project = nn.Conv2d(channels // 2, n_paths, 1, bias=True)
         kaiming_init(self, bias=bias_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = self.reduce(gate_input(x, self.small_gate, self.input_norm)).mean(dim=(2, 3), keepdim=True)
-        return soft_gate_activation(self.project(pooled).flatten(1))
+        return soft_gate_activation(self.project(pooled).flatten(1), self.closed_gradient)
 
 
 class OpenGate(nn.Module):
@@ -145,7 +153,7 @@ def soft_gate_cost(h: int, w: int, channels: int, n_paths: int, config: GateConf
 
 register_gate_family("soft", GateFamily(
     build=lambda config, channels, n_paths: SoftGate(channels, n_paths, config.small_gate, config.bias_init,
-                                                     config.input_norm),
+                                                     config.input_norm, config.closed_gradient),
     cost=soft_gate_cost, cell_usage="max"))
 
 

@@ -185,3 +185,27 @@ def test_gate_input_norm_makes_routes_blind_to_a_global_gain():
     plain = DynamicRoutingSegmenter(TINY).backbone.cells[3].gate.eval()
     plain.load_state_dict(gate.state_dict())
     assert not torch.allclose(plain(x), plain(1.7 * x + 0.3), atol=1e-3)
+
+
+def test_closed_gradient_reopens_a_closed_gate_without_changing_the_forward():
+    """GateConfig.closed_gradient: the gate's values are the paper's max(0, tanh) (closed gates exactly 0),
+    and a closed gate gets c * tanh'(x) of the gradient, where the paper's gets none."""
+    from divdr.gates import soft_gate_activation
+
+    logits = torch.tensor([[-2.0, -0.3, 0.0, 0.4, 1.5]], requires_grad=True)
+    paper = soft_gate_activation(logits)
+    leaky = soft_gate_activation(logits, closed_gradient=0.5)
+    assert torch.equal(paper, leaky) and paper[0, :3].eq(0).all()
+    (grad_paper,) = torch.autograd.grad(paper.sum(), logits)
+    (grad_leaky,) = torch.autograd.grad(leaky.sum(), logits)
+    slope = 1 - torch.tanh(logits.detach()) ** 2
+    assert torch.equal(grad_paper[0, :3], torch.zeros(3))
+    torch.testing.assert_close(grad_leaky[0, :2], 0.5 * slope[0, :2])
+    torch.testing.assert_close(grad_leaky[0, 3:], slope[0, 3:])
+    assert grad_paper[0, 3:].equal(grad_leaky[0, 3:])
+    gate = SoftGate(8, 3, small_gate=False, bias_init=-3.0, closed_gradient=0.5)  # every path starts closed
+    x = torch.randn(2, 8, 8, 8)
+    gate(x).sum().backward()
+    assert gate(x).eq(0).all() and gate.project.bias.grad.abs().sum() > 0
+    with pytest.raises(Exception, match=r"gate.closed_gradient must be in \[0, 1\]"):
+        GateConfig(closed_gradient=2.0)
