@@ -125,7 +125,7 @@ class SimulatedWorkers:
         torch.set_num_threads(1)
         self.store, self.ranks, self.world, self.n, self.images = store, ranks, world, n, images
         self.senders = {r: ActivationSender(store, r, limit, True) for r in ranks}
-        self.acts = torch.from_numpy(_fill(images, dim, 3).astype(np.float32))
+        self.acts = _fill(images, dim, 3).astype(np.float32)
 
     def _ids(self, rank: int, step: int) -> list[int]:
         base = (step * self.world + rank) * self.images

@@ -249,7 +249,7 @@ class CentroidStoreImpl:
         pq.write_table(table, tmp / ACTIVATIONS_FILE)
         if data["centres"] is not None:
             np.save(tmp / CENTRES_FILE, data["centres"])
-        if data.get("held_centres") is not None:
+        if data["held_centres"] is not None:
             np.save(tmp / HELD_CENTRES_FILE, data["held_centres"])
         (tmp / STATE_FILE).write_text(json.dumps(data["state"]))
         old = self.snapshot_dir.with_name(self.snapshot_dir.name + ".old")

@@ -49,7 +49,7 @@ class LocalCentres(Hook):
 
     def __init__(self, store: CentroidStoreImpl, sink: MetricsSink | None, cfg: ExperimentConfig) -> None:
         self.store, self.sink = store, sink
-        self.pending = PendingActivations(cfg.store.send_every, store.triggers, cfg.train.steps)
+        self.pending = PendingActivations(cfg)
 
     def before_step(self, trainer: Trainer, batch: dict[str, Any]) -> None:
         step = trainer.step

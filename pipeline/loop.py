@@ -32,6 +32,7 @@ from divdr.flops import budget_ratio, expected_cost
 from divdr.gates import anneal_temperature, gate_parameters
 from divdr.losses import LossTerms, total_loss
 from pipeline.config import ExperimentConfig, TrainConfig
+from pipeline.schedule import kmeans_trigger_steps
 from pipeline.tasks import TaskStep, TrainingTask
 
 log = logging.getLogger(__name__)
@@ -194,26 +195,25 @@ class SkipCounter:
 
 class PendingActivations:
     """Streaming mode's A(x), kept on the training device and brought to the host together: one host
-    synchronisation per ``send_every`` steps instead of one per step. Ready at every ``send_every``-th
-    step, at the step before each K-means trigger (the store clusters what it has by then) and at the
-    last step."""
+    synchronisation per ``store.send_every`` steps instead of one per step. Ready at every
+    ``send_every``-th step, at the step before each K-means trigger (the store clusters what it has by
+    then) and at the last step."""
 
-    def __init__(self, send_every: int, triggers: Sequence[int], steps: int) -> None:
-        self.send_every = send_every
-        self.due_at = {t - 1 for t in triggers} | {steps - 1}  # step indices (0-based) after which to send
-        self.steps: list[int] = []
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.send_every = cfg.store.send_every
+        triggers = kmeans_trigger_steps(cfg.train.steps, cfg.clustering.update_every, cfg.clustering.update_every_final)
+        self.due_at = {t - 1 for t in triggers} | {cfg.train.steps - 1}  # step indices (0-based) after which to send
         self.ids: list[Any] = []
         self.acts: list[torch.Tensor] = []
 
     def add(self, result: StepResult) -> tuple[int, np.ndarray, np.ndarray] | None:
-        """Keep ``result``'s A(x); when a send is due, (last step index, sample ids, A(x) rows) on the host."""
-        self.steps.append(result.index)
+        """Keep ``result``'s A(x); when a send is due, (its step index, sample ids, A(x) rows) on the host."""
         self.ids.extend(result.batch["sample_id"])
         self.acts.append(result.activations.detach())
-        if len(self.steps) < self.send_every and result.index not in self.due_at:
+        if len(self.acts) < self.send_every and result.index not in self.due_at:
             return None
-        sent = (self.steps[-1], np.asarray(self.ids, dtype=np.int64), torch.cat(self.acts).float().cpu().numpy())
-        self.steps, self.ids, self.acts = [], [], []
+        sent = (result.index, np.asarray(self.ids, dtype=np.int64), torch.cat(self.acts).float().cpu().numpy())
+        self.ids, self.acts = [], []
         return sent
 
 

@@ -63,9 +63,8 @@ class ActivationSender:
         self.in_flight: collections.deque = collections.deque()
         self.failures = 0
 
-    def send(self, step: int, sample_ids: Sequence[int], activations: torch.Tensor | np.ndarray,
-             complete: bool = True) -> None:
-        acts = activations.detach().float().cpu().numpy() if isinstance(activations, torch.Tensor) else activations
+    def send(self, step: int, sample_ids: Sequence[int], acts: np.ndarray, complete: bool = True) -> None:
+        """Rows of A(x) already on the host (``PendingActivations``, a refresh pass)."""
         finite = np.isfinite(acts).all(axis=1)  # non-finite A(x) never reach the centres
         ids = np.asarray(sample_ids, dtype=np.int64)[finite]
         self.in_flight.append(self.store.ingest.remote(self.rank, step, ids, acts[finite].astype(self.dtype),
@@ -268,10 +267,9 @@ class StoreCentres(Hook):
         task, world, step = trainer.task, trainer.world, trainer.step
         indices = shard(task.split_size("train"), world.rank, world.size)
         result = task.routing(task.inference(trainer.net, "train", indices, score=False))
-        acts = torch.from_numpy(result.activations)
         for i in range(0, len(indices), REFRESH_CHUNK):
-            self.sender.send(step - 1, result.sample_ids[i:i + REFRESH_CHUNK].tolist(), acts[i:i + REFRESH_CHUNK],
-                             complete=False)
+            self.sender.send(step - 1, result.sample_ids[i:i + REFRESH_CHUNK].tolist(),
+                             result.activations[i:i + REFRESH_CHUNK], complete=False)
         self.sender.flush()
         try:
             ray.get(self.store.mark.remote(world.rank, step - 1))
@@ -307,8 +305,7 @@ class StreamActivations(Hook):
 
     def __init__(self, sender: ActivationSender, cfg: ExperimentConfig) -> None:
         self.sender = sender
-        triggers = kmeans_trigger_steps(cfg.train.steps, cfg.clustering.update_every, cfg.clustering.update_every_final)
-        self.pending = PendingActivations(cfg.store.send_every, triggers, cfg.train.steps)
+        self.pending = PendingActivations(cfg)
 
     def after_step(self, trainer: Trainer, result: StepResult) -> None:
         sent = self.pending.add(result)

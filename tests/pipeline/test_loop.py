@@ -175,7 +175,8 @@ def test_pending_activations_go_to_the_host_together():
 
     from pipeline.loop import PendingActivations, StepResult
 
-    pending = PendingActivations(send_every=3, triggers=[5, 10], steps=12)
+    cfg = resolve("DivDR-A", None, ["store.send_every=3", "clustering.update_every=5", "train.steps=12"])
+    pending = PendingActivations(cfg)  # K-means triggers at steps 5 and 10
     sent = {}
     for index in range(12):
         result = StepResult(index, {"sample_id": [2 * index, 2 * index + 1]}, None, None, None,
