@@ -66,6 +66,11 @@ class TrainConfig:
     # the first steps take longer (one graph per kind of cell), evaluation stays in eager mode.
     compile: bool = False
     channels_last: bool = False  # the network's tensors in NHWC, what GPU convolutions prefer
+    # A model file (<run>/artifacts/model.pt) whose weights start the network, e.g. fine-tuning a network
+    # trained on every image on one subset (pipeline/oracle.py --init-from). "" = random initialisation.
+    # A run resumed from its own checkpoint takes the checkpoint's weights. On a cluster the path must be
+    # readable from every worker (shared storage).
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         _require(self.precision in PRECISIONS,

@@ -49,3 +49,19 @@ def load_model(path: Path) -> nn.Module:
         raise ModelFileError(f"{path}: its weights do not fit the network its config describes: "
                              f"{str(error).splitlines()[0]}") from error
     return net.eval()
+
+
+def load_weights(net: nn.Module, path: Path) -> nn.Module:
+    """``net`` with the weights of the model file ``path`` (``train.init_from``). The file's network must
+    have the same parameters and buffers; its gate, budget or clustering settings may differ."""
+    source = load_model(path)
+    if type(source) is not type(net):
+        raise ModelFileError(f"train.init_from: {path} holds a {type(source).__name__}, this run trains a "
+                             f"{type(net).__name__}")
+    try:
+        net.load_state_dict(source.state_dict())
+    except RuntimeError as error:
+        detail = " ".join(line.strip() for line in str(error).splitlines()[1:])[:400]
+        raise ModelFileError(f"train.init_from: the weights of {path} do not fit this run's network "
+                             f"(model.size, classes or routing space differ): {detail}") from error
+    return net

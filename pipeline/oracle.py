@@ -8,6 +8,11 @@ with the same configuration and number of steps, and evaluated on the val images
 mIoU comes from the experts' confusion matrices summed over subsets (each val image seen by its own
 expert: the hypothetical perfect router), its GFLOPs are the mean real GFLOPs per val image.
 
+The paper's local experts are trained on their subset from scratch. Where a subset is too small or too
+imbalanced for that (the premise study's fine regime: an expert trained on it alone paints everything
+road), ``--set train.init_from=<run>/artifacts/model.pt`` starts every expert from a network trained on
+every image (e.g. DR-A of the same seed) and fine-tunes it on its subset: a deviation, named in the table.
+
 ``--compare`` evaluates other trained models (``<run>/artifacts/model.pt``, e.g. the main job's
 DivDR-A) on the same val images, per subset, so they appear in the same table.
 
@@ -127,7 +132,8 @@ def train_subset_experts(args: argparse.Namespace, base: dict[str, Any], views: 
                       base=base)
         metrics = run(cfg, out, existing="fresh")
         experts[s] = load_model(Path(metrics["run_dir"]) / "artifacts" / "model.pt")
-    return {f"oracle ({args.preset} expert per subset)": evaluate_per_subset(experts, views)}
+    start = f", each fine-tuned from {cfg.train.init_from}" if cfg.train.init_from else ""
+    return {f"oracle ({args.preset} expert per subset{start})": evaluate_per_subset(experts, views)}
 
 
 def train_route_experts(args: argparse.Namespace, base: dict[str, Any], root: Path, views: dict[int, Path],

@@ -45,11 +45,15 @@ from divdr.evaluation import InferenceResult, merge_results, run_inference
 from divdr.flops import CostTable, cost_table, table_for
 from divdr.heads import DynamicRoutingSegmenter
 from divdr.losses import correctness
+from pipeline import model_file
 from pipeline.config import ExperimentConfig, TrainConfig, is_uri
 
 
-def speed_options(net: torch.nn.Module, train: TrainConfig) -> torch.nn.Module:
-    """``train.channels_last`` and ``train.compile`` applied to a freshly built network (in place, returned)."""
+def as_configured(net: torch.nn.Module, train: TrainConfig) -> torch.nn.Module:
+    """A freshly built network with ``train.init_from``'s weights (before compiling wraps the cells), then
+    ``train.channels_last`` and ``train.compile`` (in place, returned)."""
+    if train.init_from:
+        model_file.load_weights(net, Path(train.init_from))
     if train.channels_last:
         net.to(memory_format=torch.channels_last)
     if train.compile:
@@ -114,7 +118,7 @@ class SegmentationTask:
                 "sample_id": [int(s["sample_id"]) for s in batch]}
 
     def build_model(self) -> nn.Module:
-        return speed_options(DynamicRoutingSegmenter(self.cfg.model), self.cfg.train)
+        return as_configured(DynamicRoutingSegmenter(self.cfg.model), self.cfg.train)
 
     def forward(self, model: nn.Module, batch: dict[str, Any]) -> TaskStep:
         out = model(batch["image"])
@@ -197,7 +201,7 @@ class DetectionTask:
                 "sample_id": [int(target["sample_id"]) for _, target in batch]}
 
     def build_model(self) -> nn.Module:
-        return speed_options(build_detector(self.cfg.model, self.cfg.detection, self.num_categories, self.cfg.task),
+        return as_configured(build_detector(self.cfg.model, self.cfg.detection, self.num_categories, self.cfg.task),
                              self.cfg.train)
 
     def _table(self, size: tuple[int, int]) -> CostTable:

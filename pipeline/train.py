@@ -31,6 +31,7 @@ from pipeline.cli_args import add_common, data_overrides, parser_for, persistent
 from pipeline.columns import format_table
 from pipeline.config import ExperimentConfig, redact_uri, resolve, with_data_root, with_smoke
 from pipeline.faults import faults_from_env
+from pipeline.model_file import ModelFileError
 from pipeline.run_folder import (
     Existing,
     RunFolderError,
@@ -146,6 +147,11 @@ def run(cfg: ExperimentConfig, out: Path, parent_run_id: str | None = None, exis
     run_dir = out / cfg.run_name
     check_output_folder(out)
     task = make_task(cfg)  # missing splits, bad annotation files, mismatched categories fail here
+    if cfg.train.init_from:  # a missing or unfitting train.init_from fails here, not in a worker
+        try:
+            task.build_model()
+        except ModelFileError as error:
+            raise ConfigError(str(error)) from None
     check_store_fits(cfg, len(limit(task.train_dataset(), cfg.data.max_train_images)))
     task.split_size("val")  # a missing or empty val split fails here, before training
     with run_lock(out, cfg.run_name):

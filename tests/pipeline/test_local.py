@@ -10,6 +10,8 @@ import torch
 from pipeline.config import resolve, with_data_root, with_smoke
 from pipeline.local import CHECKPOINT
 from pipeline.schedule import kmeans_trigger_steps, switch_step
+from divdr.config import ConfigError
+from pipeline.model_file import load_model
 from pipeline.train import run
 from tests.pipeline.conftest import make_study
 
@@ -108,3 +110,18 @@ def test_a_stopped_local_run_resumes_from_its_checkpoint(study, tmp_path):
     (Path(first["run_dir"]) / "result.json").unlink()
     second = run(with_data_root(cfg, study), tmp_path, local=True)
     assert second["start_step"] == 3 and second["step"] == 6
+
+
+def test_train_init_from_starts_the_run_from_a_models_weights(study, local_run, tmp_path):
+    """Fine-tuning (the oracle's experts): the run starts from the file's weights, not a random draw; a
+    missing file is named before anything is written."""
+    source = Path(local_run[2]["run_dir"]) / "artifacts" / "model.pt"
+    cfg = resolve("DR-A", None, ["train.steps=2", "train.lr=1e-12", f"train.init_from={source}", "name=tuned"],
+                  base=with_smoke({}))
+    tuned = load_model(Path(run(with_data_root(cfg, study), tmp_path, local=True)["run_dir"]) / "artifacts" / "model.pt")
+    start = dict(load_model(source).named_parameters())
+    assert all(torch.allclose(p, start[name], atol=1e-6) for name, p in tuned.named_parameters())
+    missing = resolve("DR-A", None, [f"train.init_from={tmp_path / 'none.pt'}", "name=none"], base=with_smoke({}))
+    with pytest.raises(ConfigError, match=f"model file {tmp_path / 'none.pt'} does not exist"):
+        run(with_data_root(missing, study), tmp_path / "out", local=True)
+    assert not (tmp_path / "out" / "none").exists()

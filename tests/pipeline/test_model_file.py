@@ -10,7 +10,7 @@ from divdr.config import get_model_config
 from divdr.detection import DetectionConfig, DynamicRoutingDetector, build_detector
 from divdr.heads import DynamicRoutingSegmenter
 from pipeline.analysis import _model_bytes
-from pipeline.model_file import ModelFileError, load_model
+from pipeline.model_file import ModelFileError, load_model, load_weights
 
 SMALL_HEADS = DetectionConfig(fpn_channels=16, anchor_sizes=(8, 16, 32, 64, 128), min_size=64, max_size=128,
                               representation_size=32, mask_head_layers=(16,))
@@ -54,6 +54,23 @@ def test_missing_foreign_and_mismatched_files_are_named(tmp_path):
                 "state_dict": DynamicRoutingSegmenter(get_model_config("micro")).state_dict()}, other)
     with pytest.raises(ModelFileError, match=f"{other}: its weights do not fit"):
         load_model(other)
+
+
+def test_load_weights_starts_a_network_from_a_file_and_names_one_that_does_not_fit(tmp_path):
+    """train.init_from: the file's weights into a fresh network; another size or kind is refused by name."""
+    trained = DynamicRoutingSegmenter(get_model_config("micro"))
+    path = tmp_path / "model.pt"
+    path.write_bytes(_model_bytes(trained))
+    fresh = DynamicRoutingSegmenter(get_model_config("micro"))
+    assert not _same_weights(trained, fresh)
+    assert load_weights(fresh, path) is fresh and _same_weights(trained, fresh)
+    with pytest.raises(ModelFileError, match=f"the weights of {path} do not fit this run's network .*Missing key"):
+        load_weights(DynamicRoutingSegmenter(get_model_config("tiny")), path)
+    with pytest.raises(ModelFileError, match=f"{path} holds a DynamicRoutingSegmenter, this run trains a "
+                                             "DynamicRoutingDetector"):
+        load_weights(build_detector(get_model_config("micro"), SMALL_HEADS, 3, "detection"), path)
+    with pytest.raises(ModelFileError, match="does not exist"):
+        load_weights(fresh, tmp_path / "none.pt")
 
 
 class Planted:
