@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from divdr.config import ConfigError
 from pipeline.config import resolve, with_data_root, with_smoke
 from pipeline.local import CHECKPOINT
-from pipeline.schedule import kmeans_trigger_steps, switch_step
-from divdr.config import ConfigError
 from pipeline.model_file import load_model
+from pipeline.schedule import kmeans_trigger_steps, switch_step
 from pipeline.train import run
 from tests.pipeline.conftest import make_study
 
@@ -118,7 +118,8 @@ def test_train_init_from_starts_the_run_from_a_models_weights(study, local_run, 
     source = Path(local_run[2]["run_dir"]) / "artifacts" / "model.pt"
     cfg = resolve("DR-A", None, ["train.steps=2", "train.lr=1e-12", f"train.init_from={source}", "name=tuned"],
                   base=with_smoke({}))
-    tuned = load_model(Path(run(with_data_root(cfg, study), tmp_path, local=True)["run_dir"]) / "artifacts" / "model.pt")
+    tuned_dir = Path(run(with_data_root(cfg, study), tmp_path, local=True)["run_dir"])
+    tuned = load_model(tuned_dir / "artifacts" / "model.pt")
     start = dict(load_model(source).named_parameters())
     assert all(torch.allclose(p, start[name], atol=1e-6) for name, p in tuned.named_parameters())
     missing = resolve("DR-A", None, [f"train.init_from={tmp_path / 'none.pt'}", "name=none"], base=with_smoke({}))
