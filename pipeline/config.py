@@ -67,7 +67,7 @@ class TrainConfig:
     compile: bool = False
     channels_last: bool = False  # the network's tensors in NHWC, what GPU convolutions prefer
     # A model file (<run>/artifacts/model.pt) whose weights start the network, e.g. fine-tuning a network
-    # trained on every image on one subset (pipeline/oracle.py --init-from). "" = random initialisation.
+    # trained on every image on one subset (pipeline/oracle.py --set train.init_from=...). "" = random initialisation.
     # A run resumed from its own checkpoint takes the checkpoint's weights. On a cluster the path must be
     # readable from every worker (shared storage).
     init_from: str = ""
