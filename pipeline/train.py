@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -218,6 +219,9 @@ def _train(cfg: ExperimentConfig, out: Path, run_dir: Path, parent_run_id: str |
         metrics["mlflow_experiment"] = cfg.tracking.experiment
         metrics["mlflow_experiment_id"] = tracking.experiment_of(uri, run_id)
         metrics["checkpoints"] = str(run_dir / "checkpoint") if local else checkpoint_folder(cfg, out)
+        if warning := unused_clustering_warning(cfg, metrics):
+            metrics["warnings"] = [warning]
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
         (run_dir / "result.json").write_text(json.dumps(metrics, indent=2, default=str))
         status = "FINISHED"
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (``ray job stop``, a scheduler): see main
@@ -232,6 +236,23 @@ def _train(cfg: ExperimentConfig, out: Path, run_dir: Path, parent_run_id: str |
     finally:
         logger.finish(status)
     return metrics
+
+
+def unused_clustering_warning(cfg: ExperimentConfig, metrics: dict[str, Any]) -> str | None:
+    """Why a run with the clustering loss on trained as DR, or None: with ``clustering.stable_max_change``
+    eq. 2 pauses on every K-means version whose partition changed more than that, and where the clusters
+    churn (the default study: 45-65% of the images change cluster between updates) no version ever
+    qualifies. The run looks like DivDR in every table; this says it was not."""
+    updates, used = metrics.get("kmeans_updates", 0), metrics.get("eq2_versions")
+    if not cfg.clustering.weight or not cfg.clustering.stable_max_change or not updates or used:
+        return None
+    changes = [h["matched_change"] for h in metrics.get("store", {}).get("history", [])
+               if h.get("matched_change") is not None]
+    churn = f" (median change {statistics.median(changes):.2f})" if changes else ""
+    return (f"run '{cfg.run_name}': the clustering loss (eq. 2) was never applied: every one of its {updates} "
+            f"K-means versions changed its partition by more than clustering.stable_max_change = "
+            f"{cfg.clustering.stable_max_change}{churn}, so it trained as DR. Raise stable_max_change, set it to 0 "
+            f"(the paper: every version used), or use store.mode: refresh for partitions that churn less")
 
 
 def banner(cfg: ExperimentConfig, run_dir: Path, local: bool) -> str:

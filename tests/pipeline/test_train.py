@@ -49,3 +49,31 @@ def test_gpu_workers_train_over_nccl_with_one_gpu_each(use_gpu, backend):
     assert torch_config.backend == backend
     assert scaling.num_workers == 3 and scaling.use_gpu is use_gpu
     assert scaling._resources_per_worker_not_none == {"CPU": 2.0, **({"GPU": 1} if use_gpu else {})}
+
+
+def _history(*changes):
+    """A store history: the first version has nothing to compare with (None)."""
+    return [{"matched_change": change, "eq2_on": int(change is not None and change <= 0.05)} for change in changes]
+
+
+@pytest.mark.parametrize("overrides, changes, warned", [
+    (["clustering.stable_max_change=0.05"], (None, 0.6, 0.55, 0.62), True),  # churn: eq. 2 never used
+    (["clustering.stable_max_change=0.05"], (None, 0.6, 0.03, 0.62), False),  # one version persisted
+    ([], (None, 0.6, 0.55, 0.62), False),  # the paper's: every version used, whatever the churn
+    (["clustering.stable_max_change=0.05", "clustering.weight=0"], (None, 0.6, 0.55), False),  # DR: no eq. 2
+])
+def test_a_divdr_run_that_never_applied_eq2_says_so(overrides, changes, warned):
+    """On the default study the clusters churn (45-65% change per update): with stable_max_change every version
+    was refused, and the 'DivDR' run trained as DR without a word (2026-11-26, docs/pipeline.md)."""
+    from pipeline.config import resolve
+    from pipeline.train import unused_clustering_warning
+
+    cfg = resolve("DivDR-A", None, overrides)
+    history = _history(*changes)
+    metrics = {"kmeans_updates": len(history), "eq2_versions": sum(h["eq2_on"] for h in history),
+               "store": {"history": history}}
+    warning = unused_clustering_warning(cfg, metrics)
+    assert (warning is not None) == warned
+    if warned:
+        assert "never applied" in warning and "stable_max_change = 0.05" in warning
+        assert "median change 0.60" in warning and f"'{cfg.run_name}'" in warning
