@@ -163,3 +163,40 @@ def test_a_dataset_uri_is_fetched_once_per_node_into_the_cache(tmp_path, monkeyp
     assert make_task(cfg).root == task.root  # fetched once
     with pytest.raises(DatasetError, match="is not a folder"):
         tasks.data_on_this_node((tmp_path / "nothing").as_uri(), "seg")
+
+
+def test_recalibrate_bn_estimates_batchnorm_statistics_again_over_whole_training_images(tmp_path: Path):
+    """train.recalibrate_bn: running statistics gone wrong (here: garbage) are replaced by their average over
+    the first N training images, whole and in eval batches; the weights stay."""
+    import copy
+
+    from divdr.data.cityscapes import CityscapesSegmentation
+    from divdr.ops import recalibrate_batchnorm
+    from pipeline.config import with_smoke
+
+    root = tmp_path / "seg"
+    generate(study_config(n_train=6, n_val=2, height=64, width=128, seed=1), root, "seg")
+    cfg = with_data_root(resolve("DR-A", None, ["model_size=tiny", "train.recalibrate_bn=4", "data.eval_batch_size=2"],
+                                 base=with_smoke({})), root)
+    task = make_task(cfg)
+    torch.manual_seed(0)
+    net = task.build_model()
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in norms:
+        m.running_mean.fill_(50.0)
+        m.running_var.fill_(1e-4)
+    weights = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k}
+    expected = copy.deepcopy(net)
+    task.recalibrate_bn(net, cfg.train.recalibrate_bn)
+
+    images = [CityscapesSegmentation(root, "train")[i]["image"] for i in range(4)]  # the first 4, 2 per batch
+    recalibrate_batchnorm(expected, [torch.stack(images[:2]), torch.stack(images[2:])])
+    for got, want in zip(norms, [m for m in expected.modules() if isinstance(m, torch.nn.BatchNorm2d)], strict=True):
+        assert torch.allclose(got.running_mean, want.running_mean, atol=1e-5)
+        assert torch.allclose(got.running_var, want.running_var, atol=1e-5)
+    assert max(float(m.running_mean.abs().max()) for m in norms) < 50
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in weights.items())
+    with pytest.raises(ConfigError, match=r"train\.recalibrate_bn must be 0 for task 'detection'"):
+        resolve("DivDR-A", None, ["task=detection", "train.recalibrate_bn=8"])
+    with pytest.raises(ConfigError, match=r"train\.recalibrate_bn must be >= 0"):
+        resolve("DR-A", None, ["train.recalibrate_bn=-1"])
