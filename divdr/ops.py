@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.swa_utils import update_bn
 
 
 def conv_bn(in_ch: int, out_ch: int, kernel: int = 1, stride: int = 1, groups: int = 1,
@@ -70,24 +68,6 @@ def drop_batch_counters(module: nn.Module) -> nn.Module:
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is not None and m.track_running_stats:
             m.num_batches_tracked = None
             m._register_load_state_dict_pre_hook(_drop_counter_on_load)
-    return module
-
-
-def recalibrate_batchnorm(module: nn.Module, batches: Iterable[torch.Tensor],
-                          device: torch.device | None = None) -> nn.Module:
-    """Every BatchNorm's running statistics estimated again as the equal-weight average over ``batches``
-    (train-mode forwards without gradients: ``torch.optim.swa_utils.update_bn``); weights, momenta and the
-    module's mode are kept. The counters ``drop_batch_counters`` removed, which that average needs, are put
-    back for the while and removed again."""
-    dropped = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-               and m.track_running_stats and m.num_batches_tracked is None]
-    for m in dropped:
-        m.num_batches_tracked = torch.zeros((), dtype=torch.long, device=m.running_mean.device)
-    try:
-        update_bn(batches, module, device=device)
-    finally:
-        for m in dropped:
-            m.num_batches_tracked = None
     return module
 
 

@@ -71,17 +71,8 @@ class TrainConfig:
     # A run resumed from its own checkpoint takes the checkpoint's weights. On a cluster the path must be
     # readable from every worker (shared storage).
     init_from: str = ""
-    # Not in the papers: before the final evaluation and the saved model, BatchNorm's running statistics
-    # are estimated again over this many training images (whole images, no augmentation; train-mode forwards
-    # without gradients, an equal-weight average: torch.optim.swa_utils.update_bn). 0 = off (the papers').
-    # In training they are a moving average of rank 0's crops under routes that are still changing; on the
-    # embedded study one seed of DivDR-A with gate input normalisation scored mIoU 0.420 with them and 0.700
-    # with them estimated again (docs/pipeline.md, "The main job"). Segmentation only.
-    recalibrate_bn: int = 0
 
     def __post_init__(self) -> None:
-        _require(self.recalibrate_bn >= 0,
-                 f"train.recalibrate_bn must be >= 0 (a number of training images; 0 = off), got {self.recalibrate_bn}")
         _require(self.precision in PRECISIONS,
                  f"train.precision must be {' or '.join(map(repr, PRECISIONS))}, got {self.precision!r}")
         _require(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
@@ -422,9 +413,6 @@ def from_dict(tree: dict[str, Any]) -> ExperimentConfig:
     _require(task == "segmentation" or parts["resource"].weight == 0,
              f"resource.weight (DRNets eq. 8) must be 0 for task {task!r}: its 1[correct] is defined for "
              f"segmentation pixels only; got {parts['resource'].weight} (preset {preset.name})")
-    _require(task == "segmentation" or parts["train"].recalibrate_bn == 0,
-             f"train.recalibrate_bn must be 0 for task {task!r}: a detector's train-mode forward needs targets; "
-             f"got {parts['train'].recalibrate_bn}")
     return ExperimentConfig(name=str(tree.get("name", "")), preset=preset.name, model_size=size, task=task,
                             model=model, **parts)
 

@@ -478,8 +478,6 @@ def final_evaluation(trainer: Trainer, store_status: dict[str, Any], sink: Metri
     images assigned to their nearest centre (Inter, Intra, sizes, subset recovery). Sharded over ranks;
     the summary on rank 0 (``{}`` elsewhere), sent to ``sink`` with the run's artifacts."""
     world, task, net = trainer.world, trainer.task, trainer.net
-    if trainer.cfg.train.recalibrate_bn and world.rank == 0:  # the others take rank 0's just below
-        task.recalibrate_bn(net, trainer.cfg.train.recalibrate_bn)
     # BatchNorm statistics are per rank (each saw its own batches; DDP only broadcasts rank 0's at the
     # start of each forward): every rank takes rank 0's, so the scores are those of the model saved
     world.sync_buffers(net)

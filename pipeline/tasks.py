@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from divdr.backbone import BackboneOutput
 from divdr.cells import compile_cells
@@ -45,7 +45,6 @@ from divdr.evaluation import InferenceResult, merge_results, run_inference
 from divdr.flops import CostTable, cost_table, table_for
 from divdr.heads import DynamicRoutingSegmenter
 from divdr.losses import correctness
-from divdr.ops import recalibrate_batchnorm
 from pipeline import model_file
 from pipeline.config import ExperimentConfig, TrainConfig, is_uri
 
@@ -91,7 +90,6 @@ class TrainingTask(Protocol):
     def merge(self, parts: Sequence[Any]) -> Any: ...
     def routing(self, result: Any) -> InferenceResult: ...
     def val_metrics(self, merged: Any) -> dict[str, float]: ...
-    def recalibrate_bn(self, net: nn.Module, images: int) -> None: ...
     def summarize(self, cfg: ExperimentConfig, train: Any, val: Any, centres: CentreState, store_status: dict[str, Any],
                   net: nn.Module, progress: dict[str, int]) -> tuple[dict[str, Any], dict[str, bytes]]: ...
 
@@ -141,14 +139,6 @@ class SegmentationTask:
 
     def merge(self, parts: Sequence[InferenceResult]) -> InferenceResult:
         return merge_results(parts)
-
-    def recalibrate_bn(self, net: nn.Module, images: int) -> None:
-        """BatchNorm's running statistics estimated again over the first ``images`` training images (whole,
-        as evaluated), an equal-weight average over batches (``train.recalibrate_bn``)."""
-        train = limit(self._split("train"), min(images, self.split_size("train")))
-        batches = DataLoader(train, batch_size=self.cfg.data.eval_batch_size,
-                             collate_fn=lambda samples: torch.stack([s["image"] for s in samples]))
-        recalibrate_batchnorm(net, batches, device=next(net.parameters()).device)
 
     def routing(self, result: InferenceResult) -> InferenceResult:
         return result
@@ -240,10 +230,6 @@ class DetectionTask:
 
     def routing(self, result: DetectionInferenceResult) -> InferenceResult:
         return result.routing
-
-    def recalibrate_bn(self, net: nn.Module, images: int) -> None:
-        raise ConfigError(f"train.recalibrate_bn must be 0 for task {self.cfg.task!r}: a detector's train-mode "
-                          f"forward needs targets; got {images}")
 
     def scores(self, merged: DetectionInferenceResult) -> dict[str, float]:
         iou_types = ("bbox", "segm") if self.masks else ("bbox",)
