@@ -119,7 +119,8 @@ def summarize_run(cfg: ExperimentConfig, root: Path, train: InferenceResult, val
         "centre_version": centres.version,
         "centre_switch_steps": [h["switch_step"] for h in centres.history],
         "kmeans_updates": len(store_status.get("history", [])),
-        "eq2_versions": sum(1 for h in store_status.get("history", []) if h.get("eq2_on", 1)),
+        # the updates eq. 2 used (clustering.stable_max_change pauses it on the others)
+        "kmeans_updates_eq2": sum(1 for h in store_status.get("history", []) if h.get("eq2_on", 1)),
         "store_rejected_rows": store_status.get("rejected_rows", 0),
         "train_images_clustered": len(train.sample_ids),
         "val_images": len(val.sample_ids),

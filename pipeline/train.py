@@ -243,7 +243,7 @@ def unused_clustering_warning(cfg: ExperimentConfig, metrics: dict[str, Any]) ->
     eq. 2 pauses on every K-means version whose partition changed more than that, and where the clusters
     churn (the default study: 45-65% of the images change cluster between updates) no version ever
     qualifies. The run looks like DivDR in every table; this says it was not."""
-    updates, used = metrics.get("kmeans_updates", 0), metrics.get("eq2_versions")
+    updates, used = metrics.get("kmeans_updates", 0), metrics.get("kmeans_updates_eq2")
     if not cfg.clustering.weight or not cfg.clustering.stable_max_change or not updates or used:
         return None
     changes = [h["matched_change"] for h in metrics.get("store", {}).get("history", [])

@@ -70,7 +70,7 @@ def test_a_divdr_run_that_never_applied_eq2_says_so(overrides, changes, warned):
 
     cfg = resolve("DivDR-A", None, overrides)
     history = _history(*changes)
-    metrics = {"kmeans_updates": len(history), "eq2_versions": sum(h["eq2_on"] for h in history),
+    metrics = {"kmeans_updates": len(history), "kmeans_updates_eq2": sum(h["eq2_on"] for h in history),
                "store": {"history": history}}
     warning = unused_clustering_warning(cfg, metrics)
     assert (warning is not None) == warned
