@@ -246,13 +246,13 @@ def unused_clustering_warning(cfg: ExperimentConfig, metrics: dict[str, Any]) ->
     updates, used = metrics.get("kmeans_updates", 0), metrics.get("kmeans_updates_eq2")
     if not cfg.clustering.weight or not cfg.clustering.stable_max_change or not updates or used:
         return None
-    changes = [h["matched_change"] for h in metrics.get("store", {}).get("history", [])
+    changes = [h["matched_change"] for h in (metrics.get("store") or {}).get("history", [])
                if h.get("matched_change") is not None]
     churn = f" (median change {statistics.median(changes):.2f})" if changes else ""
     return (f"run '{cfg.run_name}': the clustering loss (eq. 2) was never applied: every one of its {updates} "
             f"K-means versions changed its partition by more than clustering.stable_max_change = "
-            f"{cfg.clustering.stable_max_change}{churn}, so it trained as DR. Raise stable_max_change, set it to 0 "
-            f"(the paper: every version used), or use store.mode: refresh for partitions that churn less")
+            f"{cfg.clustering.stable_max_change}{churn}, so it trained as DR. Raise stable_max_change, or set it "
+            f"to 0 (the paper: every version used)")
 
 
 def banner(cfg: ExperimentConfig, run_dir: Path, local: bool) -> str:
