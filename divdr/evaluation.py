@@ -7,7 +7,7 @@ current weights) and for the final clustering; pure PyTorch, so it is tested wit
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -34,10 +34,15 @@ class InferenceResult:
     real_gflops: np.ndarray  # [N] at each image's own size
     real_gflops_reference: np.ndarray  # [N] the same routes costed at REFERENCE_SIZE
     confusion: ConfusionMatrix | None
+    # one matrix per known subset (controlled studies): each subset's mIoU, not only the pooled one
+    confusion_by_subset: dict[int, ConfusionMatrix] = field(default_factory=dict)
 
     @property
     def scores(self) -> SegmentationScores | None:
         return self.confusion.compute() if self.confusion is not None else None
+
+    def scores_by_subset(self) -> dict[int, SegmentationScores]:
+        return {s: m.compute() for s, m in sorted(self.confusion_by_subset.items())}
 
 
 def _collate(batch: list[dict]) -> dict:
@@ -70,6 +75,7 @@ def run_inference(model: DynamicRoutingSegmenter, dataset: Dataset, batch_size: 
     reference_table = cost_table(config, *reference_size)
     tables: dict[tuple[int, int], object] = {}
     confusion = ConfusionMatrix(config.num_classes) if score else None
+    by_subset: dict[int, ConfusionMatrix] = {}
     ids, files, subsets, acts, gates, flops, flops_ref = [], [], [], [], [], [], []
     try:
         for batch in loader:
@@ -80,6 +86,7 @@ def run_inference(model: DynamicRoutingSegmenter, dataset: Dataset, batch_size: 
             predicted = out.logits.argmax(1).cpu()
             if confusion is not None:
                 confusion.update(predicted, batch["label"])
+                _update_by_subset(by_subset, config.num_classes, predicted, batch["label"], batch["subset"])
             if predictions is not None:
                 predictions(batch["file"], predicted)
             ids += batch["sample_id"]
@@ -96,7 +103,24 @@ def run_inference(model: DynamicRoutingSegmenter, dataset: Dataset, batch_size: 
         sample_ids=np.asarray(ids, dtype=np.int64), files=files, subsets=np.asarray(subsets, dtype=np.int64),
         activations=np.concatenate(acts), gates=np.concatenate(gates),
         real_gflops=np.concatenate(flops), real_gflops_reference=np.concatenate(flops_ref), confusion=confusion,
+        confusion_by_subset=by_subset,
     )
+
+
+def _update_by_subset(matrices: dict[int, ConfusionMatrix], num_classes: int, predicted: torch.Tensor,
+                      labels: torch.Tensor, subsets: list[int]) -> None:
+    subset_of = torch.as_tensor(subsets)
+    for s in {s for s in subsets if s >= 0}:
+        rows = subset_of == s
+        matrices.setdefault(s, ConfusionMatrix(num_classes)).update(predicted[rows], labels[rows])
+
+
+def _summed(matrices: Sequence[ConfusionMatrix]) -> ConfusionMatrix:
+    """A new accumulator holding the sum: the inputs keep their own matrices (their scores stay valid)."""
+    first = matrices[0]
+    total = ConfusionMatrix(first.num_classes, first.ignore_index, first.class_names)
+    total.matrix = sum((m.matrix for m in matrices[1:]), first.matrix.clone())
+    return total
 
 
 def merge_results(parts: Sequence[InferenceResult]) -> InferenceResult:
@@ -107,12 +131,9 @@ def merge_results(parts: Sequence[InferenceResult]) -> InferenceResult:
     ids = np.concatenate([p.sample_ids for p in parts])
     order = np.argsort(ids, kind="stable")
     files = [f for p in parts for f in p.files]
-    confusion = None
-    if all(p.confusion is not None for p in parts):
-        # a new accumulator: the parts keep their own matrices (their per-part scores stay valid)
-        first = parts[0].confusion
-        confusion = ConfusionMatrix(first.num_classes, first.ignore_index, first.class_names)
-        confusion.matrix = sum((p.confusion.matrix for p in parts[1:]), first.matrix.clone())
+    confusion = _summed([p.confusion for p in parts]) if all(p.confusion is not None for p in parts) else None
+    by_subset = {s: _summed([p.confusion_by_subset[s] for p in parts if s in p.confusion_by_subset])
+                 for s in sorted({s for p in parts for s in p.confusion_by_subset})}
     return InferenceResult(
         sample_ids=ids[order], files=[files[i] for i in order],
         subsets=np.concatenate([p.subsets for p in parts])[order],
@@ -120,5 +141,5 @@ def merge_results(parts: Sequence[InferenceResult]) -> InferenceResult:
         gates=np.concatenate([p.gates for p in parts])[order],
         real_gflops=np.concatenate([p.real_gflops for p in parts])[order],
         real_gflops_reference=np.concatenate([p.real_gflops_reference for p in parts])[order],
-        confusion=confusion,
+        confusion=confusion, confusion_by_subset=by_subset,
     )

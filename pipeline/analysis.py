@@ -69,7 +69,7 @@ def subset_diagnostics(train_acts: np.ndarray, train_subsets: np.ndarray, val_ac
 def routing_curve(val: InferenceResult, centres: np.ndarray | None) -> dict[str, float]:
     """During training (``train.eval_every``), the controlled study's learning curves: the share of A(x)'s
     variance between the known subsets, the recovery of the subsets by the current centres (when there are
-    some) and each subset's mean real GFLOPs. Empty when the subsets are unknown."""
+    some), each subset's mean real GFLOPs and (segmentation) mIoU. Empty when the subsets are unknown."""
     known = val.subsets >= 0
     subsets = val.subsets[known]
     if np.unique(subsets).size < 2:
@@ -80,6 +80,8 @@ def routing_curve(val: InferenceResult, centres: np.ndarray | None) -> dict[str,
         metrics["val/recovery"] = clustering.recovery_accuracy(clustering.assign(acts, centres), subsets)
     for s in np.unique(subsets):
         metrics[f"val/gflops_subset{int(s)}"] = float(val.real_gflops[known][subsets == s].mean())
+    for s, scores in val.scores_by_subset().items():
+        metrics[f"val/miou_subset{s}"] = scores.miou
     return metrics
 
 
@@ -91,6 +93,8 @@ def subset_metrics(train: InferenceResult, val: InferenceResult, reference_size:
     metrics = subset_diagnostics(train.activations, train.subsets, val.activations, val.subsets,
                                  val.real_gflops_reference)
     metrics[f"gflops_by_subset_{reference_size[0]}x{reference_size[1]}"] = metrics.pop("gflops_by_subset")
+    if val.confusion_by_subset:  # segmentation: each subset's mIoU, in the order of the GFLOPs
+        metrics["miou_by_subset"] = [scores.miou for scores in val.scores_by_subset().values()]
     return metrics
 
 

@@ -10,6 +10,8 @@ final cluster, the known subset and the real GFLOPs of each image) and prints, p
 - share: between-subset share of the variance of A(x) on val (``subset_variance_share``): K-means
   finds the subsets only when they dominate;
 - GFLOPs per subset (at the image size, mean over val): whether the subsets get different compute;
+- mIoU, overall and by subset, from the run's ``result.json`` (runs trained before ``miou_by_subset``
+  existed show the overall mIoU only);
 - with ``--data ROOT`` (the run's dataset): what the clusters follow besides the subsets, as the share
   of the variance of image brightness between the run's clusters (eta^2) against between the subsets.
 
@@ -20,6 +22,7 @@ sweep (``<name>-seed<N>``) are also summarised per setting: mean +- std over see
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -36,7 +39,7 @@ from pipeline.analysis import subset_diagnostics
 
 ARTIFACTS = "artifacts"
 SEED_SUFFIX = re.compile(r"-seed\d+$")  # pipeline/tune.py names trials <space>[<setting>]-seed<N>
-SUMMARY_KEYS = ("recovery", "probe", "share")
+SUMMARY_KEYS = ("miou", "recovery", "probe", "share")
 
 
 def read_activations(run_dir: Path, split: str) -> dict[str, np.ndarray]:
@@ -74,7 +77,15 @@ def probe_run(run_dir: Path, data: Path | None = None) -> dict[str, object]:
         "gflops_by_subset": found["gflops_by_subset"],
         "val_cluster_sizes": clustering.cluster_sizes(val["cluster"], int(train["cluster"].max()) + 1).tolist(),
         **(brightness_follow(data, val) if data is not None else {}),
+        **scores(run_dir),
     }
+
+
+def scores(run_dir: Path) -> dict[str, object]:
+    """The run's mIoU and each subset's, from its ``result.json`` (NaN / [] where it has none)."""
+    path = Path(run_dir) / "result.json"
+    result = json.loads(path.read_text()) if path.is_file() else {}
+    return {"miou": float(result.get("miou", np.nan)), "miou_by_subset": list(result.get("miou_by_subset", []))}
 
 
 def brightness_follow(data: Path, val: dict[str, np.ndarray]) -> dict[str, float]:
@@ -86,13 +97,15 @@ def brightness_follow(data: Path, val: dict[str, np.ndarray]) -> dict[str, float
 
 def markdown(rows: dict[str, dict[str, object]]) -> str:
     eta = any("brightness_eta2_clusters" in r for r in rows.values())
-    lines = ["| run | recovery | probe | share | GFLOPs per subset | val cluster sizes |"
+    lines = ["| run | mIoU (per subset) | recovery | probe | share | GFLOPs per subset | val cluster sizes |"
              + (" brightness eta^2 clusters / subsets |" if eta else ""),
-             "|---|---|---|---|---|---|" + ("---|" if eta else "")]
+             "|---|---|---|---|---|---|---|" + ("---|" if eta else "")]
     for name, r in rows.items():
         gflops = " / ".join(f"{g:.3f}" for g in r["gflops_by_subset"])  # type: ignore[union-attr]
+        per_subset = " / ".join(f"{m:.3f}" for m in r.get("miou_by_subset", []))  # type: ignore[union-attr]
+        miou = f"{r.get('miou', np.nan):.3f}" + (f" ({per_subset})" if per_subset else "")
         extra = (f" {r['brightness_eta2_clusters']:.3f} / {r['brightness_eta2_subsets']:.3f} |" if eta else "")
-        lines.append(f"| {name} | {r['recovery']:.3f} | {r['probe']:.3f} | {r['share']:.3f} | {gflops} "
+        lines.append(f"| {name} | {miou} | {r['recovery']:.3f} | {r['probe']:.3f} | {r['share']:.3f} | {gflops} "
                      f"| {r['val_cluster_sizes']} |" + extra)
     return "\n".join(lines)
 

@@ -50,3 +50,17 @@ def test_the_prediction_sink_gets_what_the_confusion_matrix_counts(val_set):
         assert seen[file].shape == val_set[index]["label"].shape
         again.update(seen[file][None], val_set[index]["label"][None])
     assert torch.equal(again.matrix, result.confusion.matrix)
+
+
+def test_each_subset_is_scored_on_its_own_images_and_the_shards_merge(val_set):
+    torch.manual_seed(0)
+    net = DynamicRoutingSegmenter(get_model_config("micro"))
+    whole = run_inference(net, val_set, batch_size=4)  # batches that mix the subsets
+    assert sorted(whole.confusion_by_subset) == sorted(set(whole.subsets.tolist())) == [0, 1]
+    assert torch.equal(sum(m.matrix for m in whole.confusion_by_subset.values()), whole.confusion.matrix)
+    for s, scores in whole.scores_by_subset().items():
+        alone = run_inference(net, val_set, indices=np.flatnonzero(whole.subsets == s).tolist())
+        assert scores.miou == pytest.approx(alone.scores.miou)
+    merged = merge_results([run_inference(net, val_set, batch_size=2, indices=idx) for idx in ([0, 1, 2], [3, 4, 5])])
+    for s, matrix in whole.confusion_by_subset.items():
+        assert torch.equal(merged.confusion_by_subset[s].matrix, matrix.matrix)

@@ -69,8 +69,9 @@ def test_mlflow_holds_the_local_run(local_run):
     for key in ("loss/task", "kmeans/inter", "val/miou", "final/miou"):
         assert key in found.data.metrics, key
     assert [m.step for m in client.get_metric_history(found.info.run_id, "val/miou")] == [6]
-    # the study's learning curves at each evaluation: share, recovery by the current centres, GFLOPs by subset
-    for key in ("val/subset_variance_share", "val/recovery", "val/gflops_subset0"):
+    # the study's learning curves at each evaluation: share, recovery by the current centres, GFLOPs and mIoU
+    # by subset
+    for key in ("val/subset_variance_share", "val/recovery", "val/gflops_subset0", "val/miou_subset0"):
         assert [m.step for m in client.get_metric_history(found.info.run_id, key)] == [6], key
     assert 0.0 <= found.data.metrics["val/recovery"] <= 1.0
 

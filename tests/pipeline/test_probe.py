@@ -33,6 +33,16 @@ def test_probe_separates_present_but_not_dominant_subsets(tmp_path):
     assert row["probe"] == 1.0 and row["share"] < 0.1 and row["recovery"] < 0.8
     assert row["gflops_by_subset"] == pytest.approx([0.1, 0.2])
     assert sum(row["val_cluster_sizes"]) == 40
+    assert np.isnan(row["miou"]) and row["miou_by_subset"] == []  # no result.json: nothing invented
+
+
+def test_the_row_carries_the_runs_miou_by_subset(tmp_path, capsys):
+    import json
+
+    _write_run(tmp_path / "run", seed=0)
+    (tmp_path / "run" / "result.json").write_text(json.dumps({"miou": 0.8, "miou_by_subset": [0.7, 0.85]}))
+    main([str(tmp_path / "run")])
+    assert "| run | 0.800 (0.700 / 0.850) | " in capsys.readouterr().out
 
 
 def test_cli_prints_a_row_per_run_and_names_a_missing_folder(tmp_path, capsys):

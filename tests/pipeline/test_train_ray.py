@@ -61,6 +61,9 @@ def test_final_metrics_are_real(smoke_run):
     assert 0.0 <= metrics["recovery"] <= 1.0  # the study has a subset manifest
     assert 0.0 <= metrics["subset_probe"] <= 1.0 and 0.0 <= metrics["subset_variance_share"] <= 1.0
     assert 0 < len(metrics["gflops_by_subset_1024x2048"]) <= 3 and min(metrics["gflops_by_subset_1024x2048"]) > 0
+    # each subset's mIoU, from the two workers' shards merged, in the order of the GFLOPs
+    assert len(metrics["miou_by_subset"]) == len(metrics["gflops_by_subset_1024x2048"])
+    assert all(0.0 <= m <= 1.0 for m in metrics["miou_by_subset"])
     assert sum(metrics["cluster_sizes"]) == metrics["val_images"] == 6
 
 
