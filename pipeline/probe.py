@@ -84,7 +84,10 @@ def probe_run(run_dir: Path, data: Path | None = None) -> dict[str, object]:
 def scores(run_dir: Path) -> dict[str, object]:
     """The run's mIoU and each subset's, from its ``result.json`` (NaN / [] where it has none)."""
     path = Path(run_dir) / "result.json"
-    result = json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        result = json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): a run folder's result.json, rewritten?") from None
     return {"miou": float(result.get("miou", np.nan)), "miou_by_subset": list(result.get("miou_by_subset", []))}
 
 

@@ -43,6 +43,10 @@ def test_the_row_carries_the_runs_miou_by_subset(tmp_path, capsys):
     (tmp_path / "run" / "result.json").write_text(json.dumps({"miou": 0.8, "miou_by_subset": [0.7, 0.85]}))
     main([str(tmp_path / "run")])
     assert "| run | 0.800 (0.700 / 0.850) | " in capsys.readouterr().out
+    (tmp_path / "run" / "result.json").write_text('{"miou": 0.8,')  # cut short
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "run")])
+    assert "run/result.json is not valid JSON" in capsys.readouterr().err
 
 
 def test_cli_prints_a_row_per_run_and_names_a_missing_folder(tmp_path, capsys):
