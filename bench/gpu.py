@@ -66,6 +66,42 @@ def timed(fn: Callable[[], Any], device: str, repeats: int, warmup: int = 2) -> 
     return statistics.median(times)
 
 
+def graphed_step(step: Step) -> Callable[[], None]:
+    """The whole training step (forward, losses, backward, clipping, SGD) captured in one CUDA graph:
+    each replay launches every kernel of the step at once, with no Python and no per-kernel launch cost.
+    Possible because the step reads nothing back on the host and copies nothing to the device."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def graphed_forward(module: Any, image: Any) -> Callable[[], Any]:
+    """``module(image)`` under no_grad captured in one CUDA graph (replayed on the same input buffer)."""
+    import torch
+
+    static_image = image.clone()
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                module(static_image)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            module(static_image)
+    return graph.replay
+
+
 class Step:
     """One training step of the library, as ``pipeline.loop.Trainer.run_step`` does it (without Ray, the
     store and the finite check): forward under the precision's autocast, cross-entropy, budget (eq. 9) and
@@ -181,28 +217,40 @@ def section_train(args, deadline: float, compiled: bool = False) -> dict[str, An
 
     crop, batch = (args.crop, args.crop), args.batch
     if compiled:
-        variants = {"compiled_fp32": {"compile_backend": args.compile_backend},
-                    "compiled_bf16": {"precision": "bf16", "compile_backend": args.compile_backend}}
+        # bf16 first: eager bf16 + channels_last is the fastest eager step, so its compiled form matters most
+        variants = {"compiled_bf16": {"precision": "bf16", "compile_backend": args.compile_backend},
+                    "compiled_fp32": {"compile_backend": args.compile_backend}}
     else:
         variants = {"eager_fp32": {}, "eager_bf16": {"precision": "bf16"},
-                    "eager_bf16_channels_last": {"precision": "bf16", "channels_last": True}}
+                    "eager_bf16_channels_last": {"precision": "bf16", "channels_last": True},
+                    "eager_bf16_channels_last_cudnn_benchmark": {"precision": "bf16", "channels_last": True,
+                                                                 "cudnn_benchmark": True}}
+    cuda = args.device.startswith("cuda")
     out: dict[str, Any] = {"model": args.model, "crop": crop, "batch": batch, "device": args.device}
     for name, options in variants.items():
         if time.perf_counter() > deadline:
             out[name] = {"skipped": "time budget spent"}
             continue
+        options = dict(options)
+        torch.backends.cudnn.benchmark = options.pop("cudnn_benchmark", False)
         try:
             step = Step(args.model, "DivDR-A", crop, batch, args.device, **options)
             seconds = timed(step, args.device, args.repeats)
             out[name] = {"step_ms": 1000 * seconds, "images_per_s": batch / seconds,
                          "compile_s": step.compile_seconds}
-            if args.device.startswith("cuda"):
+            if cuda:
                 out[name]["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 torch.cuda.reset_peak_memory_stats()
+                out[f"{name}_cuda_graph"] = _graph_row(step, args, batch)
             del step
         except Exception as error:  # one failed variant must not lose the others
             out[name] = {"error": f"{type(error).__name__}: {error}"[:500]}
             traceback.print_exc()
+        finally:
+            torch.backends.cudnn.benchmark = False
+            if cuda:
+                torch.cuda.empty_cache()
+        print(f"  {name}: {out[name]} {out.get(f'{name}_cuda_graph', '')}", flush=True)
     if not compiled and time.perf_counter() < deadline:
         dr = Step(args.model, "DR-A", crop, batch, args.device)
         divdr = Step(args.model, "DivDR-A", crop, batch, args.device)
@@ -210,6 +258,22 @@ def section_train(args, deadline: float, compiled: bool = False) -> dict[str, An
                   for _ in range(2)]
         out["divdr_over_dr_eager_fp32"] = statistics.median(ratios)
     return out
+
+
+def _graph_row(step: Step, args, batch: int) -> dict[str, Any]:
+    """The same step captured in a CUDA graph and replayed; its own error, so the eager row stays."""
+    import torch
+
+    try:
+        start = time.perf_counter()
+        replay = graphed_step(step)
+        capture = time.perf_counter() - start
+        seconds = timed(replay, args.device, args.repeats)
+        return {"step_ms": 1000 * seconds, "images_per_s": batch / seconds, "capture_s": capture,
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    except Exception as error:
+        traceback.print_exc()
+        return {"error": f"{type(error).__name__}: {error}"[:500]}
 
 
 def _route(net, closed: float, seed: int):
@@ -225,7 +289,9 @@ def _route(net, closed: float, seed: int):
     return torch.stack(rows)
 
 
-def section_inference(args, deadline: float) -> dict[str, Any]:
+def section_inference(args, deadline: float, compiled: bool = False) -> dict[str, Any]:
+    """Latency at batch 1 against FLOPs. ``compiled``: the static exports compiled whole (inductor; each
+    compile takes long, so it is a section of its own, run after the training step's compilation)."""
     import torch
 
     from divdr.config import GateConfig, get_model_config
@@ -234,6 +300,7 @@ def section_inference(args, deadline: float) -> dict[str, Any]:
     from divdr.heads import DynamicRoutingSegmenter
 
     height, width = args.image
+    cuda = args.device.startswith("cuda")
     config = get_model_config(args.model, num_classes=19)
     torch.manual_seed(0)
     net = DynamicRoutingSegmenter(config).to(args.device).eval()
@@ -251,44 +318,69 @@ def section_inference(args, deadline: float) -> dict[str, Any]:
         except Exception as error:  # one failed row must not lose the others
             rows[name] = {"error": f"{type(error).__name__}: {error}"[:500]}
             traceback.print_exc()
+        print(f"  {name}: {rows[name]}", flush=True)
 
-    with torch.no_grad():
-        gates = net(image).backbone.gates
-    measure("at_initialisation", lambda: net(image), float(real_cost(gates.cpu().double(), table)[0]) / 1e9)
-    for closed in (0.0, 0.5, 0.9, 1.0):
-        route = _route(net, closed, seed=int(closed * 100))
-        label = {0.0: "all_open", 1.0: "every_cell_dropped"}.get(closed, f"closed_{int(closed * 100)}")
-        gflops = float(real_cost(route[None].double(), table)[0]) / 1e9
-
-        def forced(route=route):
+    def forced(route):
+        def run():
             with forced_route(net, route):
                 return net(image)
+        return run
 
-        measure(f"{label}_dynamic" if closed else label, forced, gflops)
+    if not compiled:
+        with torch.no_grad():
+            gates = net(image).backbone.gates
+        measure("at_initialisation", lambda: net(image), float(real_cost(gates.cpu().double(), table)[0]) / 1e9)
+    labels = {0.0: "all_open", 1.0: "every_cell_dropped", 0.5: "closed_50", 0.9: "closed_90"}
+    # compiled: the ends first (the floor is a target), the middle routes if time is left
+    for closed in (0.0, 1.0, 0.9, 0.5) if compiled else (0.0, 0.5, 0.9, 1.0):
+        route = _route(net, closed, seed=int(closed * 100))
+        label = labels[closed]
+        gflops = float(real_cost(route[None].double(), table)[0]) / 1e9
+        if not compiled or closed == 0.0:  # compiled: the dynamic all-open row again, as the ratios' base
+            measure(f"{label}_dynamic" if closed else label, forced(route), gflops)
         static = export_route(net, route).to(args.device)
         static_gflops = route_flops(net, route, height, width) / 1e9
-        measure(f"{label}_static", lambda static=static: static(image), static_gflops)
-        if time.perf_counter() < deadline:
-            compiled = torch.compile(static, backend=args.compile_backend)
+        if not compiled:
+            measure(f"{label}_static", lambda static=static: static(image), static_gflops)
+            if cuda and time.perf_counter() < deadline:
+                try:
+                    measure(f"{label}_static_cuda_graph", graphed_forward(static, image), static_gflops)
+                except Exception as error:  # capture failed: recorded, the other rows still run
+                    rows[f"{label}_static_cuda_graph"] = {"error": f"{type(error).__name__}: {error}"[:500]}
+                    traceback.print_exc()
+            continue
+        if time.perf_counter() > deadline:
+            rows[f"{label}_static_compiled"] = {"skipped": "time budget spent"}
+            continue
+        try:
+            compiled_static = torch.compile(static, backend=args.compile_backend)
             start = time.perf_counter()
             with torch.no_grad():
-                compiled(image)
+                compiled_static(image)
             _sync(args.device)
-            measure(f"{label}_static_compiled", lambda compiled=compiled: compiled(image), static_gflops)
-            rows[f"{label}_static_compiled"]["compile_s"] = time.perf_counter() - start
-    fix = DynamicRoutingSegmenter(replace(config, gate=GateConfig(enabled=False))).to(args.device).eval()
-    measure("network_fix", lambda: fix(image), cost_table(replace(config, gate=GateConfig(enabled=False)),
-                                                          height, width).all_open / 1e9)
-    batch = image.expand(8, -1, -1, -1).contiguous()
-    all_open = _route(net, 0.0, seed=0)
+            compile_s = time.perf_counter() - start
+            measure(f"{label}_static_compiled", lambda c=compiled_static: c(image), static_gflops)
+            rows[f"{label}_static_compiled"]["compile_s"] = compile_s
+            if cuda and time.perf_counter() < deadline:
+                measure(f"{label}_static_compiled_cuda_graph", graphed_forward(compiled_static, image),
+                        static_gflops)
+        except Exception as error:
+            rows[f"{label}_static_compiled"] = {"error": f"{type(error).__name__}: {error}"[:500]}
+            traceback.print_exc()
+    if not compiled:
+        fix_config = replace(config, gate=GateConfig(enabled=False))
+        fix = DynamicRoutingSegmenter(fix_config).to(args.device).eval()
+        measure("network_fix", lambda: fix(image), cost_table(fix_config, height, width).all_open / 1e9)
+        batch = image.expand(8, -1, -1, -1).contiguous()
+        all_open = _route(net, 0.0, seed=0)
 
-    def forced_batch():
-        with forced_route(net, all_open):
-            return net(batch)
+        def forced_batch():
+            with forced_route(net, all_open):
+                return net(batch)
 
-    measure("all_open_batch8_per_image", forced_batch, rows["all_open"].get("gflops", 0.0))
-    if "ms" in rows.get("all_open_batch8_per_image", {}):
-        rows["all_open_batch8_per_image"]["ms"] /= 8
+        measure("all_open_batch8_per_image", forced_batch, rows["all_open"].get("gflops", 0.0))
+        if "ms" in rows.get("all_open_batch8_per_image", {}):
+            rows["all_open_batch8_per_image"]["ms"] /= 8
     base = rows.get("all_open", {})
     for row in rows.values():
         if "ms" in row and "ms" in base:
@@ -309,8 +401,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--budget", type=float, default=280.0, help="seconds; sections past it are skipped")
     # the compiled step last but one (its compilation cannot be cut short), the operation count last (it does
     # not depend on the device and is measured on any CPU)
-    p.add_argument("--sections", nargs="+", default=["train", "inference", "compile", "ops"],
-                   choices=["train", "inference", "compile", "ops"])
+    p.add_argument("--sections", nargs="+", default=["train", "inference", "compile", "inference_compile", "ops"],
+                   choices=["train", "inference", "compile", "inference_compile", "ops"])
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (--tiny: aot_eager)")
     args = p.parse_args(argv)
     started = time.perf_counter()
@@ -330,7 +422,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               else "cpu"}
     sections = {"ops": lambda: section_ops(args), "train": lambda: section_train(args, deadline),
                 "compile": lambda: section_train(args, deadline, compiled=True),
-                "inference": lambda: section_inference(args, deadline)}
+                "inference": lambda: section_inference(args, deadline),
+                "inference_compile": lambda: section_inference(args, deadline, compiled=True)}
     for name in args.sections:
         t = time.perf_counter()
         if t > deadline:
@@ -342,8 +435,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result[name] = {"error": f"{type(error).__name__}: {error}"[:1000]}
             traceback.print_exc()
         result.setdefault("section_seconds", {})[name] = round(time.perf_counter() - t, 1)
-        shown = {k: v for k, v in result[name].items() if k != "by_operation"}
+        shown = {k: v for k, v in result[name].items() if k not in ("by_operation", "rows")}
         print(f"{name}: {shown}", flush=True)
+        if args.json:  # after every section: a run cut short keeps what it measured
+            finish(result, args.json, started)
     return finish(result, args.json, started)
 
 
