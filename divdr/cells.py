@@ -135,7 +135,12 @@ class Cell(nn.Module):
         activated = self.keep(self.op(x) + x)
         first, last = self.slots[0], self.slots[-1]
         own = weights[:, first:last + 1] if (first, last) != (0, 2) else weights
-        per_path = dict(zip(self.slots, own.reshape(-1, len(self.slots), 1, 1, 1).unbind(1), strict=True))
+        # Under autocast the gates stay float32 (the losses need it) while the features are bf16/fp16: a
+        # float32 weight times a bf16 map would promote every path, the cell's sum and all that follows
+        # to float32 (twice the memory traffic, a cast per tensor; 45% of an H100 bf16 step). The weights
+        # are cast to the features' dtype for the products; in fp32 this is a no-op.
+        per_path = dict(zip(self.slots, own.to(activated.dtype).reshape(-1, len(self.slots), 1, 1, 1).unbind(1),
+                            strict=True))
         # A cell whose gates are all closed passes its input through (official drop-cell residual);
         # a fast-forward branch passes it through with its own weight.
         if skip is None:
@@ -173,6 +178,7 @@ class Cell(nn.Module):
             xa = x if whole else x[cell_idx]
             wa = weights if whole else weights[cell_idx]
             h = self.op(xa) + xa
+            wa = wa.to(h.dtype)  # features' dtype under autocast; path_active reads weights
             for slot, transform in self.transforms().items():
                 on = [i for i, b in enumerate(computed) if flags[b][1 + slot]]
                 if not on:
@@ -181,7 +187,8 @@ class Cell(nn.Module):
                     y = wa[:, slot].view(-1, 1, 1, 1) * transform(h)
                     rows = cell_idx
                 elif len(on) >= self.dense_fraction * len(computed):  # most of them: closed ones weighted 0
-                    y = torch.where(path_active(wa[:, slot]), wa[:, slot], 0.0).view(-1, 1, 1, 1) * transform(h)
+                    open_rows = path_active(weights[:, slot] if whole else weights[cell_idx, slot])
+                    y = torch.where(open_rows, wa[:, slot], 0.0).view(-1, 1, 1, 1) * transform(h)
                     rows = cell_idx
                 else:
                     on_idx = torch.tensor(on, device=x.device)

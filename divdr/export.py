@@ -29,6 +29,7 @@ from divdr.cells import ACTIVE_THRESHOLD, Cell, CellOutput
 from divdr.config import ConfigError
 from divdr.flops import cost_table, real_cost
 from divdr.heads import DynamicRoutingSegmenter, padded_size
+from divdr.ops import bilinear
 from divdr.routing import DOWN, INIT_LAYER, KEEP, UP
 
 
@@ -103,8 +104,7 @@ class StaticCell(nn.Module):
         keep = self.weights[KEEP] * activated if self.keep_open else None
         up = None
         if self.up is not None:
-            up = self.weights[UP] * F.interpolate(self.up(activated), scale_factor=2, mode="bilinear",
-                                                  align_corners=False)
+            up = self.weights[UP] * bilinear(self.up(activated), scale_factor=2)
         down = self.weights[DOWN] * self.down(activated) if self.down is not None else None
         return CellOutput(up, keep, down, self.route_row)
 

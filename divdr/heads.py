@@ -10,7 +10,7 @@ from torch import nn
 
 from divdr.backbone import SIZE_DIVISIBILITY, BackboneOutput, DynamicBackbone, feature_name
 from divdr.config import ModelConfig
-from divdr.ops import conv_bn, convert_norm, drop_batch_counters, kaiming_init
+from divdr.ops import bilinear, conv_bn, convert_norm, drop_batch_counters, kaiming_init
 
 
 class NaiveDecoder(nn.Module):
@@ -34,10 +34,9 @@ class NaiveDecoder(nn.Module):
                 x = x + pred
             pred = self.lateral[scale](x)
             if scale > 0:  # to the finer map's size: Layer17's 1/64 map is ceil(H/64), not H/64
-                pred = F.interpolate(pred, size=features[feature_name(scale - 1)].shape[-2:], mode="bilinear",
-                                     align_corners=False)
+                pred = bilinear(pred, size=features[feature_name(scale - 1)].shape[-2:])
         logits = self.predictor(pred)
-        return F.interpolate(logits, scale_factor=4, mode="bilinear", align_corners=False)
+        return bilinear(logits, scale_factor=4)
 
 
 @dataclass
