@@ -56,8 +56,12 @@ def gate_input(x: torch.Tensor, small_gate: bool, input_norm: bool = False) -> t
         size = (max(1, x.shape[-2] // SMALL_GATE_FACTOR), max(1, x.shape[-1] // SMALL_GATE_FACTOR))
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     if input_norm:
-        # aten's instance norm directly: F.instance_norm refuses a 1x1 map (a coarse cell of a small crop),
-        # whose normalised value is simply 0
+        if x.shape[-2] * x.shape[-1] == 1:
+            # a 1x1 map (a coarse cell of a small crop) normalises to exactly 0. aten's kernel returns
+            # rounding noise there (1e-14, its sign CPU-dependent), which the gate's GroupNorm and ReLU
+            # turned into gradients that flow or not by that sign: a shape test, so no graph break
+            return torch.zeros_like(x)
+        # aten's instance norm directly: F.instance_norm refuses a 1x1 map
         x = torch.instance_norm(x, None, None, None, None, True, 0.0, INPUT_NORM_EPS, False)
     return x
 

@@ -187,6 +187,44 @@ def test_gate_input_norm_makes_routes_blind_to_a_global_gain():
     assert not torch.allclose(plain(x), plain(1.7 * x + 0.3), atol=1e-3)
 
 
+def test_a_bf16_training_forward_stays_in_bf16_where_autocast_resizes_in_float32(monkeypatch):
+    """CUDA autocast runs bilinear upsampling in float32; before ``divdr.ops.bilinear`` its output promoted
+    the cell's paths and every residual after it to float32 (an H100 bf16 step moved twice the bytes).
+    CPU autocast keeps bf16, so its CUDA policy is imitated here."""
+    import torch.nn.functional as F
+
+    import divdr.ops
+
+    real = F.interpolate
+
+    def cuda_policy(x, **kwargs):
+        return real(x.float() if torch.is_autocast_enabled("cpu") else x, **kwargs)
+
+    monkeypatch.setattr(divdr.ops.F, "interpolate", cuda_policy)
+    torch.manual_seed(0)
+    net = DynamicRoutingSegmenter(TINY).train()
+    dtypes = set()
+    for cell in net.backbone.cells:
+        cell.register_forward_hook(lambda m, i, o: dtypes.update(t.dtype for t in (o.up, o.keep, o.down)
+                                                                   if t is not None))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = net(torch.randn(2, 3, 64, 64)).logits
+    assert dtypes == {torch.bfloat16} and logits.dtype == torch.bfloat16
+
+
+def test_gate_input_norm_of_a_one_pixel_map_is_exactly_zero_with_no_gradient():
+    """A coarse cell of a small crop sees a 1x1 map: normalised, it is 0 whatever the input (aten's kernel
+    gave 1e-14 noise whose sign decided which of the gate's ReLUs passed a gradient, CPU by CPU)."""
+    from divdr.gates import gate_input
+
+    x = (torch.randn(2, 8, 1, 1, dtype=torch.float64) * 1e3).requires_grad_()
+    normalised = gate_input(x, small_gate=False, input_norm=True)
+    assert torch.equal(normalised, torch.zeros_like(normalised))
+    assert not normalised.requires_grad or torch.autograd.grad(normalised.sum(), x)[0].eq(0).all()
+    wider = gate_input(torch.randn(2, 8, 2, 1, dtype=torch.float64), small_gate=False, input_norm=True)
+    assert torch.allclose(wider.abs(), torch.ones_like(wider), atol=1e-3)  # 2 pixels: -1 and +1
+
+
 def test_closed_gradient_reopens_a_closed_gate_without_changing_the_forward():
     """GateConfig.closed_gradient: the gate's values are the paper's max(0, tanh) (closed gates exactly 0),
     and a closed gate gets c * tanh'(x) of the gradient, where the paper's gets none."""
