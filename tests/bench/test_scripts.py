@@ -27,6 +27,11 @@ def test_gpu(tmp_path):
     # the exported route costs its dynamic route's FLOPs minus the gates
     assert rows["closed_50_static"]["gflops"] < rows["closed_50_dynamic"]["gflops"]
     assert all("ms" in row for row in rows.values()), rows
+    compiled = out["inference_compile"]["rows"]
+    assert compiled["every_cell_dropped_static_compiled"]["compile_s"] > 0
+    assert all("ms" in row for row in compiled.values()), compiled
+    profiled = gpu.main(["--tiny", "--device", "cpu", "--sections", "profile"])["profile"]
+    assert profiled["top"] and all(row["count"] > 0 for row in profiled["top"])
 
 
 def test_compare_trees(tmp_path):
