@@ -12,14 +12,17 @@ skipped and say so), and keeps going when a section fails (its error is recorded
   eq. 2), counted with a TorchDispatchMode, by operation; and torch._dynamo.explain of forward + losses
   (graphs, graph breaks).
 - ``train``: Layer16 training step time at the crop and batch given (forward, losses, backward, gradient
-  clipping, SGD - as ``pipeline.loop.Trainer.run_step``): eager fp32, bf16 autocast, bf16 + channels_last;
+  clipping, SGD - as ``pipeline.loop.Trainer.run_step``): eager fp32, bf16 autocast, bf16 + channels_last
+  (with and without cudnn.benchmark); on a GPU each also captured whole in a CUDA graph and replayed;
   DivDR-A over DR-A. ``compile``: the same step with regional compilation (``divdr.cells.compile_cells``,
-  its compile time measured) in fp32 and bf16.
+  its compile time measured) in bf16 + channels_last, bf16 and fp32.
 - ``inference``: latency at batch 1 on the full-size image against FLOPs: every path open (weights 0.9, the
   gates' value at initialisation), paths closed at random (50%, 90%), every cell dropped (the fixed floor),
   each with the dynamic network forced onto the route (its gates run) and the route's static export
-  (``divdr.export``: no gates), eager and compiled; the network at initialisation (its own gates), Network-Fix;
-  batch 8 per image. Ratios are to ``all_open``.
+  (``divdr.export``: no gates), eager and (GPU) captured in a CUDA graph; the network at initialisation (its
+  own gates), Network-Fix; batch 8 per image. Ratios are to ``all_open``. ``inference_compile``: the static
+  exports compiled whole (and captured), a section of its own because each compile takes seconds to a minute.
+- ``profile`` (not in the default list): torch.profiler of the bf16 + channels_last step, device time by kernel.
 
 On a GPU every time is taken between ``torch.cuda.synchronize()`` calls; each figure is the median of
 ``--repeats`` timed runs after warm-up.
