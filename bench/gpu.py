@@ -48,6 +48,12 @@ if __package__ in (None, ""):
 from bench.common import cap_threads, finish, parser
 
 
+def _failure(error: Exception) -> dict[str, str]:
+    """A failed measurement as a row (the traceback printed): one failure must not lose the others."""
+    traceback.print_exc()
+    return {"error": f"{type(error).__name__}: {error}"[:500]}
+
+
 def _sync(device: str) -> None:
     import torch
 
@@ -251,8 +257,7 @@ def section_train(args, deadline: float, compiled: bool = False) -> dict[str, An
                 out[f"{name}_cuda_graph"] = _graph_row(step, args, batch)
             del step
         except Exception as error:  # one failed variant must not lose the others
-            out[name] = {"error": f"{type(error).__name__}: {error}"[:500]}
-            traceback.print_exc()
+            out[name] = _failure(error)
         finally:
             torch.backends.cudnn.benchmark = False
             if cuda:
@@ -279,13 +284,12 @@ def _graph_row(step: Step, args, batch: int) -> dict[str, Any]:
         return {"step_ms": 1000 * seconds, "images_per_s": batch / seconds, "capture_s": capture,
                 "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
     except Exception as error:
-        traceback.print_exc()
-        return {"error": f"{type(error).__name__}: {error}"[:500]}
+        return _failure(error)
 
 
 def section_profile(args) -> dict[str, Any]:
     """Where the GPU time of one training step goes: torch.profiler over 3 steps of the fastest eager
-    variant (bf16, channels_last), device time by kernel and by aten operation."""
+    variant (bf16, channels_last), device time by kernel and by aten operation (both kinds of row)."""
     from torch.profiler import ProfilerActivity, profile
 
     step = Step(args.model, "DivDR-A", (args.crop, args.crop), args.batch, args.device, precision="bf16",
@@ -304,8 +308,8 @@ def section_profile(args) -> dict[str, Any]:
         return [{"name": e.key[:120], "count": e.count, "self_device_ms_per_step": e.self_device_time_total / 3e3}
                 for e in rows]
 
-    total = sum(e.self_device_time_total for e in events) / 3e3
-    return {"device_ms_per_step": total, "top": top(events)}
+    # no total: the rows mix aten operations and the kernels they launch, so their sum counts time twice
+    return {"top": top(events)}
 
 
 def _route(net, closed: float, seed: int):
@@ -348,8 +352,7 @@ def section_inference(args, deadline: float, compiled: bool = False) -> dict[str
             with torch.no_grad():
                 rows[name] = {"ms": 1000 * timed(fn, args.device, args.repeats), "gflops": gflops}
         except Exception as error:  # one failed row must not lose the others
-            rows[name] = {"error": f"{type(error).__name__}: {error}"[:500]}
-            traceback.print_exc()
+            rows[name] = _failure(error)
         print(f"  {name}: {rows[name]}", flush=True)
 
     def forced(route):
@@ -378,8 +381,7 @@ def section_inference(args, deadline: float, compiled: bool = False) -> dict[str
                 try:
                     measure(f"{label}_static_cuda_graph", graphed_forward(static, image), static_gflops)
                 except Exception as error:  # capture failed: recorded, the other rows still run
-                    rows[f"{label}_static_cuda_graph"] = {"error": f"{type(error).__name__}: {error}"[:500]}
-                    traceback.print_exc()
+                    rows[f"{label}_static_cuda_graph"] = _failure(error)
             continue
         if time.perf_counter() > deadline:
             rows[f"{label}_static_compiled"] = {"skipped": "time budget spent"}
@@ -397,8 +399,7 @@ def section_inference(args, deadline: float, compiled: bool = False) -> dict[str
                 measure(f"{label}_static_compiled_cuda_graph", graphed_forward(compiled_static, image),
                         static_gflops)
         except Exception as error:
-            rows[f"{label}_static_compiled"] = {"error": f"{type(error).__name__}: {error}"[:500]}
-            traceback.print_exc()
+            rows[f"{label}_static_compiled"] = _failure(error)
     if not compiled:
         fix_config = replace(config, gate=GateConfig(enabled=False))
         fix = DynamicRoutingSegmenter(fix_config).to(args.device).eval()

@@ -135,10 +135,10 @@ class Cell(nn.Module):
         activated = self.keep(self.op(x) + x)
         first, last = self.slots[0], self.slots[-1]
         own = weights[:, first:last + 1] if (first, last) != (0, 2) else weights
-        # Under autocast the gates stay float32 (the losses need it) while the features are bf16/fp16: a
-        # float32 weight times a bf16 map would promote every path, the cell's sum and all that follows
-        # to float32 (twice the memory traffic, a cast per tensor; 45% of an H100 bf16 step). The weights
-        # are cast to the features' dtype for the products; in fp32 this is a no-op.
+        # Under autocast a gate can give float32 weights while the features are bf16/fp16 (the gumbel
+        # family's softmax and log run in float32 there): a float32 weight times a bf16 map would promote
+        # the path, the cell's sum and every residual after it to float32. The weights are cast to the
+        # features' dtype for the products; the soft gate's are bf16 already, and in fp32 it is a no-op.
         per_path = dict(zip(self.slots, own.to(activated.dtype).reshape(-1, len(self.slots), 1, 1, 1).unbind(1),
                             strict=True))
         # A cell whose gates are all closed passes its input through (official drop-cell residual);
@@ -178,21 +178,20 @@ class Cell(nn.Module):
             xa = x if whole else x[cell_idx]
             wa = weights if whole else weights[cell_idx]
             h = self.op(xa) + xa
-            wa = wa.to(h.dtype)  # features' dtype under autocast; path_active reads weights
+            scale = wa.to(h.dtype)  # the products in the features' dtype (see _forward_all_paths)
             for slot, transform in self.transforms().items():
                 on = [i for i, b in enumerate(computed) if flags[b][1 + slot]]
                 if not on:
                     continue
                 if len(on) == len(computed):  # open for every image computed
-                    y = wa[:, slot].view(-1, 1, 1, 1) * transform(h)
+                    y = scale[:, slot].view(-1, 1, 1, 1) * transform(h)
                     rows = cell_idx
                 elif len(on) >= self.dense_fraction * len(computed):  # most of them: closed ones weighted 0
-                    open_rows = path_active(weights[:, slot] if whole else weights[cell_idx, slot])
-                    y = torch.where(open_rows, wa[:, slot], 0.0).view(-1, 1, 1, 1) * transform(h)
+                    y = torch.where(path_active(wa[:, slot]), scale[:, slot], 0.0).view(-1, 1, 1, 1) * transform(h)
                     rows = cell_idx
                 else:
                     on_idx = torch.tensor(on, device=x.device)
-                    y = wa[on_idx, slot].view(-1, 1, 1, 1) * transform(h[on_idx])
+                    y = scale[on_idx, slot].view(-1, 1, 1, 1) * transform(h[on_idx])
                     rows = on_idx if whole else cell_idx[on_idx]
                 out[slot] = y if rows is None else y.new_zeros((batch, *y.shape[1:])).index_copy_(0, rows, y)
         # Images whose cell is dropped pass their input through unchanged; with a fast-forward
