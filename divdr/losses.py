@@ -20,24 +20,34 @@ DISTANCE_EPS = 1e-12
 RESOURCE_EPS = 1e-6
 
 
-def budget_schedule(progress: float, config: BudgetConfig) -> float:
+Progress = float | torch.Tensor
+
+
+def ramp(progress: Progress, start: float, warmup: float) -> Progress:
+    """0 before ``start``, then linear from 0 to 1 over ``warmup``, then 1. ``progress`` may be a 0-d
+    tensor on the training device (``train.cuda_graph``: a captured step reads the schedule from a
+    buffer, not from a Python float baked in at capture); the result is then a tensor too."""
+    if isinstance(progress, torch.Tensor):
+        if warmup <= 0:
+            return (progress >= start).to(progress.dtype)
+        return ((progress - start) / warmup).clamp(0.0, 1.0)
+    if progress < start:
+        return 0.0
+    if warmup <= 0:
+        return 1.0
+    return min(1.0, (progress - start) / warmup)
+
+
+def budget_schedule(progress: Progress, config: BudgetConfig) -> Progress:
     """Multiplier of the budget loss at ``progress`` = step / total steps (official dynamic4seg.py):
     0 before ``start_fraction``, then linear from 0 to 1 over ``warmup_fraction``, then 1."""
-    if progress < config.start_fraction:
-        return 0.0
-    if config.warmup_fraction <= 0:
-        return 1.0
-    return min(1.0, (progress - config.start_fraction) / config.warmup_fraction)
+    return ramp(progress, config.start_fraction, config.warmup_fraction)
 
 
-def clustering_schedule(progress: float, config: ClusteringConfig) -> float:
+def clustering_schedule(progress: Progress, config: ClusteringConfig) -> Progress:
     """Multiplier of the clustering loss at ``progress``: 0 before ``start_fraction``, then linear
     from 0 to 1 over ``warmup_fraction``, then 1 (with the defaults: 1 from the start, the paper's)."""
-    if progress < config.start_fraction:
-        return 0.0
-    if config.warmup_fraction <= 0:
-        return 1.0
-    return min(1.0, (progress - config.start_fraction) / config.warmup_fraction)
+    return ramp(progress, config.start_fraction, config.warmup_fraction)
 
 
 def budget_loss(cost_ratio: torch.Tensor, mu: float, per_image: bool = False) -> torch.Tensor:
@@ -59,7 +69,7 @@ def pairwise_distance(a: torch.Tensor, centres: torch.Tensor, distance: ClusterD
     return squared if distance == "squared_l2" else (squared + DISTANCE_EPS).sqrt()
 
 
-def clustering_loss(a: torch.Tensor, centres: torch.Tensor, sigma2: float, alpha: float,
+def clustering_loss(a: torch.Tensor, centres: torch.Tensor, sigma2: float | torch.Tensor, alpha: float,
                     distance: ClusterDistance = "l2") -> torch.Tensor:
     """DivDR eq. 2 per image, [B]:
 
@@ -67,9 +77,10 @@ def clustering_loss(a: torch.Tensor, centres: torch.Tensor, sigma2: float, alpha
 
     with mu(x) the nearest centre. ``sigma2`` and ``centres`` come from the last K-means (the
     centroid store), not from the batch. With a single centre there is no other cluster to push
-    away from and the loss is 0.
+    away from and the loss is 0. ``sigma2`` may be a 0-d tensor (a captured step's buffer), whose
+    positivity its writer checks.
     """
-    if sigma2 <= 0:
+    if not isinstance(sigma2, torch.Tensor) and sigma2 <= 0:
         raise ValueError(f"sigma2 must be > 0, got {sigma2}")
     a = a.to(torch.promote_types(a.dtype, torch.float32))  # A(x) from a bf16 / fp16 forward: eq. 2 in float32
     centres = centres.to(a)
@@ -82,10 +93,10 @@ def clustering_loss(a: torch.Tensor, centres: torch.Tensor, sigma2: float, alpha
     return torch.relu(alpha + own_term + torch.logsumexp(-others, dim=1))
 
 
-def resource_schedule(progress: float, config: ResourceConfig) -> float:
+def resource_schedule(progress: Progress, config: ResourceConfig) -> Progress:
     """Multiplier of the resource regulariser: DRNets add it in the fine-tuning stage, i.e. from
     ``start_fraction`` of training on (0 before, 1 after)."""
-    return 1.0 if progress >= config.start_fraction else 0.0
+    return ramp(progress, config.start_fraction, 0.0)
 
 
 def correctness(logits: torch.Tensor, labels: torch.Tensor, config: ResourceConfig,
@@ -128,21 +139,28 @@ class LossTerms:
     resource: torch.Tensor
 
 
-def total_loss(task: torch.Tensor, *, cost_ratio: torch.Tensor, progress: float, budget: BudgetConfig,
+def total_loss(task: torch.Tensor, *, cost_ratio: torch.Tensor, progress: Progress, budget: BudgetConfig,
                clustering: ClusteringConfig, activations: torch.Tensor | None = None,
-               centres: torch.Tensor | None = None, sigma2: float | None = None,
-               resource: ResourceConfig | None = None, correct: torch.Tensor | None = None) -> LossTerms:
+               centres: torch.Tensor | None = None, sigma2: float | torch.Tensor | None = None,
+               clustering_on: float | torch.Tensor = 1.0, resource: ResourceConfig | None = None,
+               correct: torch.Tensor | None = None) -> LossTerms:
     """Eq. 3. The clustering term is 0 until centres exist (before the first K-means). The
-    resource term (eq. 8, batch mean) needs ``correct`` (from ``correctness``) when its weight is > 0."""
+    resource term (eq. 8, batch mean) needs ``correct`` (from ``correctness``) when its weight is > 0.
+    ``progress`` and ``sigma2`` may be 0-d tensors on the device (``ramp``), with the same result;
+    ``clustering_on`` multiplies the clustering term: a captured step computes eq. 2 at every step and
+    turns it off with a 0 where there are no centres for it yet (or the store paused it)."""
     zero = task.new_zeros(())
     budget_term = (budget_loss(cost_ratio, budget.mu, budget.per_image) * budget_schedule(progress, budget)
                    if budget.weight else zero)
     per_image = None
     clustering_term = zero
     if clustering.weight and centres is not None and activations is not None and sigma2 is not None:
-        per_image = clustering_loss(activations, centres, max(sigma2, clustering.sigma2_min), clustering.alpha,
-                                    clustering.distance)
+        floored = (sigma2.clamp_min(clustering.sigma2_min) if isinstance(sigma2, torch.Tensor)
+                   else max(sigma2, clustering.sigma2_min))
+        per_image = clustering_loss(activations, centres, floored, clustering.alpha, clustering.distance)
         clustering_term = per_image.mean() * clustering_schedule(progress, clustering)
+        if isinstance(clustering_on, torch.Tensor) or clustering_on != 1.0:
+            clustering_term = clustering_term * clustering_on
     resource_term = zero
     resource_weight = resource.weight if resource is not None else 0.0
     if resource_weight:

@@ -66,6 +66,9 @@ class TrainConfig:
     # the first steps take longer (one graph per kind of cell), evaluation stays in eager mode.
     compile: bool = False
     channels_last: bool = False  # the network's tensors in NHWC, what GPU convolutions prefer
+    # The whole step (forward, losses, backward, clipping, fused SGD) captured once in a CUDA graph and replayed:
+    # one launch per step instead of thousands (pipeline/cuda_graph.py; one GPU, segmentation, fp32 or bf16).
+    cuda_graph: bool = False
     # A model file (<run>/artifacts/model.pt) whose weights start the network, e.g. fine-tuning a network
     # trained on every image on one subset (pipeline/oracle.py --set train.init_from=...). "" = random initialisation.
     # A run resumed from its own checkpoint takes the checkpoint's weights. On a cluster the path must be
@@ -87,6 +90,9 @@ class TrainConfig:
             _require(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
         _require(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}")
         _require(self.gate_lr_scale > 0, f"train.gate_lr_scale must be > 0, got {self.gate_lr_scale}")
+        _require(not (self.cuda_graph and self.precision == "fp16"),
+                 "train.cuda_graph cannot run with train.precision: fp16 (its GradScaler reads the overflow flag "
+                 "on the host at every step); use bf16, which needs no scaling")
 
 
 @dataclass(frozen=True)
@@ -208,6 +214,9 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         check_run_name(self.run_name)
+        _require(not self.train.cuda_graph or self.task == "segmentation",
+                 f"train.cuda_graph needs batches of one shape (task segmentation); task {self.task!r} has images "
+                 "and targets of varying sizes")
 
     @property
     def run_name(self) -> str:

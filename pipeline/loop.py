@@ -49,7 +49,9 @@ def build_optimizer(net: torch.nn.Module, train: TrainConfig, fused: bool | None
     """SGD as the DR paper; the gates in a group of their own at ``lr x train.gate_lr_scale``.
 
     On a GPU (``fused=None``) the fused implementation (one kernel for every parameter, not one per
-    parameter: Layer16 has ~1,100 parameter tensors); elsewhere torch's default (foreach where it can)."""
+    parameter: Layer16 has ~1,100 parameter tensors); elsewhere torch's default (foreach where it can).
+    With ``train.cuda_graph`` each group's learning rate is a tensor on the parameters' device, which the
+    poly schedule overwrites in place: a captured step reads the current rate, not the one of its capture."""
     gates = {id(p) for p in gate_parameters(net)}
     rest = [p for p in net.parameters() if id(p) not in gates]
     groups: list[dict] = [{"params": rest}]
@@ -58,7 +60,37 @@ def build_optimizer(net: torch.nn.Module, train: TrainConfig, fused: bool | None
                        "lr": train.lr * train.gate_lr_scale})
     if fused is None:
         fused = all(p.device.type == "cuda" for p in net.parameters()) or None
-    return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay, fused=fused)
+    optimizer = torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay,
+                                fused=fused)
+    if train.cuda_graph:
+        tensor_learning_rates(optimizer, next(net.parameters()).device)
+    return optimizer
+
+
+def tensor_learning_rates(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Every group's ``lr`` (and the scheduler's ``initial_lr``, if set) as a 0-d tensor on ``device``."""
+    for group in optimizer.param_groups:
+        for key in ("lr", "initial_lr"):
+            if key in group:
+                group[key] = torch.tensor(float(group[key]), dtype=torch.float32, device=device)
+
+
+def float_learning_rates(state: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state dict with plain-float learning rates (checkpoints read the same with or
+    without ``train.cuda_graph``)."""
+    return {**state, "param_groups": [plain_floats(group) for group in state["param_groups"]]}
+
+
+def plain_floats(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with its 0-d tensors, alone or in lists (tensor learning rates), as floats."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() == 0:
+            return float(value)
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return value
+
+    return {key: plain(value) for key, value in state.items()}
 
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -74,10 +106,12 @@ class Precision:
         self.device_type = device_type
         self.scaler = torch.amp.GradScaler(device_type) if precision == "fp16" else None
 
-    def autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self, cache: bool = True) -> contextlib.AbstractContextManager:
+        """The forward's autocast; ``cache=False`` under CUDA graph capture, which autocast's weight cache
+        would break (torch.cuda.graph's documented requirement)."""
         if self.dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
+        return torch.autocast(self.device_type, dtype=self.dtype, cache_enabled=cache)
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -182,14 +216,15 @@ class SkipCounter:
         self.counts = torch.zeros(3, device=device)  # in a row, longest in a row, total
 
     def count(self, finite: torch.Tensor) -> None:
+        # in place: a captured step (train.cuda_graph) keeps counting into the same memory at every replay
         skipped = 1.0 - finite.view(())
         in_a_row = (self.counts[0] + 1.0) * skipped
-        self.counts = torch.stack([in_a_row, torch.maximum(self.counts[1], in_a_row), self.counts[2] + skipped])
+        self.counts.copy_(torch.stack([in_a_row, torch.maximum(self.counts[1], in_a_row), self.counts[2] + skipped]))
 
     def read(self) -> tuple[int, int, int]:
         """(in a row now, longest in a row, total) since the last read; one host synchronisation."""
         in_a_row, longest, total = (int(v) for v in self.counts.tolist())
-        self.counts = torch.stack([self.counts[0], self.counts[0], torch.zeros_like(self.counts[2])])
+        self.counts.copy_(torch.stack([self.counts[0], self.counts[0], torch.zeros_like(self.counts[2])]))
         return in_a_row, longest, total
 
 
@@ -209,7 +244,7 @@ class PendingActivations:
     def add(self, result: StepResult) -> tuple[int, np.ndarray, np.ndarray] | None:
         """Keep ``result``'s A(x); when a send is due, (its step index, sample ids, A(x) rows) on the host."""
         self.ids.extend(result.batch["sample_id"])
-        self.acts.append(result.activations.detach())
+        self.acts.append(result.activations.detach().clone())  # a captured step rewrites its A(x) at each replay
         if len(self.acts) < self.send_every and result.index not in self.due_at:
             return None
         sent = (result.index, np.asarray(self.ids, dtype=np.int64), torch.cat(self.acts).float().cpu().numpy())
@@ -236,11 +271,12 @@ class Hook:
 
 class Trainer:
     """DR / DivDR training of ``net`` (``model`` is what runs the forward: ``net`` itself, or its
-    DDP wrapper) on ``task``'s batches."""
+    DDP wrapper) on ``task``'s batches. With ``train.cuda_graph`` the step is captured and replayed
+    (``pipeline.cuda_graph``; ``graph_backend`` stands in for CUDA graphs in tests)."""
 
     def __init__(self, cfg: ExperimentConfig, task: TrainingTask, net: torch.nn.Module,
                  model: torch.nn.Module | None = None, world: World | None = None,
-                 hooks: Sequence[Hook] = (), centres: CentreState | None = None) -> None:
+                 hooks: Sequence[Hook] = (), centres: CentreState | None = None, graph_backend: Any = None) -> None:
         self.cfg, self.task, self.net = cfg, task, net
         self.model = model if model is not None else net
         self.world = world or SingleProcess()
@@ -257,6 +293,11 @@ class Trainer:
         # a fused SGD skips a non-finite step on the device; GradScaler (fp16) sets the same flag itself
         self.skips_on_device = bool(self.optimizer.defaults.get("fused")) and self.precision.scaler is None
         self._skips: SkipCounter | None = None
+        self.captured = None
+        if cfg.train.cuda_graph:
+            from pipeline.cuda_graph import CapturedStep  # imports this module
+
+            self.captured = CapturedStep(self, graph_backend)
 
     @property
     def progress(self) -> float:
@@ -278,49 +319,68 @@ class Trainer:
         """One training step on ``batch``; None if it was skipped (a non-finite loss or A(x) anywhere).
         Where skips are decided on the device (a fused optimizer), every step returns its result, and a
         skipped step is one whose update the optimizer left out."""
+        if self.captured is not None:
+            return self.captured.run(batch)
         cfg, index = self.cfg, self.step
         self.model.train()
         tau = anneal_temperature(self.net, self.progress, cfg.model.gate.temperature)  # no-op: soft gates
-        with self.precision.autocast():
+        centres = self.centres
+        out, terms, ratio, acts, finite = self.compute(
+            batch, self.progress, self._centres_on(next(self.net.parameters()).device) if centres.usable() else None,
+            centres.sigma2)
+        self.step += 1
+        if self.skips_on_device:
+            self.apply_unless(finite, terms.total)
+            self.end_device_step()
+            return StepResult(index, batch, out, terms, ratio, acts, tau)
+        if not bool(finite):
+            self._skip(index, terms)
+            return None
+        self.skipped_in_a_row = 0
+        self.apply(terms.total)
+        self.scheduler.step()
+        return StepResult(index, batch, out, terms, ratio, acts, tau)
+
+    def compute(self, batch: dict[str, Any], progress: float | torch.Tensor, centres: torch.Tensor | None,
+                sigma2: float | torch.Tensor | None, clustering_on: float | torch.Tensor = 1.0,
+                autocast_cache: bool = True) -> tuple[TaskStep, LossTerms, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What a step computes before its update, from the values given (a captured step gives the
+        schedule's progress, the centres, sigma^2 and whether eq. 2 is on as device buffers): the forward,
+        the losses (gradients cleared for them) and whether they and A(x) are finite on every process."""
+        cfg = self.cfg
+        with self.precision.autocast(autocast_cache):
             out = self.task.forward(self.model, batch)
         ratio = budget_ratio(out.backbone.gates, out.table)
         task_loss, acts = out.loss, out.backbone.activations
         for hook in self.hooks:
             task_loss, acts = hook.perturb(self, task_loss, acts)
-        centres = self.centres
-        terms = total_loss(task_loss, cost_ratio=ratio, progress=self.progress, budget=cfg.budget,
-                           clustering=cfg.clustering, activations=acts,
-                           centres=self._centres_on(acts.device) if centres.usable() else None, sigma2=centres.sigma2,
-                           resource=cfg.resource, correct=out.correct)
+        terms = total_loss(task_loss, cost_ratio=ratio, progress=progress, budget=cfg.budget,
+                           clustering=cfg.clustering, activations=acts, centres=centres, sigma2=sigma2,
+                           clustering_on=clustering_on, resource=cfg.resource, correct=out.correct)
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
         finite = self.world.finite_flag(torch.cat([terms.total.detach().view(1), acts.detach().flatten()]))
-        if self.skips_on_device:
-            self._step_unless(finite, terms.total)
-            return StepResult(index, batch, out, terms, ratio, acts, tau)
-        if not bool(finite):
-            self._skip(index, task_loss, terms)
-            return None
-        self.skipped_in_a_row = 0
-        self._update(terms.total)
-        return StepResult(index, batch, out, terms, ratio, acts, tau)
+        return out, terms, ratio, acts, finite
 
-    def _update(self, loss: torch.Tensor) -> None:
+    def apply(self, loss: torch.Tensor) -> None:
+        """Backward, gradient clipping and the optimizer's update (the schedule steps after it)."""
         self.precision.backward(loss)
         self.precision.unscale(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.train.grad_clip)
         self.precision.step(self.optimizer)
-        self.scheduler.step()
 
-    def _step_unless(self, finite: torch.Tensor, loss: torch.Tensor) -> None:
+    def apply_unless(self, finite: torch.Tensor, loss: torch.Tensor) -> None:
         """The update with no host read: a non-finite step's gradients are computed but the fused SGD
-        leaves the weights and momenta as they were (``found_inf``); its skips are read every
-        ``train.log_every`` steps and at the end (``check_skips``)."""
+        leaves the weights and momenta as they were (``found_inf``); the skip is counted on the device."""
         if self._skips is None:
             self._skips = SkipCounter(finite.device)
         self.optimizer.found_inf = 1.0 - finite
-        self._update(loss)
+        self.apply(loss)
         self._skips.count(finite)
+
+    def end_device_step(self) -> None:
+        """After a step whose skip the device decided: the schedule, and the skips read every
+        ``train.log_every`` steps and at the end (``check_skips``)."""
+        self.scheduler.step()
         if self.step % self.cfg.train.log_every == 0 or self.done:
             self.check_skips()
 
@@ -335,13 +395,13 @@ class Trainer:
                 f"rank {self.world.rank}: loss or gate activations non-finite for {longest} consecutive steps "
                 f"(by step {self.step}); lower train.lr or check the data")
 
-    def _skip(self, index: int, task_loss: torch.Tensor, terms: LossTerms) -> None:
+    def _skip(self, index: int, terms: LossTerms) -> None:
         self.skipped_in_a_row += 1
         self.skipped_total += 1
         if self.skipped_in_a_row > MAX_SKIPPED_STEPS:
             raise FloatingPointError(
                 f"rank {self.world.rank}: loss or gate activations non-finite for {self.skipped_in_a_row} "
-                f"consecutive steps (step {index}, task {task_loss.item():.4g}, total {terms.total.item():.4g}); "
+                f"consecutive steps (step {index}, task {terms.task.item():.4g}, total {terms.total.item():.4g}); "
                 "lower train.lr or check the data")
 
     def fit(self, loader: Iterable[dict[str, Any]], sampler: Any = None) -> None:
@@ -364,8 +424,8 @@ class Trainer:
 
     def state(self) -> dict[str, Any]:
         """Everything a checkpoint holds (tensors and plain values: loads with ``weights_only=True``)."""
-        return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "step": self.step,
+        return {"model": self.net.state_dict(), "optimizer": float_learning_rates(self.optimizer.state_dict()),
+                "scheduler": plain_floats(self.scheduler.state_dict()), "step": self.step,
                 "centre_version": self.centres.version, "centres": self.centres.centres,
                 "sigma2": self.centres.sigma2, "centre_history": self.centres.history}
 
@@ -373,6 +433,8 @@ class Trainer:
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.cfg.train.cuda_graph:  # the checkpoint's rates are floats (float_learning_rates)
+            tensor_learning_rates(self.optimizer, next(self.net.parameters()).device)
         self.centres.version = state["centre_version"]
         self.centres.centres = state["centres"]
         self.centres.sigma2 = state["sigma2"]
@@ -423,7 +485,8 @@ class LogMetrics(Hook):
             "loss/resource": result.terms.resource.item(), "gate/tau": result.tau,
             "cost/ratio": result.ratio.mean().item(),
             "cost/expected_gflops": float(expected_cost(out.backbone.gates.detach(), out.table).mean()) / 1e9,
-            "lr": trainer.scheduler.get_last_lr()[0], "images_per_s": self.seen_images / max(now - self.t_last, 1e-9),
+            "lr": float(trainer.scheduler.get_last_lr()[0]),
+            "images_per_s": self.seen_images / max(now - self.t_last, 1e-9),
             "centre_version": trainer.centres.version,
             **{name: value.item() for name, value in out.parts.items()},
         }

@@ -1,0 +1,198 @@
+"""train.cuda_graph on the CPU: the captured step trains as the launched one, reading every value that
+changes between steps from a device buffer. CUDA graphs need a GPU (bench/gpu.py measures them there); here a
+stand-in backend replays the step with the trainer's host-side state frozen at capture, so a value read from
+Python rather than from a buffer replays stale, as it would from a real graph."""
+
+import contextlib
+import copy
+import dataclasses
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+
+import pipeline.loop
+from pipeline.config import ConfigError, resolve
+from pipeline.loop import Trainer
+from pipeline.tasks import SegmentationTask
+
+STEPS = 10
+SETTINGS = ["model_size=micro", "train.crop=[64,64]", f"train.steps={STEPS}", "train.log_every=5",
+            "budget.start_fraction=0.2", "budget.warmup_fraction=0.5", "clustering.warmup_fraction=0.5"]
+
+
+def _tensors(value):
+    """Every tensor in a step's outputs (dataclasses, tuples, lists, dicts), in a fixed order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [t for f in dataclasses.fields(value) for t in _tensors(getattr(value, f.name))]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for k in sorted(value) for t in _tensors(value[k])]
+    return []
+
+
+class FrozenHostReplay:
+    """CPU stand-in for ``pipeline.cuda_graph.CudaGraphs``. ``capture`` runs the step for its output tensors
+    and undoes its effects (weights, momenta, BatchNorm statistics, skip counts), as a capture runs nothing.
+    ``replay`` runs it again with the trainer's host-side values as they were at capture (its step count, so
+    its progress; its centre state; the objects in the optimizer's ``lr`` slots) and writes the results into
+    the captured outputs."""
+
+    def __init__(self):
+        self.trainer = None
+        self.captures = 0
+
+    def warmup(self):
+        return contextlib.nullcontext()
+
+    def capture(self, step):
+        trainer = self.trainer
+        self.captures += 1
+        saved = [t.clone() for t in _effects(trainer)]
+        outputs = step()
+        with torch.no_grad():
+            for live, before in zip(_effects(trainer), saved, strict=True):
+                live.copy_(before)
+        frozen = (trainer.step, copy.deepcopy(trainer.centres), [g["lr"] for g in trainer.optimizer.param_groups])
+
+        def replay():
+            live = (trainer.step, trainer.centres, [g["lr"] for g in trainer.optimizer.param_groups])
+            trainer.step, trainer.centres = frozen[0], frozen[1]
+            for group, lr in zip(trainer.optimizer.param_groups, frozen[2], strict=True):
+                group["lr"] = lr
+            try:
+                fresh = step()
+            finally:
+                trainer.step, trainer.centres = live[0], live[1]
+                for group, lr in zip(trainer.optimizer.param_groups, live[2], strict=True):
+                    group["lr"] = lr
+            with torch.no_grad():
+                for static, value in zip(_tensors(outputs), _tensors(fresh), strict=True):
+                    static.copy_(value)
+
+        return outputs, replay
+
+
+def _effects(trainer):
+    """The tensors a step writes in place (the live ones, not copies)."""
+    momenta = [s["momentum_buffer"] for s in trainer.optimizer.state.values()]
+    return [*trainer.net.state_dict().values(), *momenta, trainer._skips.counts]
+
+
+def _trainer(monkeypatch, settings, backend=None):
+    """The Trainer with the fused SGD it gets on a GPU (fused SGD runs on the CPU too)."""
+    monkeypatch.setattr(pipeline.loop, "build_optimizer", functools.partial(pipeline.loop.build_optimizer, fused=True))
+    cfg = resolve("DivDR-A", None, settings)
+    torch.manual_seed(0)
+    task = SegmentationTask(cfg, Path("."))  # forward and cost table only: no dataset is read
+    trainer = Trainer(cfg, task, task.build_model(), graph_backend=backend)
+    if backend is not None:
+        backend.trainer = trainer
+    return trainer
+
+
+def _batches(count):
+    g = torch.Generator().manual_seed(0)
+    return [{"image": torch.randn(2, 3, 64, 64, generator=g), "label": torch.randint(0, 19, (2, 64, 64), generator=g),
+             "sample_id": [2 * i, 2 * i + 1]} for i in range(count)]
+
+
+def _payload(version, sigma2, seed):
+    cfg = resolve("DivDR-A", None, SETTINGS)
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.rand(cfg.clustering.k, cfg.model.a_dim, generator=g)
+    return {"version": version, "centres": centres.numpy(), "sigma2": sigma2, "stats": {}}
+
+
+# centre versions adopted before these steps: the first K-means, a version the store paused (sigma^2 0), a new one
+ADOPT = {3: _payload(1, 0.3, 1), 5: _payload(2, 0.0, 2), 7: _payload(3, 0.2, 3)}
+
+
+def _train(trainer):
+    """STEPS steps; per step the total loss, eq. 2's term and the learning rate, and the weights at the end."""
+    rows = []
+    for index, batch in enumerate(_batches(STEPS)):
+        if index in ADOPT:
+            trainer.centres.adopt(ADOPT[index], index)
+        result = trainer.run_step(batch)
+        terms = result.terms
+        rows.append((float(terms.total.detach()), float(terms.clustering.detach()), float(terms.budget.detach()),
+                     float(trainer.scheduler.get_last_lr()[0]), result.activations.detach().clone()))
+    return rows, [p.detach().clone() for p in trainer.net.parameters()]
+
+
+def _assert_same_training(launched, captured):
+    """The same to float32 rounding, which ten SGD steps amplify: the captured step's learning rate and
+    schedule progress are float32 tensors, the launched step's Python floats."""
+    (rows_a, weights_a), (rows_b, weights_b) = launched, captured
+    for step, (a, b) in enumerate(zip(rows_a, rows_b, strict=True)):
+        assert b[:4] == pytest.approx(a[:4], rel=1e-3, abs=1e-6), f"step {step}"
+        assert torch.allclose(a[4], b[4], rtol=1e-3, atol=1e-5), f"step {step}: A(x)"
+    for a, b in zip(weights_a, weights_b, strict=True):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_the_captured_step_trains_as_the_launched_one(monkeypatch):
+    """Budget and eq. 2 ramps, centre versions (eq. 2 off, on, paused, on), the poly schedule: the replayed
+    step follows them all through its buffers and gives the launched step's losses and weights."""
+    launched = _train(_trainer(monkeypatch, SETTINGS))
+    backend = FrozenHostReplay()
+    trainer = _trainer(monkeypatch, [*SETTINGS, "train.cuda_graph=true"], backend)
+    captured = _train(trainer)
+    assert backend.captures == 1 and trainer.captured.replay is not None
+    assert [r[1] for r in launched[0]][:3] == [0.0, 0.0, 0.0] and launched[0][5][1] == 0.0  # eq. 2 off, paused
+    assert launched[0][4][1] > 0 and any(row[1] > 0 for row in launched[0][7:])
+    _assert_same_training(launched, captured)
+    assert trainer.skipped_total == 0
+
+
+def test_the_stand_in_catches_a_value_frozen_at_capture(monkeypatch):
+    """The check above has teeth: with the learning rates left as Python floats the replays keep the rate of
+    the capture, and the training drifts from the launched one."""
+    launched = _train(_trainer(monkeypatch, SETTINGS))
+    monkeypatch.setattr(pipeline.loop, "tensor_learning_rates", lambda optimizer, device: None)
+    captured = _train(_trainer(monkeypatch, [*SETTINGS, "train.cuda_graph=true"], FrozenHostReplay()))
+    assert captured[0][-1][3] != launched[0][-1][3] or not all(
+        torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(launched[1], captured[1], strict=True))
+    with pytest.raises(AssertionError):
+        _assert_same_training(launched, captured)
+
+
+def test_a_checkpoint_of_a_captured_run_holds_plain_learning_rates(monkeypatch):
+    trainer = _trainer(monkeypatch, [*SETTINGS, "train.cuda_graph=true"], FrozenHostReplay())
+    for batch in _batches(5):
+        trainer.run_step(batch)
+    state = trainer.state()
+    assert all(isinstance(g["lr"], float) for g in state["optimizer"]["param_groups"])
+    assert all(isinstance(v, float) for v in state["scheduler"]["base_lrs"] + state["scheduler"]["_last_lr"])
+    resumed = _trainer(monkeypatch, [*SETTINGS, "train.cuda_graph=true"], FrozenHostReplay())
+    resumed.load_state(state)
+    lrs = [g["lr"] for g in resumed.optimizer.param_groups]
+    assert all(isinstance(lr, torch.Tensor) for lr in lrs)
+    assert [float(lr) for lr in lrs] == pytest.approx([float(g["lr"]) for g in trainer.optimizer.param_groups])
+    plain = _trainer(monkeypatch, SETTINGS)
+    plain.load_state(state)  # and a run without the option resumes from it
+    assert all(isinstance(g["lr"], float) for g in plain.optimizer.param_groups)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    (["train.precision=fp16"], "train.cuda_graph cannot run with train.precision: fp16"),
+    (["task=detection"], "train.cuda_graph needs batches of one shape"),
+])
+def test_settings_a_captured_step_cannot_take_are_refused(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve("DivDR-A", None, ["train.cuda_graph=true", *settings])
+
+
+def test_a_captured_step_needs_a_gpu_and_one_process(monkeypatch):
+    with pytest.raises(ValueError, match="needs the network on a CUDA device, it is on cpu"):
+        _trainer(monkeypatch, [*SETTINGS, "train.cuda_graph=true"])
+    cfg = resolve("DivDR-A", None, [*SETTINGS, "train.cuda_graph=true"])
+    task = SegmentationTask(cfg, Path("."))
+    world = dataclasses.replace(pipeline.loop.SingleProcess(), size=2)
+    with pytest.raises(ValueError, match="trains in one process; this run has 2"):
+        Trainer(cfg, task, task.build_model(), world=world, graph_backend=FrozenHostReplay())
