@@ -16,6 +16,9 @@ skipped and say so), and keeps going when a section fails (its error is recorded
   (with and without cudnn.benchmark); on a GPU each also captured whole in a CUDA graph and replayed;
   DivDR-A over DR-A. ``compile``: the same step with regional compilation (``divdr.cells.compile_cells``,
   its compile time measured) in bf16 + channels_last, bf16 and fp32.
+- ``trainer`` (first): the pipeline's own step (``pipeline.loop.Trainer.run_step``, DivDR-A with eq. 2 on),
+  launched, and on a GPU with ``train.cuda_graph`` (the step captured once and replayed), bf16 +
+  channels_last and fp32.
 - ``inference``: latency at batch 1 on the full-size image against FLOPs: every path open (weights 0.9, the
   gates' value at initialisation), paths closed at random (50%, 90%), every cell dropped (the fixed floor),
   each with the dynamic network forced onto the route (its gates run) and the route's static export
@@ -37,6 +40,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import Any
 
 if __package__ in (None, ""):
@@ -272,6 +276,94 @@ def section_train(args, deadline: float, compiled: bool = False) -> dict[str, An
     return out
 
 
+class _SegmentationForward:
+    """What ``pipeline.loop.Trainer`` needs of a task to train: the forward of
+    ``pipeline.tasks.SegmentationTask``, which this script cannot import (its module reads COCO too, with
+    pycocotools)."""
+
+    def __init__(self, cfg) -> None:
+        from divdr.flops import cost_table
+
+        self.table, self.on_device = cost_table(cfg.model, *cfg.train.crop), {}
+
+    def forward(self, model, batch):
+        import torch
+
+        from divdr.flops import table_for
+
+        out = model(batch["image"])
+        loss = torch.nn.functional.cross_entropy(out.logits, batch["label"].long(), ignore_index=255)
+        return SimpleNamespace(loss=loss, backbone=out.backbone, correct=None, parts={},
+                               table=table_for(self.on_device, self.table, out.backbone.gates))
+
+
+def section_trainer(args, deadline: float) -> dict[str, Any]:
+    """The pipeline's own step, ``pipeline.loop.Trainer.run_step`` (DivDR-A with centres, so eq. 2 is on; the
+    skips read every ``train.log_every`` = 10 steps, as in training), launched and with ``train.cuda_graph``
+    (GPU only): what a user's run gets, against the library step of ``train``."""
+    import torch
+
+    cuda = args.device.startswith("cuda")
+    base = [f"model_size={args.model}", f"train.crop=[{args.crop},{args.crop}]", f"train.batch_size={args.batch}",
+            "train.steps=1000000"]
+    fast = ["train.precision=bf16", "train.channels_last=true"]
+    variants = {"launched_bf16_channels_last": fast, "launched_fp32": []}
+    if cuda:
+        variants = {"cuda_graph_bf16_channels_last": [*fast, "train.cuda_graph=true"], **variants,
+                    "cuda_graph_fp32": ["train.cuda_graph=true"]}
+    out: dict[str, Any] = {"model": args.model, "crop": args.crop, "batch": args.batch, "device": args.device}
+    for name, options in variants.items():
+        if time.perf_counter() > deadline:
+            out[name] = {"skipped": "time budget spent"}
+            continue
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            out[name] = _trainer_row(args, [*base, *options])
+        except Exception as error:  # one failed variant must not lose the others
+            out[name] = _failure(error)
+        finally:
+            if cuda:
+                torch.cuda.empty_cache()
+        print(f"  {name}: {out[name]}", flush=True)
+    return out
+
+
+def _trainer_row(args, settings: list[str]) -> dict[str, Any]:
+    """Time ``Trainer.run_step`` with ``settings`` after its warm-up steps (and its capture, where there is one)."""
+    import numpy as np
+    import torch
+
+    from divdr.heads import DynamicRoutingSegmenter
+    from pipeline.config import resolve
+    from pipeline.cuda_graph import WARMUP_STEPS
+    from pipeline.loop import Trainer
+
+    cfg = resolve("DivDR-A", None, settings)
+    memory = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    torch.manual_seed(0)
+    net = DynamicRoutingSegmenter(cfg.model).to(args.device).to(memory_format=memory)
+    trainer = Trainer(cfg, _SegmentationForward(cfg), net)
+    centres = np.random.default_rng(0).random((cfg.clustering.k, cfg.model.a_dim), dtype=np.float32)
+    trainer.centres.adopt({"version": 1, "centres": centres, "sigma2": 0.1, "stats": {}}, 0)
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randn(args.batch, 3, args.crop, args.crop, generator=g).to(args.device)
+             .contiguous(memory_format=memory),
+             "label": torch.randint(0, cfg.model.num_classes, (args.batch, args.crop, args.crop),
+                                    generator=g).to(args.device), "sample_id": list(range(args.batch))}
+    start = time.perf_counter()
+    for _ in range(WARMUP_STEPS + 1):  # warm-up steps, and the capture where there is one
+        trainer.run_step(batch)
+    _sync(args.device)
+    first = time.perf_counter() - start
+    seconds = timed(lambda: trainer.run_step(batch), args.device, args.repeats, warmup=1)
+    row = {"step_ms": 1000 * seconds, "images_per_s": args.batch / seconds, "first_steps_s": first,
+           "skipped_steps": trainer.skipped_total}
+    if args.device.startswith("cuda"):
+        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return row
+
+
 def _graph_row(step: Step, args, batch: int) -> dict[str, Any]:
     """The same step captured in a CUDA graph and replayed; its own error, so the eager row stays."""
     import torch
@@ -434,8 +526,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--budget", type=float, default=280.0, help="seconds; sections past it are skipped")
     # the compiled step last but one (its compilation cannot be cut short), the operation count last (it does
     # not depend on the device and is measured on any CPU)
-    p.add_argument("--sections", nargs="+", default=["train", "inference", "compile", "inference_compile", "ops"],
-                   choices=["train", "inference", "compile", "inference_compile", "ops", "profile"])
+    p.add_argument("--sections", nargs="+",
+                   default=["trainer", "train", "inference", "compile", "inference_compile", "ops"],
+                   choices=["trainer", "train", "inference", "compile", "inference_compile", "ops", "profile"])
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (--tiny: aot_eager)")
     args = p.parse_args(argv)
     started = time.perf_counter()
@@ -454,6 +547,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda")
                               else "cpu"}
     sections = {"ops": lambda: section_ops(args), "train": lambda: section_train(args, deadline),
+                "trainer": lambda: section_trainer(args, deadline),
                 "compile": lambda: section_train(args, deadline, compiled=True),
                 "inference": lambda: section_inference(args, deadline),
                 "inference_compile": lambda: section_inference(args, deadline, compiled=True),

@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -33,7 +33,9 @@ from divdr.gates import anneal_temperature, gate_parameters
 from divdr.losses import LossTerms, total_loss
 from pipeline.config import ExperimentConfig, TrainConfig
 from pipeline.schedule import kmeans_trigger_steps
-from pipeline.tasks import TaskStep, TrainingTask
+
+if TYPE_CHECKING:  # the tasks import the COCO readers (pycocotools); the loop itself needs torch only
+    from pipeline.tasks import TaskStep, TrainingTask
 
 log = logging.getLogger(__name__)
 

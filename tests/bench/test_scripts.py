@@ -22,6 +22,10 @@ def test_gpu(tmp_path):
     assert out["ops"]["graph_breaks"] == 0 and out["ops"]["total"] == out["ops"]["forward"] + out["ops"]["backward"]
     assert out["train"]["eager_fp32"]["step_ms"] > 0 and out["compile"]["compiled_fp32"]["compile_s"] > 0
     assert out["train"]["divdr_over_dr_eager_fp32"] > 0
+    trainer = out["trainer"]  # the pipeline's own step (train.cuda_graph needs a GPU: not on this machine)
+    assert set(trainer) >= {"launched_bf16_channels_last", "launched_fp32"} and "cuda_graph_fp32" not in trainer
+    assert all(trainer[name]["step_ms"] > 0 and trainer[name]["skipped_steps"] == 0 for name in
+               ("launched_bf16_channels_last", "launched_fp32"))
     rows = out["inference"]["rows"]
     assert rows["all_open"]["flops_ratio"] == 1.0
     # the exported route costs its dynamic route's FLOPs minus the gates
