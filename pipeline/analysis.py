@@ -68,14 +68,20 @@ def subset_diagnostics(train_acts: np.ndarray, train_subsets: np.ndarray, val_ac
 
 def routing_curve(val: InferenceResult, centres: np.ndarray | None) -> dict[str, float]:
     """During training (``train.eval_every``), the controlled study's learning curves: the share of A(x)'s
-    variance between the known subsets, the recovery of the subsets by the current centres (when there are
-    some), each subset's mean real GFLOPs and (segmentation) mIoU. Empty when the subsets are unknown."""
+    variance between the known subsets, the nearest-mean probe (two-fold on val: the final one fits its
+    means on the training images, which a periodic evaluation does not run), the recovery of the subsets by
+    the current centres (when there are some), each subset's mean real GFLOPs and (segmentation) mIoU.
+    Empty when the subsets are unknown."""
     known = val.subsets >= 0
     subsets = val.subsets[known]
     if np.unique(subsets).size < 2:
         return {}
     acts = val.activations[known]
     metrics = {"val/subset_variance_share": clustering.subset_variance_share(acts, subsets)}
+    even = np.arange(subsets.size) % 2 == 0
+    if all(np.unique(subsets[fold]).size >= 2 for fold in (even, ~even)):
+        folds = [clustering.subset_probe(acts[f], subsets[f], acts[~f], subsets[~f]) for f in (even, ~even)]
+        metrics["val/subset_probe"] = float(np.mean(folds))
     if centres is not None:
         metrics["val/recovery"] = clustering.recovery_accuracy(clustering.assign(acts, centres), subsets)
     for s in np.unique(subsets):

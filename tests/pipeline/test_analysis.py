@@ -15,6 +15,7 @@ from pipeline.analysis import (
     cluster_captions,
     nearest_grid,
     pca_2d,
+    routing_curve,
 )
 
 
@@ -75,3 +76,18 @@ def test_pca_explains_the_variance_of_the_images_and_projects_the_centres_on_it(
     assert explained.sum() == pytest.approx(1.0)
     assert np.allclose(centres, points[:2])
     assert np.array_equal(pca_2d(np.ones((3, 4)))[2], np.zeros(2))  # no variance: no share
+
+
+def test_learning_curve_probe_is_two_fold_on_val():
+    """The probe of a periodic evaluation: nearest means fitted on half of val, scored on the other half."""
+    rng = np.random.default_rng(0)
+    subsets = np.repeat([0, 1], 20)
+    acts = (rng.normal(size=(40, 6)) * 0.1 + subsets[:, None]).astype(np.float32)  # far apart: probe 1.0
+    files = [f"{i}.png" for i in range(40)]
+    fields = {"sample_ids": np.arange(40), "files": files, "activations": acts, "gates": np.zeros((40, 2, 3)),
+              "real_gflops": np.ones(40), "real_gflops_reference": np.ones(40), "confusion": None}
+    result = InferenceResult(subsets=subsets, **fields)
+    curve = routing_curve(result, centres=None)
+    assert curve["val/subset_probe"] == 1.0 and curve["val/subset_variance_share"] > 0.9
+    mixed = InferenceResult(subsets=rng.permutation(subsets), **fields)
+    assert routing_curve(mixed, centres=None)["val/subset_probe"] < 0.8  # labels unrelated to A(x): near chance

@@ -71,9 +71,10 @@ def test_mlflow_holds_the_local_run(local_run):
     assert [m.step for m in client.get_metric_history(found.info.run_id, "val/miou")] == [6]
     # the study's learning curves at each evaluation: share, recovery by the current centres, GFLOPs and mIoU
     # by subset
-    for key in ("val/subset_variance_share", "val/recovery", "val/gflops_subset0", "val/miou_subset0"):
+    for key in ("val/subset_variance_share", "val/subset_probe", "val/recovery", "val/gflops_subset0",
+                "val/miou_subset0"):
         assert [m.step for m in client.get_metric_history(found.info.run_id, key)] == [6], key
-    assert 0.0 <= found.data.metrics["val/recovery"] <= 1.0
+    assert 0.0 <= found.data.metrics["val/recovery"] <= 1.0 and 0.0 <= found.data.metrics["val/subset_probe"] <= 1.0
 
 
 def test_mlflow_has_the_model_the_per_class_iou_and_the_code(local_run):
