@@ -307,16 +307,24 @@ def subset_probe(train_activations: object, train_subsets: object, val_activatio
     return float((nearest == y_val).mean())
 
 
+def subset_variance_by_dimension(activations: object, subsets: object) -> tuple[np.ndarray, np.ndarray]:
+    """Per dimension of A(x), the sums of squares between the subsets and within them ([D] each; they add
+    up to each dimension's total): which gates separate the subsets, and which vary inside them."""
+    x = as_activations(activations).astype(np.float64)
+    y = _as_labels(subsets, "subsets", x.shape[0])
+    total = ((x - x.mean(axis=0)) ** 2).sum(axis=0)
+    within = sum(((x[y == name] - x[y == name].mean(axis=0)) ** 2).sum(axis=0) for name in np.unique(y))
+    return total - within, within
+
+
 def subset_variance_share(activations: object, subsets: object) -> float:
     """Between-subset variance of A(x) over its total variance (summed over dimensions): 1 when every
     subset is a single point, ~0 when the subsets' means coincide."""
-    x = as_activations(activations).astype(np.float64)
-    y = _as_labels(subsets, "subsets", x.shape[0])
-    total = ((x - x.mean(axis=0)) ** 2).sum()
+    between, within = subset_variance_by_dimension(activations, subsets)
+    total = between.sum() + within.sum()
     if total == 0:
         return 0.0
-    within = sum(((x[y == name] - x[y == name].mean(axis=0)) ** 2).sum() for name in np.unique(y))
-    return float(1.0 - within / total)
+    return float(1.0 - within.sum() / total)
 
 
 # ---------------------------------------------------------------- K-means

@@ -65,6 +65,11 @@ def a_space_slice(config: ModelConfig) -> slice:
     return slice(0 if config.init_cell_in_a_space else 1, None)
 
 
+def a_space_labels(config: ModelConfig) -> list[str]:
+    """A name for each value of A(x), in its order: ``<cell>.<slot>``, e.g. ``layer3_scale1.keep``."""
+    return [f"{spec.name}.{slot}" for spec in routing_space(config)[a_space_slice(config)] for slot in SLOTS]
+
+
 def route_paths(config: ModelConfig) -> list[tuple[bool, bool, bool]]:
     """Per cell of ``routing_space`` (same order), which of [up, keep, down] the fixed route
     ``config.route`` leaves open; every path a cell has when no route is set.

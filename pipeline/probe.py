@@ -13,7 +13,10 @@ final cluster, the known subset and the real GFLOPs of each image) and prints, p
 - mIoU, overall and by subset, from the run's ``result.json`` (runs trained before ``miou_by_subset``
   existed show the overall mIoU only);
 - with ``--data ROOT`` (the run's dataset): what the clusters follow besides the subsets, as the share
-  of the variance of image brightness between the run's clusters (eta^2) against between the subsets.
+  of the variance of image brightness between the run's clusters (eta^2) against between the subsets;
+- with ``--by-gate N``: where the share comes from, per value of A(x) (cell and path): the N values that
+  hold the most variance within the subsets and the N that separate them most, with each subset's mean
+  and spread (a gate that opens for some images of a subset and not for others shows as a large spread).
 
 A run trained before these were computed at its end gets them here from its artifacts. Runs of a
 sweep (``<name>-seed<N>``) are also summarised per setting: mean +- std over seeds.
@@ -34,8 +37,12 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from divdr import clustering
+from divdr.config import ConfigError
 from divdr.data.cityscapes import DatasetError, read_rgb
+from divdr.routing import a_space_labels
 from pipeline.analysis import subset_diagnostics
+from pipeline.config import from_dict
+from pipeline.run_folder import CONFIG_FILE, saved_config
 
 ARTIFACTS = "artifacts"
 SEED_SUFFIX = re.compile(r"-seed\d+$")  # pipeline/tune.py names trials <space>[<setting>]-seed<N>
@@ -98,6 +105,45 @@ def brightness_follow(data: Path, val: dict[str, np.ndarray]) -> dict[str, float
             "brightness_eta2_subsets": eta_squared(grey[known], val["subset"][known])}
 
 
+def value_names(run_dir: Path, a_dim: int) -> list[str]:
+    """Each A(x) value's cell and path from the run's config.yaml (``A[i]`` where there is none)."""
+    if (Path(run_dir) / CONFIG_FILE).is_file():
+        try:
+            names = a_space_labels(from_dict(saved_config(run_dir)).model)
+        except ConfigError as error:
+            raise ValueError(f"{Path(run_dir) / CONFIG_FILE}: {error}") from None
+        if len(names) == a_dim:
+            return names
+    return [f"A[{i}]" for i in range(a_dim)]
+
+
+def by_gate(run_dir: Path, count: int) -> str:
+    """Markdown: the ``count`` A(x) values holding the most within-subset variance of val, then the ``count``
+    separating the subsets most (not repeated), each with its part of the within / between variance, its own
+    between-subset share, and each subset's mean +- std."""
+    val = read_activations(run_dir, "val")
+    known = val["subset"] >= 0
+    acts, subsets = val["a"][known], val["subset"][known]
+    between, within = clustering.subset_variance_by_dimension(acts, subsets)
+    names = value_names(run_dir, acts.shape[1])
+    by_within, by_between = np.argsort(-within)[:count], np.argsort(-between)[:count]
+    shown = [*by_within, *(d for d in by_between if d not in by_within)]
+    half = int(np.searchsorted(np.cumsum(np.sort(within)[::-1]) / max(within.sum(), 1e-12), 0.5)) + 1
+    lines = [f"{Path(run_dir).name}: share {clustering.subset_variance_share(acts, subsets):.3f}; {half} of "
+             f"{acts.shape[1]} values hold half of the within-subset variance",
+             "| A(x) value | of the within variance | of the between variance | its own share | "
+             + " | ".join(f"subset {s}: mean ± std" for s in np.unique(subsets)) + " |",
+             "|---|---|---|---|" + "---|" * np.unique(subsets).size]
+    for d in shown:
+        total = between[d] + within[d]
+        spread = " | ".join(f"{acts[subsets == s, d].mean():.2f} ± {acts[subsets == s, d].std():.2f}"
+                            for s in np.unique(subsets))
+        lines.append(f"| {names[d]} | {within[d] / max(within.sum(), 1e-12):.3f} | "
+                     f"{between[d] / max(between.sum(), 1e-12):.3f} | {between[d] / total if total else 0.0:.2f} | "
+                     f"{spread} |")
+    return "\n".join(lines)
+
+
 def markdown(rows: dict[str, dict[str, object]]) -> str:
     eta = any("brightness_eta2_clusters" in r for r in rows.values())
     lines = ["| run | mIoU (per subset) | recovery | probe | share | GFLOPs per subset | val cluster sizes |"
@@ -132,9 +178,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, object]]:
     parser = argparse.ArgumentParser(prog="pipeline/probe.py", description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path, nargs="+", help="run folders (they hold artifacts/activations_*.parquet)")
     parser.add_argument("--data", type=Path, help="the runs' dataset root: adds brightness eta^2 (clusters, subsets)")
+    parser.add_argument("--by-gate", type=int, default=0, metavar="N",
+                        help="per run, the N A(x) values holding the most within-subset variance and the N "
+                             "separating the subsets most")
     args = parser.parse_args(argv)
     try:
         rows = {run.name: probe_run(run, args.data) for run in args.runs}
+        gates = [by_gate(run, args.by_gate) for run in args.runs] if args.by_gate > 0 else []
     except (FileNotFoundError, ValueError, DatasetError) as err:
         print(f"pipeline/probe.py: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -142,6 +192,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, object]]:
     summary = per_setting(rows)
     if summary:
         print("\n" + summary)
+    for table in gates:
+        print("\n" + table)
     return rows
 
 

@@ -21,6 +21,7 @@ from divdr.clustering import (
     reseed_centres,
     sigma2,
     subset_probe,
+    subset_variance_by_dimension,
     subset_variance_share,
 )
 from tests.divdr.doubles import FakeGpu
@@ -242,6 +243,10 @@ def test_subset_probe_sees_a_subset_that_kmeans_misses():
     assert recovery_accuracy(kmeans(x, 2, seed=0).assignments, subsets) < 0.7
     assert subset_variance_share(x, subsets) < 0.01
     assert subset_variance_share(x[:, 1:], subsets) > 0.9
+    between, within = subset_variance_by_dimension(x, subsets)  # where the share comes from
+    assert within[0] > 100 * within[1] and between[1] > 10 * between[0]  # the nuisance varies within subsets
+    total = ((x.astype(np.float64) - x.mean(0)) ** 2).sum(0)
+    np.testing.assert_allclose(between + within, total, rtol=1e-9)
 
 
 def test_subset_probe_ignores_closed_gates_and_names_bad_input():

@@ -6,7 +6,7 @@ import torch
 from divdr.config import ConfigError, GateConfig, get_model_config
 from divdr.flops import budget_ratio, cost_table, real_cost
 from divdr.heads import DynamicRoutingSegmenter
-from divdr.routing import route_paths, routing_space
+from divdr.routing import a_space_labels, route_paths, routing_space
 
 TINY = get_model_config("tiny", num_classes=4)
 
@@ -88,3 +88,14 @@ def test_skipping_inference_equals_the_dense_forward_on_a_route():
             cell.forward = lambda x, cell=cell: cell._forward_all_paths(x, *cell.route(x))
         dense = net(images).logits
     assert torch.allclose(dense, skipping, atol=1e-5)
+
+
+@pytest.mark.parametrize("init_in_a_space", [True, False])
+def test_a_space_labels_name_each_value_of_a_x(init_in_a_space):
+    config = get_model_config("tiny", init_cell_in_a_space=init_in_a_space)
+    labels = a_space_labels(config)
+    assert len(labels) == config.a_dim and len(set(labels)) == config.a_dim
+    assert labels[:3] == (["init_scale0.up", "init_scale0.keep", "init_scale0.down"] if init_in_a_space
+                          else ["layer0_scale0.up", "layer0_scale0.keep", "layer0_scale0.down"])
+    last = routing_space(config)[-1]
+    assert labels[-1] == f"layer{last.layer}_scale{last.scale}.down"

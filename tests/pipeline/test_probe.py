@@ -84,3 +84,14 @@ def test_brightness_of_a_sixteen_bit_image_is_scaled_not_clipped(tmp_path):
 
     Image.fromarray(np.full((4, 6), 32896, np.uint16)).save(tmp_path / "grey16.png")  # 128 * 257
     assert brightness(tmp_path, np.array(["grey16.png"])).tolist() == [128.0]
+
+
+def test_by_gate_shows_which_values_vary_within_the_subsets(tmp_path, capsys):
+    """The fake run's A(x): value 0 separates the subsets, value 1 is large noise inside them."""
+    _write_run(tmp_path / "run", seed=0)
+    main([str(tmp_path / "run"), "--by-gate", "1"])
+    printed = capsys.readouterr().out
+    assert "run: share 0.0" in printed and "1 of 2 values hold half of the within-subset variance" in printed
+    rows = [line for line in printed.splitlines() if line.startswith("| A[")]
+    assert rows[0].startswith("| A[1] | 1.000 |") and rows[1].startswith("| A[0] | 0.000 |")  # no config.yaml: A[i]
+    assert rows[1].split(" | ")[3] == "1.00"  # value 0's own share: all between the subsets
