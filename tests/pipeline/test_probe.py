@@ -89,7 +89,7 @@ def test_brightness_of_a_sixteen_bit_image_is_scaled_not_clipped(tmp_path):
 def test_by_gate_shows_which_values_vary_within_the_subsets(tmp_path, capsys):
     """The fake run's A(x): value 0 separates the subsets, value 1 is large noise inside them."""
     _write_run(tmp_path / "run", seed=0)
-    main([str(tmp_path / "run"), "--by-gate", "1"])
+    main([str(tmp_path / "run"), "--by-gate", "2"])
     printed = capsys.readouterr().out
     assert "run: share 0.0" in printed and "1 of 2 values hold half of the within-subset variance" in printed
     rows = [line for line in printed.splitlines() if line.startswith("| A[")]
