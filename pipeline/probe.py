@@ -14,6 +14,8 @@ final cluster, the known subset and the real GFLOPs of each image) and prints, p
   existed show the overall mIoU only);
 - with ``--data ROOT`` (the run's dataset): what the clusters follow besides the subsets, as the share
   of the variance of image brightness between the run's clusters (eta^2) against between the subsets;
+- with ``--curves PNG``: the learning curves the runs logged at each ``train.eval_every`` (share, probe,
+  recovery by the current centres, mIoU and GFLOPs by subset), plotted one line per run, and printed;
 - with ``--by-gate N``: where the share comes from, per value of A(x) (cell and path): the N values that
   hold the most variance within the subsets and the N that separate them most, with each subset's mean
   and spread (a gate that opens for some images of a subset and not for others shows as a large spread).
@@ -43,6 +45,7 @@ from divdr.routing import a_space_labels
 from pipeline.analysis import subset_diagnostics
 from pipeline.config import from_dict
 from pipeline.run_folder import CONFIG_FILE, saved_config
+from pipeline.tracking import PROGRESS_FILE
 
 ARTIFACTS = "artifacts"
 SEED_SUFFIX = re.compile(r"-seed\d+$")  # pipeline/tune.py names trials <space>[<setting>]-seed<N>
@@ -144,6 +147,79 @@ def by_gate(run_dir: Path, count: int) -> str:
     return "\n".join(lines)
 
 
+CURVES = {"val/subset_variance_share": "share", "val/subset_probe": "probe (2-fold on val)",
+          "val/recovery": "recovery (current centres)"}
+
+
+def read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """The controlled study's learning curves a run logged (``val/...`` metrics of ``metrics.jsonl``)."""
+    path = Path(run_dir) / PROGRESS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a run folder?")
+    curves: dict[str, list[tuple[int, float]]] = {}
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break  # a run stopped while writing its last line
+            raise ValueError(f"{path}, line {number}: not JSON") from None
+        for key, value in record.get("metrics", {}).items():
+            if key.startswith("val/") and (key in CURVES or "_subset" in key):
+                curves.setdefault(key, []).append((int(record["step"]), float(value)))
+    if not curves:
+        raise ValueError(f"{path} holds no learning curves: train with --set train.eval_every=N on a study "
+                         "with known subsets")
+    return curves
+
+
+def plot_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], path: Path) -> None:
+    """Share, probe, recovery, and mIoU / GFLOPs by subset against the step, one colour per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [*CURVES, "val/miou_subset", "val/gflops_subset"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (run, found) in enumerate(curves.items()):
+        colour = colours[index % len(colours)]
+        for ax, panel in zip(axes, panels, strict=True):
+            keys = [panel] if panel in CURVES else sorted(k for k in found if k.startswith(panel))
+            for style, key in zip(["-", "--", ":", "-."], keys[:4], strict=False):
+                if key in found:
+                    steps, values = zip(*found[key], strict=True)
+                    label = run if key == keys[0] else None
+                    ax.plot(steps, values, style, color=colour, label=label)
+    for ax, panel in zip(axes, panels, strict=True):
+        ax.set_title(CURVES.get(panel, panel.split("/")[1].replace("_subset", " by subset (- 0, -- 1, : 2)")),
+                     fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def curves_markdown(curves: dict[str, dict[str, list[tuple[int, float]]]]) -> str:
+    """One table per curve of ``CURVES``: a row per evaluation step, a column per run."""
+    tables = []
+    for key, title in CURVES.items():
+        steps = sorted({step for found in curves.values() for step, _ in found.get(key, [])})
+        if not steps:
+            continue
+        values = {run: dict(found.get(key, [])) for run, found in curves.items()}
+        rows = [f"{title}:", "| step | " + " | ".join(curves) + " |", "|---|" + "---|" * len(curves)]
+        rows += [f"| {step} | " + " | ".join(f"{values[run][step]:.3f}" if step in values[run] else ""
+                                          for run in curves) + " |" for step in steps]
+        tables.append("\n".join(rows))
+    return "\n\n".join(tables)
+
+
 def markdown(rows: dict[str, dict[str, object]]) -> str:
     eta = any("brightness_eta2_clusters" in r for r in rows.values())
     lines = ["| run | mIoU (per subset) | recovery | probe | share | GFLOPs per subset | val cluster sizes |"
@@ -178,6 +254,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, object]]:
     parser = argparse.ArgumentParser(prog="pipeline/probe.py", description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path, nargs="+", help="run folders (they hold artifacts/activations_*.parquet)")
     parser.add_argument("--data", type=Path, help="the runs' dataset root: adds brightness eta^2 (clusters, subsets)")
+    parser.add_argument("--curves", type=Path, metavar="PNG",
+                        help="plot the runs' learning curves (train.eval_every) into this file, and print them")
     parser.add_argument("--by-gate", type=int, default=0, metavar="N",
                         help="per run, the N A(x) values holding the most within-subset variance and the N "
                              "separating the subsets most")
@@ -185,6 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, object]]:
     try:
         rows = {run.name: probe_run(run, args.data) for run in args.runs}
         gates = [by_gate(run, args.by_gate) for run in args.runs] if args.by_gate > 0 else []
+        curves = {run.name: read_curves(run) for run in args.runs} if args.curves else {}
     except (FileNotFoundError, ValueError, DatasetError) as err:
         print(f"pipeline/probe.py: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -194,6 +273,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, object]]:
         print("\n" + summary)
     for table in gates:
         print("\n" + table)
+    if curves:
+        plot_curves(curves, args.curves)
+        print("\n" + curves_markdown(curves) + f"\n\nlearning curves plotted in {args.curves}")
     return rows
 
 

@@ -95,3 +95,28 @@ def test_by_gate_shows_which_values_vary_within_the_subsets(tmp_path, capsys):
     rows = [line for line in printed.splitlines() if line.startswith("| A[")]
     assert rows[0].startswith("| A[1] | 1.000 |") and rows[1].startswith("| A[0] | 0.000 |")  # no config.yaml: A[i]
     assert float(rows[1].split(" | ")[3]) > 0.9  # value 0 varies mostly between the subsets
+
+
+def test_curves_plots_and_prints_what_the_runs_logged(tmp_path, capsys):
+    import json
+
+    for seed, name in enumerate(["dr-seed0", "divdr-seed0"]):
+        _write_run(tmp_path / name, seed=seed)
+        lines = [{"step": 50, "metrics": {"loss/task": 1.0}}]  # training metrics: not curves
+        lines += [{"step": step, "metrics": {"val/subset_variance_share": step / 1000 + seed / 10,
+                                             "val/subset_probe": 0.9, "val/recovery": 0.5 + seed / 4,
+                                             "val/miou_subset0": 0.6, "val/miou_subset1": 0.7,
+                                             "val/gflops_subset0": 1.0, "val/gflops_subset1": 1.1}}
+                  for step in (100, 200)]
+        text = "\n".join(json.dumps(line) for line in lines) + '\n{"step": 3'  # cut short while writing
+        (tmp_path / name / "metrics.jsonl").write_text(text)
+    png = tmp_path / "curves.png"
+    main([str(tmp_path / "dr-seed0"), str(tmp_path / "divdr-seed0"), "--curves", str(png)])
+    printed = capsys.readouterr().out
+    assert png.stat().st_size > 10_000
+    assert "share:\n| step | dr-seed0 | divdr-seed0 |" in printed and "| 200 | 0.200 | 0.300 |" in printed
+    assert "| 100 | 0.500 | 0.750 |" in printed  # recovery
+    (tmp_path / "dr-seed0" / "metrics.jsonl").write_text(json.dumps(lines[0]) + "\n")
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "dr-seed0"), "--curves", str(png)])
+    assert "holds no learning curves: train with --set train.eval_every=N" in capsys.readouterr().err
