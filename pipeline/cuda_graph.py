@@ -61,9 +61,11 @@ class CudaGraphs:
         torch.cuda.current_stream().wait_stream(self.side)
 
     def capture(self, step: Callable[[], T]) -> tuple[T, Callable[[], None]]:
-        """Record ``step`` (nothing runs) and return its output tensors and the replay."""
+        """Record ``step`` (nothing runs) and return its output tensors and the replay. Thread-local capture:
+        the DataLoader's pin-memory thread keeps allocating page-locked batches meanwhile, which a global
+        capture would count as an illegal call and abort."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             out = step()
         return out, graph.replay
 
