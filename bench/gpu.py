@@ -309,8 +309,8 @@ def section_trainer(args, deadline: float) -> dict[str, Any]:
     fast = ["train.precision=bf16", "train.channels_last=true"]
     variants = {"launched_bf16_channels_last": fast, "launched_fp32": []}
     if cuda:
-        variants = {"cuda_graph_bf16_channels_last": [*fast, "train.cuda_graph=true"], **variants,
-                    "cuda_graph_fp32": ["train.cuda_graph=true"]}
+        captured = ["train.cuda_graph=true", "scaling.use_gpu=true"]
+        variants = {"cuda_graph_bf16_channels_last": [*fast, *captured], **variants, "cuda_graph_fp32": captured}
     out: dict[str, Any] = {"model": args.model, "crop": args.crop, "batch": args.batch, "device": args.device}
     for name, options in variants.items():
         if time.perf_counter() > deadline:

@@ -214,6 +214,8 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         check_run_name(self.run_name)
+        _require(not self.train.cuda_graph or self.scaling.use_gpu,
+                 "train.cuda_graph captures the step in a CUDA graph: it needs scaling.use_gpu: true")
         _require(not self.train.cuda_graph or self.task == "segmentation",
                  f"train.cuda_graph needs batches of one shape (task segmentation); task {self.task!r} has images "
                  "and targets of varying sizes")

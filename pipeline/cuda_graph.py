@@ -77,10 +77,10 @@ class CapturedStep:
         cfg, device = trainer.cfg, next(trainer.net.parameters()).device
         if backend is None and device.type != "cuda":
             raise ValueError(f"train.cuda_graph needs the network on a CUDA device, it is on {device} "
-                             "(workers.use_gpu: true, or train on a GPU)")
+                             "(scaling.use_gpu: true)")
         if trainer.world.size > 1:
             raise ValueError(f"train.cuda_graph trains in one process; this run has {trainer.world.size} "
-                             "(workers.workers: 1): DDP's all-reduce is not captured")
+                             "(scaling.workers: 1): DDP's all-reduce is not captured")
         if not trainer.skips_on_device:
             raise ValueError("train.cuda_graph needs the fused SGD, which leaves a non-finite step out on the device")
         perturbing = [type(h).__name__ for h in trainer.hooks if type(h).perturb is not Hook.perturb]

@@ -7,6 +7,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import re
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from pipeline.loop import Trainer
 from pipeline.tasks import SegmentationTask
 
 STEPS = 10
+CAPTURED = ["train.cuda_graph=true", "scaling.use_gpu=true"]  # the network stays on the CPU here
 SETTINGS = ["model_size=micro", "train.crop=[64,64]", f"train.steps={STEPS}", "train.log_every=5",
             "budget.start_fraction=0.2", "budget.warmup_fraction=0.5", "clustering.warmup_fraction=0.5"]
 
@@ -141,7 +143,7 @@ def test_the_captured_step_trains_as_the_launched_one(monkeypatch):
     step follows them all through its buffers and gives the launched step's losses and weights."""
     launched = _train(_trainer(monkeypatch, SETTINGS))
     backend = FrozenHostReplay()
-    trainer = _trainer(monkeypatch, [*SETTINGS, "train.cuda_graph=true"], backend)
+    trainer = _trainer(monkeypatch, [*SETTINGS, *CAPTURED], backend)
     captured = _train(trainer)
     assert backend.captures == 1 and trainer.captured.replay is not None
     assert [r[1] for r in launched[0]][:3] == [0.0, 0.0, 0.0] and launched[0][5][1] == 0.0  # eq. 2 off, paused
@@ -155,7 +157,7 @@ def test_the_stand_in_catches_a_value_frozen_at_capture(monkeypatch):
     the capture, and the training drifts from the launched one."""
     launched = _train(_trainer(monkeypatch, SETTINGS))
     monkeypatch.setattr(pipeline.loop, "tensor_learning_rates", lambda optimizer, device: None)
-    captured = _train(_trainer(monkeypatch, [*SETTINGS, "train.cuda_graph=true"], FrozenHostReplay()))
+    captured = _train(_trainer(monkeypatch, [*SETTINGS, *CAPTURED], FrozenHostReplay()))
     assert captured[0][-1][3] != launched[0][-1][3] or not all(
         torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(launched[1], captured[1], strict=True))
     with pytest.raises(AssertionError):
@@ -163,13 +165,13 @@ def test_the_stand_in_catches_a_value_frozen_at_capture(monkeypatch):
 
 
 def test_a_checkpoint_of_a_captured_run_holds_plain_learning_rates(monkeypatch):
-    trainer = _trainer(monkeypatch, [*SETTINGS, "train.cuda_graph=true"], FrozenHostReplay())
+    trainer = _trainer(monkeypatch, [*SETTINGS, *CAPTURED], FrozenHostReplay())
     for batch in _batches(5):
         trainer.run_step(batch)
     state = trainer.state()
     assert all(isinstance(g["lr"], float) for g in state["optimizer"]["param_groups"])
     assert all(isinstance(v, float) for v in state["scheduler"]["base_lrs"] + state["scheduler"]["_last_lr"])
-    resumed = _trainer(monkeypatch, [*SETTINGS, "train.cuda_graph=true"], FrozenHostReplay())
+    resumed = _trainer(monkeypatch, [*SETTINGS, *CAPTURED], FrozenHostReplay())
     resumed.load_state(state)
     lrs = [g["lr"] for g in resumed.optimizer.param_groups]
     assert all(isinstance(lr, torch.Tensor) for lr in lrs)
@@ -182,16 +184,26 @@ def test_a_checkpoint_of_a_captured_run_holds_plain_learning_rates(monkeypatch):
 @pytest.mark.parametrize(("settings", "message"), [
     (["train.precision=fp16"], "train.cuda_graph cannot run with train.precision: fp16"),
     (["task=detection"], "train.cuda_graph needs batches of one shape"),
+    (["scaling.use_gpu=false"], "train.cuda_graph captures the step in a CUDA graph: it needs scaling.use_gpu"),
 ])
 def test_settings_a_captured_step_cannot_take_are_refused(settings, message):
     with pytest.raises(ConfigError, match=message):
-        resolve("DivDR-A", None, ["train.cuda_graph=true", *settings])
+        resolve("DivDR-A", None, [*CAPTURED, *settings])
+
+
+def test_a_ray_run_with_several_workers_is_refused_before_it_starts(tmp_path):
+    from pipeline.train import run
+
+    cfg = resolve("DivDR-A", None, [*CAPTURED, "scaling.workers=2"])
+    with pytest.raises(ConfigError, match=re.escape("train.cuda_graph trains in one process; scaling.workers is 2")):
+        run(cfg, tmp_path / "out")
+    assert not (tmp_path / "out" / cfg.run_name).exists()  # refused before any folder was made
 
 
 def test_a_captured_step_needs_a_gpu_and_one_process(monkeypatch):
     with pytest.raises(ValueError, match="needs the network on a CUDA device, it is on cpu"):
-        _trainer(monkeypatch, [*SETTINGS, "train.cuda_graph=true"])
-    cfg = resolve("DivDR-A", None, [*SETTINGS, "train.cuda_graph=true"])
+        _trainer(monkeypatch, [*SETTINGS, *CAPTURED])
+    cfg = resolve("DivDR-A", None, [*SETTINGS, *CAPTURED])
     task = SegmentationTask(cfg, Path("."))
     world = dataclasses.replace(pipeline.loop.SingleProcess(), size=2)
     with pytest.raises(ValueError, match="trains in one process; this run has 2"):
