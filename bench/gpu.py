@@ -138,7 +138,7 @@ class Step:
         memory = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.net.to(memory_format=memory)
-        self.compile_seconds = None
+        self.compile_seconds = self.compiled_graphs = None
         if compile_backend:
             compile_cells(self.net, backend=compile_backend)
         self.optimizer = torch.optim.SGD(self.net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4,
@@ -153,10 +153,14 @@ class Step:
         self.centres = torch.rand(3, self.config.a_dim, generator=g).to(device)
         self.table = table_for({}, cost_table(self.config, *crop), self.centres)
         if compile_backend:  # the first step compiles every kind of cell
+            from torch._dynamo.utils import counters
+
+            graphs_before = counters["stats"]["unique_graphs"]
             start = time.perf_counter()
             self()
             _sync(device)
             self.compile_seconds = time.perf_counter() - start
+            self.compiled_graphs = counters["stats"]["unique_graphs"] - graphs_before  # one per kind of cell
 
     def loss(self):
         import torch
@@ -254,7 +258,7 @@ def section_train(args, deadline: float, compiled: bool = False) -> dict[str, An
             step = Step(args.model, "DivDR-A", crop, batch, args.device, **options)
             seconds = timed(step, args.device, args.repeats)
             out[name] = {"step_ms": 1000 * seconds, "images_per_s": batch / seconds,
-                         "compile_s": step.compile_seconds}
+                         "compile_s": step.compile_seconds, "compiled_graphs": step.compiled_graphs}
             if cuda:
                 out[name]["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 torch.cuda.reset_peak_memory_stats()
