@@ -190,6 +190,11 @@ class BudgetConfig:
     # Not in the paper: the square per image, then the batch mean, so *every* image must meet mu
     # (the official code squares the batch mean: images may trade cost with one another).
     per_image: bool = False
+    # Not in the paper: a ceiling instead of a target, ``max(0, C/C_max - mu)^2``. The paper's square
+    # also pushes a route cheaper than mu to spend more; with ``per_image`` that pulls every image
+    # towards one cost, the opposite of routes that cost what their subset needs. With a mu the
+    # routes meet, the squeeze ends once they are under it (docs/2026-11-26-premise-study.md).
+    one_sided: bool = False
 
     def __post_init__(self) -> None:
         _require(self.weight >= 0, f"budget.weight (lambda1) must be >= 0, got {self.weight}")

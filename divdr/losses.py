@@ -50,17 +50,21 @@ def clustering_schedule(progress: Progress, config: ClusteringConfig) -> Progres
     return ramp(progress, config.start_fraction, config.warmup_fraction)
 
 
-def budget_loss(cost_ratio: torch.Tensor, mu: float, per_image: bool = False) -> torch.Tensor:
+def budget_loss(cost_ratio: torch.Tensor, mu: float, per_image: bool = False,
+                one_sided: bool = False) -> torch.Tensor:
     """DR eq. 9 without its weight: ``(C(Space)/C_max - mu)^2``.
 
-    As in the official code the expected cost is averaged over the batch *before* the square,
+    By default (the paper, and the official code) the square is of the batch-mean ratio,
     so individual images may use more or less than mu as long as the batch meets the budget.
     ``per_image`` squares each image's deviation and averages those instead: every image has to
-    fit in mu, so each must find the cheapest route that serves it.
+    fit in mu, so each must find the cheapest route that serves it. ``one_sided`` makes mu a
+    ceiling: only the excess over it is squared, a route under budget is left alone.
     """
-    if per_image:
-        return ((cost_ratio - mu) ** 2).mean()
-    return (cost_ratio.mean() - mu) ** 2
+    cost = cost_ratio if per_image else cost_ratio.mean()
+    excess = cost - mu
+    if one_sided:
+        excess = excess.clamp(min=0.0)
+    return (excess ** 2).mean()
 
 
 def pairwise_distance(a: torch.Tensor, centres: torch.Tensor, distance: ClusterDistance) -> torch.Tensor:
@@ -150,8 +154,10 @@ def total_loss(task: torch.Tensor, *, cost_ratio: torch.Tensor, progress: Progre
     ``clustering_on`` multiplies the clustering term: a captured step computes eq. 2 at every step and
     turns it off with a 0 where there are no centres for it yet (or the store paused it)."""
     zero = task.new_zeros(())
-    budget_term = (budget_loss(cost_ratio, budget.mu, budget.per_image) * budget_schedule(progress, budget)
-                   if budget.weight else zero)
+    budget_term = zero
+    if budget.weight:
+        budget_term = (budget_loss(cost_ratio, budget.mu, budget.per_image, budget.one_sided)
+                       * budget_schedule(progress, budget))
     per_image = None
     clustering_term = zero
     if clustering.weight and centres is not None and activations is not None and sigma2 is not None:

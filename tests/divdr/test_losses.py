@@ -24,6 +24,22 @@ def test_budget_loss_by_hand():
     assert float(budget_loss(torch.tensor([0.2, 0.4]), mu=0.1, per_image=True)) == pytest.approx(0.05)
 
 
+def test_one_sided_budget_leaves_routes_under_mu_alone():
+    ratios = torch.tensor([0.2, 0.4], requires_grad=True)
+    # per image: only the 0.4 image is over mu = 0.3: (0.1^2 + 0) / 2
+    loss = budget_loss(ratios, mu=0.3, per_image=True, one_sided=True)
+    assert float(loss) == pytest.approx(0.005)
+    loss.backward()
+    assert ratios.grad.tolist() == pytest.approx([0.0, 0.1])  # the cheap image is not pushed to spend more
+    # the two-sided square pushes it up: d/dc (c - mu)^2 / 2 = (0.2 - 0.3) = -0.1
+    ratios.grad = None
+    budget_loss(ratios, mu=0.3, per_image=True).backward()
+    assert ratios.grad.tolist() == pytest.approx([-0.1, 0.1])
+    # batch mean 0.3 meets a ceiling of 0.35: no loss; over it, the paper's square of the excess
+    assert float(budget_loss(ratios, mu=0.35, one_sided=True)) == 0.0
+    assert float(budget_loss(ratios, mu=0.1, one_sided=True)) == pytest.approx(0.04)
+
+
 def test_clustering_loss_by_hand_l2_and_squared():
     a = torch.tensor([[0.0, 0.0]])
     centres = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
@@ -77,6 +93,10 @@ def test_total_loss_eq3():
     # before the budget starts and before the first centres exist, only the task loss remains
     early = total_loss(task, cost_ratio=ratio, progress=0.1, budget=budget, clustering=clustering)
     assert float(early.total) == 2.0 and early.clustering_per_image is None
+    # a ceiling the routes meet: the budget term is 0 (the paper's square would push them up to mu)
+    ceiling = total_loss(task, cost_ratio=ratio, progress=1.0, clustering=clustering,
+                         budget=BudgetConfig(weight=0.5, mu=0.4, per_image=True, one_sided=True))
+    assert float(ceiling.budget) == 0.0
 
 
 def test_two_centres_without_margin_leave_the_loss_identically_zero_and_are_refused():
