@@ -195,12 +195,21 @@ class BudgetConfig:
     # towards one cost, the opposite of routes that cost what their subset needs. With a mu the
     # routes meet, the squeeze ends once they are under it (docs/2026-11-26-premise-study.md).
     one_sided: bool = False
+    # Not in the paper: the budget stops at this fraction of training (1.0 = never, the paper). The
+    # budget shapes the routes; once eq. 2 holds them, its squeeze on the paths one subset keeps can
+    # close them for every image of that subset at once, for good (a closed max(0, tanh) gate gets no
+    # gradient back), while the paths the other subset closed stay closed without it
+    # (docs/2026-11-26-premise-study.md).
+    end_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         _require(self.weight >= 0, f"budget.weight (lambda1) must be >= 0, got {self.weight}")
         _require(0 <= self.mu <= 1, f"budget.mu must be in [0, 1], got {self.mu}")
         _require(0 <= self.start_fraction <= 1, f"budget.start_fraction must be in [0, 1], got {self.start_fraction}")
         _require(self.warmup_fraction >= 0, f"budget.warmup_fraction must be >= 0, got {self.warmup_fraction}")
+        _require(self.end_fraction == 1 or self.start_fraction < self.end_fraction < 1,
+                 f"budget.end_fraction must be in (budget.start_fraction, 1], got {self.end_fraction} "
+                 f"(start_fraction {self.start_fraction})")
 
 
 @dataclass(frozen=True)

@@ -40,8 +40,14 @@ def ramp(progress: Progress, start: float, warmup: float) -> Progress:
 
 def budget_schedule(progress: Progress, config: BudgetConfig) -> Progress:
     """Multiplier of the budget loss at ``progress`` = step / total steps (official dynamic4seg.py):
-    0 before ``start_fraction``, then linear from 0 to 1 over ``warmup_fraction``, then 1."""
-    return ramp(progress, config.start_fraction, config.warmup_fraction)
+    0 before ``start_fraction``, then linear from 0 to 1 over ``warmup_fraction``, then 1, and 0
+    again from ``end_fraction`` on (1.0, the default, the official code: never)."""
+    on = ramp(progress, config.start_fraction, config.warmup_fraction)
+    if config.end_fraction >= 1.0:
+        return on
+    if isinstance(progress, torch.Tensor):
+        return on * (progress < config.end_fraction).to(progress.dtype)
+    return on if progress < config.end_fraction else 0.0
 
 
 def clustering_schedule(progress: Progress, config: ClusteringConfig) -> Progress:

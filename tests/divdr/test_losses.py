@@ -17,6 +17,18 @@ def test_budget_schedule_official():
     assert budget_schedule(0.5, BudgetConfig(start_fraction=0.5, warmup_fraction=0.0)) == 1.0
 
 
+def test_budget_that_ends_is_off_from_its_end_fraction_also_on_the_device():
+    cfg = BudgetConfig(start_fraction=0.2, warmup_fraction=0.1, end_fraction=0.6)
+    for progress, expected in ((0.1, 0.0), (0.25, 0.5), (0.59, 1.0), (0.6, 0.0), (0.9, 0.0)):
+        assert budget_schedule(progress, cfg) == pytest.approx(expected)
+        # a captured step reads progress from a 0-d tensor: the same schedule
+        assert float(budget_schedule(torch.tensor(progress), cfg)) == pytest.approx(expected)
+    with pytest.raises(ConfigError, match=r"budget\.end_fraction"):
+        BudgetConfig(start_fraction=0.4, end_fraction=0.4)
+    with pytest.raises(ConfigError, match=r"budget\.end_fraction"):
+        BudgetConfig(end_fraction=1.5)
+
+
 def test_budget_loss_by_hand():
     # batch mean of the ratios (0.2 + 0.4) / 2 = 0.3; (0.3 - 0.1)^2 = 0.04
     assert float(budget_loss(torch.tensor([0.2, 0.4]), mu=0.1)) == pytest.approx(0.04)
