@@ -192,14 +192,14 @@ class BudgetConfig:
     per_image: bool = False
     # Not in the paper: a ceiling instead of a target, ``max(0, C/C_max - mu)^2``. The paper's square
     # also pushes a route cheaper than mu to spend more; with ``per_image`` that pulls every image
-    # towards one cost, the opposite of routes that cost what their subset needs. With a mu the
-    # routes meet, the squeeze ends once they are under it (docs/2026-11-26-premise-study.md).
+    # towards one cost, the opposite of routes that cost what their subset needs. Once a route is
+    # under mu the budget leaves it alone.
     one_sided: bool = False
-    # Not in the paper: the budget stops at this fraction of training (1.0 = never, the paper). The
-    # budget shapes the routes; once eq. 2 holds them, its squeeze on the paths one subset keeps can
-    # close them for every image of that subset at once, for good (a closed max(0, tanh) gate gets no
-    # gradient back), while the paths the other subset closed stay closed without it
-    # (docs/2026-11-26-premise-study.md).
+    # Not in the paper: the budget stops at this fraction of training (1.0 = never, the paper): it
+    # shapes the routes, and once eq. 2 holds them its squeeze on the paths one subset keeps can be
+    # lifted (paths closed for the other subset stay closed: a closed max(0, tanh) gate gets no
+    # gradient). Neither option kept the premise study's regimes in every seed
+    # (docs/2026-11-26-premise-study.md, "What keeps the regimes late").
     end_fraction: float = 1.0
 
     def __post_init__(self) -> None:
