@@ -14,6 +14,7 @@ GateKind = str  # a registered gate family: "soft" (DR) or "gumbel" (DRNets); se
 ClusterDistance = Literal["l2", "squared_l2"]
 KMeansStart = Literal["warm", "fresh"]
 OnUnstable = Literal["pause", "hold"]
+Membership = Literal["nearest", "kmeans"]
 Correctness = Literal["pixels", "image"]
 
 NUM_SCALES = 4  # 1/4, 1/8, 1/16, 1/32 (DR paper, Fig. 2)
@@ -256,6 +257,13 @@ class ClusteringConfig:
     # where the regimes' routes drifted together (changes of 0.05-0.08 over 2-3 updates), and the drift
     # went on without eq. 2 against it until the regimes merged (seed 1: Inter 1.2 -> 0.13).
     on_unstable: OnUnstable = "pause"
+    # Which centre is an image's own in eq. 2: "nearest" to its A(x) now (the paper's mu(x)), or "kmeans":
+    # the cluster the last K-means update put it in (with ``on_unstable: hold``, the last update that
+    # persisted), as magnet loss [35] assigns its points; an image K-means has not seen uses the nearest.
+    # Not in the paper. With "nearest", an image whose routes cross the midpoint between two centres is
+    # pulled on into the other cluster, so eq. 2 completes a switch of routes it should resist; with
+    # "kmeans" it is pulled back to its cluster until K-means moves it (premise study, twelfth session).
+    membership: Membership = "nearest"
 
     def __post_init__(self) -> None:
         _require(self.weight >= 0, f"clustering.weight (lambda2) must be >= 0, got {self.weight}")
@@ -284,6 +292,8 @@ class ClusteringConfig:
         _require(self.warmup_fraction >= 0, f"clustering.warmup_fraction must be >= 0, got {self.warmup_fraction}")
         _require(self.on_unstable in ("pause", "hold"),
                  f"clustering.on_unstable must be 'pause' or 'hold', got {self.on_unstable!r}")
+        _require(self.membership in ("nearest", "kmeans"),
+                 f"clustering.membership must be 'nearest' or 'kmeans', got {self.membership!r}")
         _require(self.kmeans_start in ("warm", "fresh"),
                  f"clustering.kmeans_start must be 'warm' or 'fresh', got {self.kmeans_start!r}")
 

@@ -80,14 +80,16 @@ def pairwise_distance(a: torch.Tensor, centres: torch.Tensor, distance: ClusterD
 
 
 def clustering_loss(a: torch.Tensor, centres: torch.Tensor, sigma2: float | torch.Tensor, alpha: float,
-                    distance: ClusterDistance = "l2") -> torch.Tensor:
+                    distance: ClusterDistance = "l2", members: torch.Tensor | None = None) -> torch.Tensor:
     """DivDR eq. 2 per image, [B]:
 
     ``max(0, alpha + d(x, mu(x)) / (2 sigma^2) + log sum_{k != c(x)} exp(-d(x, mu_k) / (2 sigma^2)))``
 
-    with mu(x) the nearest centre. ``sigma2`` and ``centres`` come from the last K-means (the
-    centroid store), not from the batch. With a single centre there is no other cluster to push
-    away from and the loss is 0. ``sigma2`` may be a 0-d tensor (a captured step's buffer), whose
+    with mu(x) the nearest centre (the paper's), or, where ``members`` [B] gives one (>= 0), the
+    cluster K-means put the image in at its last update (magnet loss's membership,
+    ``clustering.membership: kmeans``; -1 falls back to the nearest). ``sigma2`` and ``centres`` come
+    from the last K-means (the centroid store), not from the batch. With a single centre there is no
+    other cluster to push away from and the loss is 0. ``sigma2`` may be a 0-d tensor (a captured step's buffer), whose
     positivity its writer checks.
     """
     if not isinstance(sigma2, torch.Tensor) and sigma2 <= 0:
@@ -98,6 +100,9 @@ def clustering_loss(a: torch.Tensor, centres: torch.Tensor, sigma2: float | torc
         return a.sum(dim=1) * 0.0
     scaled = pairwise_distance(a, centres, distance) / (2.0 * sigma2)
     own = scaled.argmin(dim=1)
+    if members is not None:
+        members = members.to(device=own.device, dtype=own.dtype)
+        own = torch.where(members >= 0, members, own)
     own_term = scaled.gather(1, own.unsqueeze(1)).squeeze(1)
     others = scaled.scatter(1, own.unsqueeze(1), float("inf"))
     return torch.relu(alpha + own_term + torch.logsumexp(-others, dim=1))
@@ -153,12 +158,13 @@ def total_loss(task: torch.Tensor, *, cost_ratio: torch.Tensor, progress: Progre
                clustering: ClusteringConfig, activations: torch.Tensor | None = None,
                centres: torch.Tensor | None = None, sigma2: float | torch.Tensor | None = None,
                clustering_on: float | torch.Tensor = 1.0, resource: ResourceConfig | None = None,
-               correct: torch.Tensor | None = None) -> LossTerms:
+               correct: torch.Tensor | None = None, members: torch.Tensor | None = None) -> LossTerms:
     """Eq. 3. The clustering term is 0 until centres exist (before the first K-means). The
     resource term (eq. 8, batch mean) needs ``correct`` (from ``correctness``) when its weight is > 0.
     ``progress`` and ``sigma2`` may be 0-d tensors on the device (``ramp``), with the same result;
     ``clustering_on`` multiplies the clustering term: a captured step computes eq. 2 at every step and
-    turns it off with a 0 where there are no centres for it yet (or the store paused it)."""
+    turns it off with a 0 where there are no centres for it yet (or the store paused it). ``members``
+    (``clustering.membership: kmeans``): each image's cluster at the last K-means, -1 where it has none."""
     zero = task.new_zeros(())
     budget_term = zero
     if budget.weight:
@@ -169,7 +175,8 @@ def total_loss(task: torch.Tensor, *, cost_ratio: torch.Tensor, progress: Progre
     if clustering.weight and centres is not None and activations is not None and sigma2 is not None:
         floored = (sigma2.clamp_min(clustering.sigma2_min) if isinstance(sigma2, torch.Tensor)
                    else max(sigma2, clustering.sigma2_min))
-        per_image = clustering_loss(activations, centres, floored, clustering.alpha, clustering.distance)
+        per_image = clustering_loss(activations, centres, floored, clustering.alpha, clustering.distance,
+                                    members)
         clustering_term = per_image.mean() * clustering_schedule(progress, clustering)
         if isinstance(clustering_on, torch.Tensor) or clustering_on != 1.0:
             clustering_term = clustering_term * clustering_on

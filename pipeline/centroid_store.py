@@ -76,6 +76,8 @@ class CentroidStoreImpl:
         self.on_unstable = clustering_config.on_unstable
         # the last version eq. 2 could use: what ``on_unstable: hold`` publishes in an unstable one's place
         self.held: tuple[np.ndarray, float] | None = None
+        self.held_assignments: np.ndarray | None = None  # its partition (clustering.membership: kmeans)
+        self.membership = clustering_config.membership
         # Whether eq. 2 may use the current version (always without the stability condition).
         self.eq2_on = True
         self.config = store_config
@@ -188,6 +190,7 @@ class CentroidStoreImpl:
         self.eq2_on = update.get("eq2_on", True)
         if self.eq2_on:
             self.held = (self.centres, self.sigma2)
+            self.held_assignments = self.assignments
         self.version += 1
         self.history.append(update["stats"])
         if snapshot and self.snapshot_due():
@@ -200,12 +203,19 @@ class CentroidStoreImpl:
         """What the workers adopt. A version eq. 2 must not use (``clustering.stable_max_change``) has its
         sigma^2 published as 0, which the workers' ``CentreState.usable`` reads as "no centres for eq. 2",
         or, with ``on_unstable: hold``, the last usable version's centres and sigma^2 in its place; the
-        stats keep the real ones."""
-        centres, sigma2 = self.centres, self.sigma2
+        stats keep the real ones. With ``clustering.membership: kmeans`` the payload carries the partition
+        (cluster per sample id, -1 where unseen) that goes with those centres."""
+        centres, sigma2, assignments = self.centres, self.sigma2, self.assignments
         if not self.eq2_on:
-            centres, sigma2 = self.held if self.on_unstable == "hold" and self.held is not None else (centres, 0.0)
-        return {"version": self.version, "centres": centres, "sigma2": sigma2,
-                "stats": self.history[-1] if self.history else {}}
+            if self.on_unstable == "hold" and self.held is not None:
+                (centres, sigma2), assignments = self.held, self.held_assignments
+            else:
+                sigma2 = 0.0
+        payload = {"version": self.version, "centres": centres, "sigma2": sigma2,
+                   "stats": self.history[-1] if self.history else {}}
+        if self.membership == "kmeans":
+            payload["assignments"] = assignments
+        return payload
 
     def status(self) -> dict[str, Any]:
         return {
@@ -235,7 +245,9 @@ class CentroidStoreImpl:
                 "state": {"version": self.version, "sigma2": self.sigma2, "history": list(self.history),
                           "eq2_on": self.eq2_on, "held_sigma2": self.held[1] if self.held is not None else None,
                           "num_samples": len(self.seen), "dim": self.dim, "config": asdict(self.config),
-                          "assignments": self.assignments.tolist() if self.assignments is not None else None}}
+                          "assignments": self.assignments.tolist() if self.assignments is not None else None,
+                          "held_assignments": (self.held_assignments.tolist()
+                                               if self.held_assignments is not None else None)}}
 
     def write_snapshot(self, data: dict[str, Any]) -> None:
         """Write a ``snapshot_state`` atomically: files go to a temporary folder renamed over the old one."""
@@ -293,6 +305,8 @@ class CentroidStoreImpl:
             self.centres = np.load(folder / CENTRES_FILE)
         if (folder / HELD_CENTRES_FILE).exists() and state.get("held_sigma2") is not None:
             self.held = (np.load(folder / HELD_CENTRES_FILE), state["held_sigma2"])
+        if state.get("held_assignments") is not None:  # older snapshots: no held partition
+            self.held_assignments = np.asarray(state["held_assignments"], dtype=np.int64)
         return True
 
 

@@ -219,6 +219,9 @@ class ExperimentConfig:
         _require(not self.train.cuda_graph or self.task == "segmentation",
                  f"train.cuda_graph needs batches of one shape (task segmentation); task {self.task!r} has images "
                  "and targets of varying sizes")
+        _require(not (self.train.cuda_graph and self.clustering.membership == "kmeans"),
+                 "train.cuda_graph cannot run with clustering.membership: kmeans (each step looks its images' "
+                 "clusters up by sample id on the host); use membership: nearest or train.cuda_graph: false")
 
     @property
     def run_name(self) -> str:

@@ -184,15 +184,30 @@ class CentreState:
     centres: torch.Tensor | None = None
     sigma2: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    # the partition that goes with the centres, cluster per sample id (-1: unseen); only with
+    # clustering.membership: kmeans (the store sends none otherwise)
+    assignments: torch.Tensor | None = None
 
     def usable(self) -> bool:
         return self.centres is not None and self.sigma2 is not None and self.sigma2 > 0
+
+    def members(self, sample_ids: Any) -> torch.Tensor | None:
+        """The batch's clusters at the last K-means (clustering.membership: kmeans), -1 where unseen."""
+        if self.assignments is None:
+            return None
+        ids = torch.as_tensor(np.asarray(sample_ids, dtype=np.int64))
+        if ids.numel() and (ids.min() < 0 or ids.max() >= len(self.assignments)):
+            raise ValueError(f"sample ids outside the centroid store's [0, {len(self.assignments)}): "
+                             f"{ids.min().item()}..{ids.max().item()}")
+        return self.assignments[ids]
 
     def adopt(self, payload: dict[str, Any], step: int) -> None:
         """Switch to a centre version published by the store (``centres_payload``)."""
         self.version = payload["version"]
         self.centres = torch.tensor(np.array(payload["centres"], dtype=np.float32))
         self.sigma2 = float(payload["sigma2"])
+        if payload.get("assignments") is not None:
+            self.assignments = torch.as_tensor(np.asarray(payload["assignments"], dtype=np.int64))
         self.history.append({**payload["stats"], "switch_step": step})
 
 
@@ -327,9 +342,11 @@ class Trainer:
         self.model.train()
         tau = anneal_temperature(self.net, self.progress, cfg.model.gate.temperature)  # no-op: soft gates
         centres = self.centres
+        usable = centres.usable()
+        members = centres.members(batch["sample_id"]) if usable and cfg.clustering.membership == "kmeans" else None
         out, terms, ratio, acts, finite = self.compute(
-            batch, self.progress, self._centres_on(next(self.net.parameters()).device) if centres.usable() else None,
-            centres.sigma2)
+            batch, self.progress, self._centres_on(next(self.net.parameters()).device) if usable else None,
+            centres.sigma2, members=members)
         self.step += 1
         if self.skips_on_device:
             self.apply_unless(finite, terms.total)
@@ -345,10 +362,12 @@ class Trainer:
 
     def compute(self, batch: dict[str, Any], progress: float | torch.Tensor, centres: torch.Tensor | None,
                 sigma2: float | torch.Tensor | None, clustering_on: float | torch.Tensor = 1.0,
-                autocast_cache: bool = True) -> tuple[TaskStep, LossTerms, torch.Tensor, torch.Tensor, torch.Tensor]:
+                autocast_cache: bool = True, members: torch.Tensor | None = None,
+                ) -> tuple[TaskStep, LossTerms, torch.Tensor, torch.Tensor, torch.Tensor]:
         """What a step computes before its update, from the values given (a captured step gives the
         schedule's progress, the centres, sigma^2 and whether eq. 2 is on as device buffers): the forward,
-        the losses (gradients cleared for them) and whether they and A(x) are finite on every process."""
+        the losses (gradients cleared for them) and whether they and A(x) are finite on every process.
+        ``members``: the batch's clusters at the last K-means (clustering.membership: kmeans)."""
         cfg = self.cfg
         with self.precision.autocast(autocast_cache):
             out = self.task.forward(self.model, batch)
@@ -358,7 +377,8 @@ class Trainer:
             task_loss, acts = hook.perturb(self, task_loss, acts)
         terms = total_loss(task_loss, cost_ratio=ratio, progress=progress, budget=cfg.budget,
                            clustering=cfg.clustering, activations=acts, centres=centres, sigma2=sigma2,
-                           clustering_on=clustering_on, resource=cfg.resource, correct=out.correct)
+                           clustering_on=clustering_on, resource=cfg.resource, correct=out.correct,
+                           members=members)
         self.optimizer.zero_grad(set_to_none=True)
         finite = self.world.finite_flag(torch.cat([terms.total.detach().view(1), acts.detach().flatten()]))
         return out, terms, ratio, acts, finite
@@ -429,7 +449,8 @@ class Trainer:
         return {"model": self.net.state_dict(), "optimizer": float_learning_rates(self.optimizer.state_dict()),
                 "scheduler": plain_floats(self.scheduler.state_dict()), "step": self.step,
                 "centre_version": self.centres.version, "centres": self.centres.centres,
-                "sigma2": self.centres.sigma2, "centre_history": self.centres.history}
+                "sigma2": self.centres.sigma2, "centre_history": self.centres.history,
+                "centre_assignments": self.centres.assignments}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["model"])
@@ -441,6 +462,7 @@ class Trainer:
         self.centres.centres = state["centres"]
         self.centres.sigma2 = state["sigma2"]
         self.centres.history = state["centre_history"]
+        self.centres.assignments = state.get("centre_assignments")  # older checkpoints: none
         self.step = self.start_step = int(state["step"])
 
 

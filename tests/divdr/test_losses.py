@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -82,6 +83,34 @@ def test_clustering_loss_per_image_and_gradient_only_into_activations():
     assert a.grad is not None and a.grad.abs().sum() > 0
     # descending the gradient moves the first image towards its own centre
     assert a.grad[0, 0] > 0
+
+
+def test_clustering_loss_with_kmeans_membership_pulls_a_crossed_image_back():
+    """clustering.membership: kmeans: the own centre is the image's K-means cluster, not the nearest; an
+    image that crossed the midpoint is pulled back towards it instead of on into the other cluster."""
+    centres = torch.tensor([[0.0, 0.0], [4.0, 0.0]])
+    a = torch.tensor([[3.0, 0.0], [3.0, 0.0], [1.0, 0.0]], requires_grad=True)
+    members = torch.tensor([0, -1, -1])  # the first was in cluster 0 at the last K-means; the others unseen
+    per_image = clustering_loss(a, centres, 0.5, alpha=1.0, members=members)
+    # 2 sigma^2 = 1. Own = centre 0 at distance 3, the other at 1: max(0, 1 + 3 - 1) = 3
+    assert float(per_image[0]) == pytest.approx(3.0, abs=1e-5)
+    # unseen (-1): the nearest, as the paper's mu(x): max(0, 1 + 1 - 3) = 0
+    assert float(per_image[1]) == 0.0
+    assert torch.equal(per_image[1:], clustering_loss(a[1:], centres, 0.5, alpha=1.0))
+    per_image.sum().backward()
+    assert a.grad[0, 0] > 0  # descending moves it back towards centre 0 (smaller x)
+    assert a.grad[1].abs().sum() == 0
+
+
+def test_total_loss_passes_the_membership_on():
+    clustering = ClusteringConfig(weight=1.0, k=2, alpha=1.0, membership="kmeans")
+    a = torch.tensor([[3.0, 0.0]])
+    centres = torch.tensor([[0.0, 0.0], [4.0, 0.0]])
+    terms = total_loss(torch.tensor(0.0), cost_ratio=torch.tensor([0.3]), progress=1.0, budget=BudgetConfig(weight=0.0),
+                       clustering=clustering, activations=a, centres=centres, sigma2=0.5, members=torch.tensor([0]))
+    assert float(terms.clustering) == pytest.approx(3.0, abs=1e-5)
+    with pytest.raises(ConfigError, match=re.escape("clustering.membership must be 'nearest' or 'kmeans', got 'own'")):
+        ClusteringConfig(membership="own")
 
 
 def test_clustering_loss_single_centre_and_bad_sigma():

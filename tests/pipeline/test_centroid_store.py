@@ -213,6 +213,29 @@ def test_hold_keeps_eq2_on_the_last_partition_that_persisted(tmp_path):
     assert again["sigma2"] == kept_sigma2
 
 
+def test_kmeans_membership_sends_the_partition_that_goes_with_the_centres(tmp_path):
+    """clustering.membership: kmeans: the payload carries each sample's cluster; with on_unstable: hold, the
+    partition of the version that persisted, with its centres (kept across a restart)."""
+    config = ClusteringConfig(weight=0.5, k=2, alpha=1.0, update_every=5, kmeans_start="fresh",
+                              stable_max_change=0.05, on_unstable="hold", membership="kmeans")
+    store = CentroidStoreImpl(40, DIM, 1, 40, config, StoreConfig(), str(tmp_path / "store"))
+    points, halves = two_partitions()
+    flipped = points * np.array([0.2, 5.0] + [1.0] * (DIM - 2), np.float32)
+    update(store, points, 5)
+    stable = update(store, points, 10)
+    assert clustering.recovery_accuracy(stable["assignments"], halves) == 1.0
+    np.testing.assert_array_equal(stable["assignments"], clustering.assign(points, stable["centres"]))
+    held = update(store, flipped, 15)
+    assert held["stats"]["eq2_on"] == 0
+    assert clustering.recovery_accuracy(store.assignments, halves) < 1.0  # K-means itself moved on ...
+    np.testing.assert_array_equal(held["assignments"], stable["assignments"])  # ... eq. 2 keeps the halves
+    restored = CentroidStoreImpl(40, DIM, 1, 40, config, StoreConfig(), str(tmp_path / "store"))
+    np.testing.assert_array_equal(restored.centres_payload()["assignments"], stable["assignments"])
+    nearest = CentroidStoreImpl(40, DIM, 1, 40, ClusteringConfig(weight=0.5, k=2, alpha=1.0, update_every=5),
+                                StoreConfig(), None)
+    assert "assignments" not in update(nearest, points, 5)  # the paper's membership needs no partition
+
+
 def test_on_unstable_is_validated_by_name():
     with pytest.raises(ConfigError, match=re.escape("clustering.on_unstable must be 'pause' or 'hold', got 'keep'")):
         ClusteringConfig(on_unstable="keep")

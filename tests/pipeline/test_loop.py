@@ -188,3 +188,37 @@ def test_pending_activations_go_to_the_host_together():
     step, ids, acts = sent[4]
     assert step == 4 and ids.tolist() == [6, 7, 8, 9] and acts[:, 0].tolist() == [3, 3, 4, 4]
     assert acts.dtype == "float32" and sum(len(s[1]) for s in sent.values()) == 24
+
+
+def test_kmeans_membership_steps_use_the_stores_partition():
+    """clustering.membership: kmeans: eq. 2 in a training step takes each image's own centre from the
+    partition that came with the centres (by sample id), not the nearest; a checkpoint keeps it."""
+    import torch
+
+    from divdr.losses import clustering_loss
+    from pipeline.loop import Trainer
+    from pipeline.tasks import SegmentationTask
+
+    cfg = resolve("DivDR-A", None, ["model_size=micro", "train.crop=[64,64]", "clustering.k=2",
+                                    "clustering.alpha=1.0", "clustering.membership=kmeans"])
+    torch.manual_seed(0)
+    task = SegmentationTask(cfg, Path("."))
+    trainer = Trainer(cfg, task, task.build_model())
+    batch = _batches(cfg, 1)[0]
+    with torch.no_grad():
+        acts = task.forward(trainer.model, batch).backbone.activations
+    centres = torch.stack([acts[0], acts[1]]).numpy()  # each image sits on its own centre: nearest = itself
+    trainer.centres.adopt({"version": 1, "centres": centres, "sigma2": 0.5, "stats": {},
+                           "assignments": [1, 0, -1]}, step=0)  # K-means put them the other way round
+    torch.manual_seed(1)
+    result = trainer.run_step(batch)
+    expected = clustering_loss(result.activations.detach(), torch.as_tensor(centres), 0.5, 1.0,
+                               members=torch.tensor([1, 0]))
+    nearest = clustering_loss(result.activations.detach(), torch.as_tensor(centres), 0.5, 1.0)
+    assert torch.allclose(result.terms.clustering_per_image.detach(), expected)
+    assert not torch.allclose(expected, nearest)
+    assert trainer.state()["centre_assignments"].tolist() == [1, 0, -1]
+    with pytest.raises(ValueError, match="outside the centroid store"):
+        trainer.centres.members([5])
+    with pytest.raises(Exception, match="clustering.membership: kmeans"):
+        resolve("DivDR-A", None, ["clustering.membership=kmeans", "train.cuda_graph=true", "scaling.use_gpu=true"])
