@@ -220,5 +220,5 @@ def test_kmeans_membership_steps_use_the_stores_partition():
     assert trainer.state()["centre_assignments"].tolist() == [1, 0, -1]
     with pytest.raises(ValueError, match="outside the centroid store"):
         trainer.centres.members([5])
-    with pytest.raises(Exception, match="clustering.membership: kmeans"):
+    with pytest.raises(Exception, match=re.escape("clustering.membership: kmeans")):
         resolve("DivDR-A", None, ["clustering.membership=kmeans", "train.cuda_graph=true", "scaling.use_gpu=true"])
