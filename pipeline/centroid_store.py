@@ -158,6 +158,7 @@ class CentroidStoreImpl:
         both = previous >= 0 if previous is not None else None
         matched = (clustering.matched_change(previous[both], result.assignments[both])
                    if both is not None and both.any() else None)
+        crossed = self.crossed(ids, points)
         eq2_on = not self.stable_max_change or (matched is not None and matched <= self.stable_max_change)
         stats = {
             "version": self.version + 1,
@@ -174,12 +175,37 @@ class CentroidStoreImpl:
             "changed": (float(clustering.assignment_change(previous[both], result.assignments[both]))
                         if matched is not None else None),
             "matched_change": matched,  # the same, up to a relabelling of the clusters
+            # of the points eq. 2 gave a cluster since the last update, those now nearer another of its centres
+            "crossed": crossed,
             "eq2_on": int(eq2_on),  # 0: eq. 2 pauses with this version (clustering.stable_max_change)
             "kmeans_seconds": kmeans_seconds,
             "seconds": time.perf_counter() - start,
         }
         return {"centres": np.array(result.centres), "sigma2": float(result.sigma2), "assignments": assignments,
                 "eq2_on": eq2_on, "stats": stats}
+
+    def in_use(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The centres and partition eq. 2 has used since the last update: the last version's, or with
+        ``on_unstable: hold`` after an unstable version, the held ones."""
+        if not self.eq2_on and self.on_unstable == "hold" and self.held is not None:
+            # a snapshot from before held partitions were kept has none: the last version's
+            return self.held[0], self.held_assignments if self.held_assignments is not None else self.assignments
+        return self.centres, self.assignments
+
+    def crossed(self, ids: np.ndarray, points: np.ndarray) -> float | None:
+        """Fraction of the clustered points whose nearest centre (of those in use) is not their cluster in
+        the partition in use: images whose routes crossed a midpoint since the last update. With the
+        paper's nearest-centre membership eq. 2 pulls them on into the other cluster; with
+        ``membership: kmeans``, back."""
+        centres, partition = self.in_use()
+        if centres is None or partition is None:
+            return None
+        members = partition[ids]
+        known = members >= 0
+        if not known.any():
+            return None
+        nearest = clustering.assign(points[known], np.asarray(centres, dtype=np.float32))
+        return float(np.mean(nearest != members[known]))
 
     def publish(self, update: dict[str, Any], snapshot: bool = True) -> None:
         """Adopt an update; with ``snapshot`` write the snapshot now if one is due (the actor
@@ -205,12 +231,10 @@ class CentroidStoreImpl:
         or, with ``on_unstable: hold``, the last usable version's centres and sigma^2 in its place; the
         stats keep the real ones. With ``clustering.membership: kmeans`` the payload carries the partition
         (cluster per sample id, -1 where unseen) that goes with those centres."""
-        centres, sigma2, assignments = self.centres, self.sigma2, self.assignments
+        centres, assignments = self.in_use()
+        sigma2 = self.sigma2
         if not self.eq2_on:
-            if self.on_unstable == "hold" and self.held is not None:
-                (centres, sigma2), assignments = self.held, self.held_assignments
-            else:
-                sigma2 = 0.0
+            sigma2 = self.held[1] if self.on_unstable == "hold" and self.held is not None else 0.0
         payload = {"version": self.version, "centres": centres, "sigma2": sigma2,
                    "stats": self.history[-1] if self.history else {}}
         if self.membership == "kmeans":

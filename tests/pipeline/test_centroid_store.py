@@ -236,6 +236,19 @@ def test_kmeans_membership_sends_the_partition_that_goes_with_the_centres(tmp_pa
     assert "assignments" not in update(nearest, points, 5)  # the paper's membership needs no partition
 
 
+def test_each_update_counts_the_points_that_crossed_to_another_centre():
+    """stats["crossed"]: of the points eq. 2 gave a cluster since the last update, the fraction now nearest
+    another of the centres in use (routes that crossed a midpoint); None before there is a partition."""
+    store = CentroidStoreImpl(40, DIM, 1, 40, ClusteringConfig(weight=0.5, k=2, alpha=1.0, update_every=5),
+                              StoreConfig(), None)
+    points, _ = two_partitions()
+    assert update(store, points, 5)["stats"]["crossed"] is None
+    assert update(store, points, 10)["stats"]["crossed"] == 0.0
+    moved = points.copy()
+    moved[:4, 0] = 1.0 - moved[:4, 0]  # 4 of the 40 now sit on the other half's centre
+    assert update(store, moved, 15)["stats"]["crossed"] == pytest.approx(0.1)
+
+
 def test_on_unstable_is_validated_by_name():
     with pytest.raises(ConfigError, match=re.escape("clustering.on_unstable must be 'pause' or 'hold', got 'keep'")):
         ClusteringConfig(on_unstable="keep")
