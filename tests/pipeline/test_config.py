@@ -218,5 +218,6 @@ def test_the_premise_divdr_file_is_the_premise_file_with_the_studys_options():
     divdr = resolve(None, REPO / "configs" / "premise-divdr.yaml", [])
     by_hand = resolve(None, REPO / "configs" / "premise.yaml", [
         "clustering.sigma2_min=0.25", "model.gate.input_norm=true", "clustering.kmeans_start=warm",
-        "clustering.stable_max_change=0.05", "budget.mu=0.25"])
+        "clustering.stable_max_change=0.05", "budget.mu=0.25", "clustering.membership=kmeans",
+        "clustering.on_unstable=hold"])
     assert divdr == by_hand  # the commands of the study's entry reproduce what the file trains
