@@ -184,20 +184,26 @@ class CentroidStoreImpl:
         return {"centres": np.array(result.centres), "sigma2": float(result.sigma2), "assignments": assignments,
                 "eq2_on": eq2_on, "stats": stats}
 
-    def in_use(self) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """The centres and partition eq. 2 has used since the last update: the last version's, or with
-        ``on_unstable: hold`` after an unstable version, the held ones."""
-        if not self.eq2_on and self.on_unstable == "hold" and self.held is not None:
+    @property
+    def holding(self) -> bool:
+        """Whether eq. 2 uses the held version in place of the current, unstable one (``on_unstable: hold``)."""
+        return not self.eq2_on and self.on_unstable == "hold" and self.held is not None
+
+    def in_use(self) -> tuple[np.ndarray | None, float, np.ndarray | None]:
+        """The centres, sigma^2 and partition that go to eq. 2 for the next interval: the held ones while
+        ``holding``, else the last version's (while eq. 2 pauses, what it would use)."""
+        if self.holding:
             # a snapshot from before held partitions were kept has none: the last version's
-            return self.held[0], self.held_assignments if self.held_assignments is not None else self.assignments
-        return self.centres, self.assignments
+            partition = self.held_assignments if self.held_assignments is not None else self.assignments
+            return self.held[0], self.held[1], partition
+        return self.centres, self.sigma2, self.assignments
 
     def crossed(self, ids: np.ndarray, points: np.ndarray) -> float | None:
         """Fraction of the clustered points whose nearest centre (of those in use) is not their cluster in
         the partition in use: images whose routes crossed a midpoint since the last update. With the
         paper's nearest-centre membership eq. 2 pulls them on into the other cluster; with
         ``membership: kmeans``, back."""
-        centres, partition = self.in_use()
+        centres, _, partition = self.in_use()
         if centres is None or partition is None:
             return None
         members = partition[ids]
@@ -231,10 +237,9 @@ class CentroidStoreImpl:
         or, with ``on_unstable: hold``, the last usable version's centres and sigma^2 in its place; the
         stats keep the real ones. With ``clustering.membership: kmeans`` the payload carries the partition
         (cluster per sample id, -1 where unseen) that goes with those centres."""
-        centres, assignments = self.in_use()
-        sigma2 = self.sigma2
-        if not self.eq2_on:
-            sigma2 = self.held[1] if self.on_unstable == "hold" and self.held is not None else 0.0
+        centres, sigma2, assignments = self.in_use()
+        if not self.eq2_on and not self.holding:
+            sigma2 = 0.0
         payload = {"version": self.version, "centres": centres, "sigma2": sigma2,
                    "stats": self.history[-1] if self.history else {}}
         if self.membership == "kmeans":
