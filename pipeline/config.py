@@ -71,8 +71,8 @@ class TrainConfig:
     cuda_graph: bool = False
     # A model file (<run>/artifacts/model.pt) whose weights start the network, e.g. fine-tuning a network
     # trained on every image on one subset (pipeline/oracle.py --set train.init_from=...). "" = random initialisation.
-    # A run resumed from its own checkpoint takes the checkpoint's weights. On a cluster the path must be
-    # readable from every worker (shared storage).
+    # A run resumed from its own checkpoint takes the checkpoint's weights. A relative path is taken from the
+    # directory the command runs in; on a cluster the file must be readable from every worker (shared storage).
     init_from: str = ""
 
     def __post_init__(self) -> None:
@@ -306,6 +306,16 @@ def absolute_root(root: str | Path) -> str:
     """A data root as every process should read it: a URI (s3://, gs://, file://) as given, a path
     made absolute."""
     return str(root) if is_uri(root) else str(Path(root).resolve())
+
+
+def with_absolute_paths(cfg: ExperimentConfig, cwd: Path | None = None) -> ExperimentConfig:
+    """``cfg`` with ``train.init_from`` made absolute against ``cwd`` (default: this process's): Ray's
+    workers and Tune's trials run in other working directories, where a relative path names nothing."""
+    path = cfg.train.init_from
+    if not path or is_uri(path) or Path(path).is_absolute():
+        return cfg
+    absolute = str(((cwd or Path.cwd()) / path).resolve())
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=absolute))
 
 
 def with_data_root(cfg: ExperimentConfig, root: str | Path) -> ExperimentConfig:

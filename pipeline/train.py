@@ -30,7 +30,7 @@ from divdr.data.errors import DatasetError
 from pipeline import tracking
 from pipeline.cli_args import add_common, data_overrides, parser_for, persistent_out, preset_help
 from pipeline.columns import format_table
-from pipeline.config import ExperimentConfig, redact_uri, resolve, with_data_root, with_smoke
+from pipeline.config import ExperimentConfig, redact_uri, resolve, with_absolute_paths, with_data_root, with_smoke
 from pipeline.faults import faults_from_env
 from pipeline.model_file import ModelFileError
 from pipeline.run_folder import (
@@ -146,7 +146,7 @@ def run(cfg: ExperimentConfig, out: Path, parent_run_id: str | None = None, exis
     if cfg.train.cuda_graph and not local and cfg.scaling.workers > 1:
         raise ConfigError(f"train.cuda_graph trains in one process; scaling.workers is {cfg.scaling.workers} "
                           "(DDP's all-reduce is not captured): set scaling.workers: 1, or leave train.cuda_graph off")
-    cfg = with_dataset(cfg)
+    cfg = with_absolute_paths(with_dataset(cfg))
     out = out.resolve()
     run_dir = out / cfg.run_name
     check_output_folder(out)

@@ -40,6 +40,7 @@ from pipeline.config import (
     parse_override,
     redact_uri,
     set_dotted,
+    with_absolute_paths,
     with_data_root,
     with_smoke,
 )
@@ -129,11 +130,13 @@ def trial_name(space: TuneSpace, params: dict[str, Any], seed: int) -> str:
     return f"{space.name}[{setting_name(params)}]-seed{seed}".replace("/", "_")
 
 
-def _trial(config: dict[str, Any], space: TuneSpace, root: str, out: str, uri: str, parent_run_id: str) -> None:
+def _trial(config: dict[str, Any], space: TuneSpace, root: str, out: str, uri: str, parent_run_id: str,
+           cwd: str) -> None:
     params, seed = config["params"], config["seed"]
     cfg = with_data_root(trial_config(space, {**params, "tracking.uri": uri,
                                               "tracking.experiment": sweep_experiment(space)}, seed,
                                       trial_name(space, params, seed)), root)
+    cfg = with_absolute_paths(cfg, Path(cwd))  # a trial runs in its own folder; paths are the sweep's
     # re-running a stopped sweep keeps what finished: a sweep of the study is hours of CPU
     metrics = finished_metrics(cfg, Path(out))
     if metrics is None:
@@ -252,7 +255,7 @@ def run_sweep(space: TuneSpace, out: Path, data: str | Path | None = None, track
                    "space.grid": space.grid, "space.sample": space.sample, "space.variants": space.variants,
                    "space.metric": space.metric})
     trainable = tune.with_parameters(_trial, space=space, root=str(root), out=str(out), uri=uri,
-                                     parent_run_id=parent)
+                                     parent_run_id=parent, cwd=str(Path.cwd()))
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"CPU": TRIAL_CPU}),
         param_space=_search_space(space),

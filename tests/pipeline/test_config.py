@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from divdr.config import ConfigError
-from pipeline.config import resolve, with_smoke
+from pipeline.config import resolve, with_absolute_paths, with_smoke
 from pipeline.schedule import kmeans_trigger_steps
 
 REPO = Path(__file__).resolve().parents[2]
@@ -221,3 +221,13 @@ def test_the_premise_divdr_file_is_the_premise_file_with_the_studys_options():
         "clustering.stable_max_change=0.05", "budget.mu=0.25", "clustering.membership=kmeans",
         "clustering.on_unstable=hold"])
     assert divdr == by_hand  # the commands of the study's entry reproduce what the file trains
+
+
+def test_init_from_is_made_absolute_against_the_launch_directory(tmp_path):
+    """Ray's workers and Tune's trials run in other directories: a relative model path is resolved where the
+    command was given; an absolute one and none are left as they are."""
+    relative = resolve("DR-A", None, ["train.init_from=runs/dr/artifacts/model.pt"])
+    assert with_absolute_paths(relative, tmp_path).train.init_from == str(tmp_path / "runs/dr/artifacts/model.pt")
+    absolute = resolve("DR-A", None, [f"train.init_from={tmp_path / 'm.pt'}"])
+    assert with_absolute_paths(absolute, Path("/elsewhere")) == absolute
+    assert with_absolute_paths(resolve("DR-A"), tmp_path).train.init_from == ""

@@ -128,3 +128,15 @@ def test_train_init_from_starts_the_run_from_a_models_weights(study, local_run, 
     with pytest.raises(ConfigError, match=f"model file {tmp_path / 'none.pt'} does not exist"):
         run(with_data_root(missing, study), tmp_path / "out", local=True)
     assert not (tmp_path / "out" / "none").exists()
+
+
+def test_a_relative_init_from_reaches_the_workers_as_an_absolute_path(study, local_run, tmp_path, monkeypatch):
+    """A Ray worker does not run in the launch directory (the oracle's experts failed there with a relative
+    path): the configuration handed to training names the file absolutely."""
+    source = Path(local_run[2]["run_dir"]) / "artifacts" / "model.pt"
+    monkeypatch.chdir(source.parent.parent)
+    cfg = resolve("DR-A", None, ["train.init_from=artifacts/model.pt", "name=relative"], base=with_smoke({}))
+    handed: list = []
+    monkeypatch.setattr("pipeline.train._train", lambda cfg, *args: handed.append(cfg) or {})
+    run(with_data_root(cfg, study), tmp_path)
+    assert handed[0].train.init_from == str(source.resolve())
