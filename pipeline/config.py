@@ -309,13 +309,16 @@ def absolute_root(root: str | Path) -> str:
 
 
 def with_absolute_paths(cfg: ExperimentConfig, cwd: Path | None = None) -> ExperimentConfig:
-    """``cfg`` with ``train.init_from`` made absolute against ``cwd`` (default: this process's): Ray's
-    workers and Tune's trials run in other working directories, where a relative path names nothing."""
-    path = cfg.train.init_from
-    if not path or is_uri(path) or Path(path).is_absolute():
-        return cfg
-    absolute = str(((cwd or Path.cwd()) / path).resolve())
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=absolute))
+    """``cfg`` with ``train.init_from`` and ``storage.path`` made absolute against ``cwd`` (default: this
+    process's): Ray's workers and Tune's trials run in other working directories, where a relative path
+    names something else or nothing. URIs and absolute paths stay as given."""
+    def absolute(path: str) -> str:
+        if not path or is_uri(path) or Path(path).is_absolute():
+            return path
+        return str(((cwd or Path.cwd()) / path).resolve())
+
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=absolute(cfg.train.init_from)),
+                               storage=dataclasses.replace(cfg.storage, path=absolute(cfg.storage.path)))
 
 
 def with_data_root(cfg: ExperimentConfig, root: str | Path) -> ExperimentConfig:

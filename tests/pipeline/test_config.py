@@ -223,11 +223,14 @@ def test_the_premise_divdr_file_is_the_premise_file_with_the_studys_options():
     assert divdr == by_hand  # the commands of the study's entry reproduce what the file trains
 
 
-def test_init_from_is_made_absolute_against_the_launch_directory(tmp_path):
+def test_init_from_and_storage_path_are_made_absolute_against_the_launch_directory(tmp_path):
     """Ray's workers and Tune's trials run in other directories: a relative model path is resolved where the
     command was given; an absolute one and none are left as they are."""
     relative = resolve("DR-A", None, ["train.init_from=runs/dr/artifacts/model.pt"])
     assert with_absolute_paths(relative, tmp_path).train.init_from == str(tmp_path / "runs/dr/artifacts/model.pt")
     absolute = resolve("DR-A", None, [f"train.init_from={tmp_path / 'm.pt'}"])
     assert with_absolute_paths(absolute, Path("/elsewhere")) == absolute
-    assert with_absolute_paths(resolve("DR-A"), tmp_path).train.init_from == ""
+    assert with_absolute_paths(resolve("DR-A"), tmp_path) == resolve("DR-A")
+    storage = with_absolute_paths(resolve("DR-A", None, ["storage.path=ckpt", "name=x"]), tmp_path).storage.path
+    assert storage == str(tmp_path / "ckpt")
+    assert with_absolute_paths(resolve("DR-A", None, ["storage.path=s3://b/p"]), tmp_path).storage.path == "s3://b/p"
