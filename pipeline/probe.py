@@ -250,6 +250,16 @@ def per_setting(rows: dict[str, dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def run_labels(runs: list[Path]) -> list[str]:
+    """A row label per run folder: its name, or ``<parent>/<name>`` for every run when two folders share a
+    name (the same preset and seed under two ``--out`` folders), so that no row replaces another."""
+    names = [run.name for run in runs]
+    if len(set(names)) == len(set(runs)):
+        return names
+    labels = [f"{run.parent.name}/{run.name}" for run in runs]
+    return labels if len(set(labels)) == len(set(runs)) else [str(run) for run in runs]
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, object]]:
     parser = argparse.ArgumentParser(prog="pipeline/probe.py", description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path, nargs="+", help="run folders (they hold artifacts/activations_*.parquet)")
@@ -261,9 +271,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, object]]:
                              "separating the subsets most")
     args = parser.parse_args(argv)
     try:
-        rows = {run.name: probe_run(run, args.data) for run in args.runs}
+        labels = run_labels(args.runs)
+        rows = {label: probe_run(run, args.data) for label, run in zip(labels, args.runs, strict=True)}
         gates = [by_gate(run, args.by_gate) for run in args.runs] if args.by_gate > 0 else []
-        curves = {run.name: read_curves(run) for run in args.runs} if args.curves else {}
+        curves = {label: read_curves(run) for label, run in zip(labels, args.runs, strict=True)} if args.curves else {}
     except (FileNotFoundError, ValueError, DatasetError) as err:
         print(f"pipeline/probe.py: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -62,6 +62,16 @@ def test_cli_prints_a_row_per_run_and_names_a_missing_folder(tmp_path, capsys):
     assert "missing/artifacts/activations_train.parquet not found" in capsys.readouterr().err
 
 
+def test_runs_of_the_same_name_under_two_folders_keep_a_row_each(tmp_path, capsys):
+    """The same preset and seed under two --out folders: labelled by folder, summarised per folder."""
+    for out, seed in (("papers", 0), ("membership", 1)):
+        _write_run(tmp_path / out / "main-DivDR-A-seed0", seed=seed)
+    rows = main([str(tmp_path / out / "main-DivDR-A-seed0") for out in ("papers", "membership")])
+    assert set(rows) == {"papers/main-DivDR-A-seed0", "membership/main-DivDR-A-seed0"}
+    printed = capsys.readouterr().out
+    assert "| papers/main-DivDR-A | 1 | " in printed and "| membership/main-DivDR-A | 1 | " in printed
+
+
 def test_brightness_eta2_says_what_the_clusters_follow(tmp_path):
     """Images whose brightness is set by their cluster: eta^2 between clusters is ~1, between subsets ~0."""
     from PIL import Image
