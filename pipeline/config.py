@@ -302,10 +302,10 @@ def is_uri(root: str | Path) -> bool:
     return "://" in str(root)
 
 
-def absolute_root(root: str | Path) -> str:
-    """A data root as every process should read it: a URI (s3://, gs://, file://) as given, a path
-    made absolute."""
-    return str(root) if is_uri(root) else str(Path(root).resolve())
+def absolute_root(root: str | Path, cwd: Path | None = None) -> str:
+    """A data root (or any file location) as every process should read it: a URI (s3://, gs://, file://)
+    as given, a path made absolute against ``cwd`` (default: this process's working directory)."""
+    return str(root) if is_uri(root) else str(((cwd or Path.cwd()) / root).resolve())
 
 
 def with_absolute_paths(cfg: ExperimentConfig, cwd: Path | None = None) -> ExperimentConfig:
@@ -313,9 +313,7 @@ def with_absolute_paths(cfg: ExperimentConfig, cwd: Path | None = None) -> Exper
     process's): Ray's workers and Tune's trials run in other working directories, where a relative path
     names something else or nothing. URIs and absolute paths stay as given."""
     def absolute(path: str) -> str:
-        if not path or is_uri(path) or Path(path).is_absolute():
-            return path
-        return str(((cwd or Path.cwd()) / path).resolve())
+        return path if not path or Path(path).is_absolute() else absolute_root(path, cwd)
 
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=absolute(cfg.train.init_from)),
                                storage=dataclasses.replace(cfg.storage, path=absolute(cfg.storage.path)))
