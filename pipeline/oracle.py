@@ -16,6 +16,12 @@ every image (e.g. DR-A of the same seed) and fine-tunes it on its subset: a devi
 ``--compare`` evaluates other trained models (``<run>/artifacts/model.pt``, e.g. the main job's
 DivDR-A) on the same val images, per subset, so they appear in the same table.
 
+``--reuse-experts`` scores the experts an earlier call trained under the same ``--out`` instead of training
+them again, and ``--split train`` scores every row on the training images rather than val (does a model fit
+the images it learned from, or is it short of capacity?). Together with ``--compare <out>/oracle-<subset>/
+artifacts/model.pt`` they show what an expert does on the other subsets. A rescoring writes its own
+``rescored-<split>-<time>.md/.json``: the table of the call that trained the experts is kept.
+
 ``--route-experts`` builds the other half of a controlled study's proof (the premise study's): instead of
 one expert per subset's *images*, one expert per regime's *route*. Each is the network restricted to the
 part of the routing space its regime needs (``model.route`` from the study's ``study.json``, no gates,
@@ -49,7 +55,7 @@ from divdr.heads import DynamicRoutingSegmenter
 from divdr.metrics import scores_from_confusion
 from pipeline import model_file, tracking
 from pipeline.cli_args import add_common, data_overrides, parser_for, persistent_out, preset_help
-from pipeline.config import deep_merge, redact_uri, resolve, with_smoke
+from pipeline.config import ExperimentConfig, deep_merge, redact_uri, resolve, with_smoke
 from pipeline.main_job import MAIN_JOB
 from pipeline.model_file import ModelFileError
 from pipeline.tasks import make_task
@@ -67,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="one expert per regime's route (study.json) instead of per subset's images")
     parser.add_argument("--no-network-fix", action="store_true",
                         help="with --route-experts: leave out the Network-Fix row (every path, no gates)")
+    parser.add_argument("--reuse-experts", action="store_true",
+                        help="score the experts an earlier call trained under --out instead of training them")
+    parser.add_argument("--split", choices=("val", "train"), default="val",
+                        help="the images every row is scored on (train: does a model fit what it learned from?)")
     return parser
 
 
@@ -98,17 +108,18 @@ def combine(parts: list[InferenceResult]) -> dict[str, float]:
             "gflops_real_1024x2048": float(gflops_ref.mean()), "images": int(gflops.size)}
 
 
-def evaluate_per_subset(nets: dict[int, DynamicRoutingSegmenter], views: dict[int, Path]) -> dict[str, Any]:
-    """Each subset's val images scored by ``nets[subset]`` (the oracle's experts, or one model for all)."""
-    parts = {s: run_inference(nets[s], CityscapesSegmentation(view, "val")) for s, view in views.items()}
+def evaluate_per_subset(nets: dict[int, DynamicRoutingSegmenter], views: dict[int, Path],
+                        split: str = "val") -> dict[str, Any]:
+    """Each subset's ``split`` images scored by ``nets[subset]`` (the oracle's experts, or one model for all)."""
+    parts = {s: run_inference(nets[s], CityscapesSegmentation(view, split)) for s, view in views.items()}
     row = combine(list(parts.values()))
     row["per_subset_miou"] = {s: p.scores.miou for s, p in parts.items()}
     return row
 
 
-def format_rows(rows: dict[str, dict[str, Any]], names: dict[int, str]) -> str:
+def format_rows(rows: dict[str, dict[str, Any]], names: dict[int, str], split: str = "val") -> str:
     subsets = sorted(names)
-    header = ("| model | mIoU (all val) | " + " | ".join(f"mIoU {names[s]}" for s in subsets)
+    header = (f"| model | mIoU (all {split}) | " + " | ".join(f"mIoU {names[s]}" for s in subsets)
               + " | GFLOPs (eval size) | GFLOPs @1024x2048 |")
     lines = [header, "|" + "---|" * (4 + len(subsets))]
     for label, r in rows.items():
@@ -123,6 +134,18 @@ ROUTE_EXPERT_OVERRIDES = ("model.gate.enabled=false", "budget.weight=0", "cluste
                           "store.enabled=false")
 
 
+def expert(cfg: ExperimentConfig, out: Path, reuse: bool) -> DynamicRoutingSegmenter:
+    """The expert ``cfg`` describes: trained now under ``out``, or with ``reuse`` the one trained there before."""
+    if reuse:
+        path = out / cfg.run_name / "artifacts" / "model.pt"
+        if not path.is_file():
+            raise SystemExit(f"pipeline/oracle.py: error: --reuse-experts: no expert {cfg.run_name!r} under {out} "
+                             f"({path} does not exist); train the experts first (the same command without it)")
+        return load_model(path)
+    metrics = run(cfg, out, existing="fresh")
+    return load_model(Path(metrics["run_dir"]) / "artifacts" / "model.pt")
+
+
 def train_subset_experts(args: argparse.Namespace, base: dict[str, Any], views: dict[int, Path], names: dict[int, str],
                          out: Path) -> dict[str, dict[str, Any]]:
     """The oracle: one expert per subset, trained on that subset's images only."""
@@ -130,10 +153,13 @@ def train_subset_experts(args: argparse.Namespace, base: dict[str, Any], views: 
     for s, view in views.items():
         cfg = resolve(args.preset, args.config, [*args.overrides, f"name=oracle-{names[s]}", f"data.root={view}"],
                       base=base)
-        metrics = run(cfg, out, existing="fresh")
-        experts[s] = load_model(Path(metrics["run_dir"]) / "artifacts" / "model.pt")
-    start = f", each fine-tuned from {cfg.train.init_from}" if cfg.train.init_from else ""
-    return {f"oracle ({args.preset} expert per subset{start})": evaluate_per_subset(experts, views)}
+        experts[s] = expert(cfg, out, args.reuse_experts)
+    if args.reuse_experts:
+        label = f"oracle (experts per subset trained earlier under {out})"
+    else:
+        start = f", each fine-tuned from {cfg.train.init_from}" if cfg.train.init_from else ""
+        label = f"oracle ({args.preset} expert per subset{start})"
+    return {label: evaluate_per_subset(experts, views, args.split)}
 
 
 def train_route_experts(args: argparse.Namespace, base: dict[str, Any], root: Path, views: dict[int, Path],
@@ -151,10 +177,16 @@ def train_route_experts(args: argparse.Namespace, base: dict[str, Any], root: Pa
     for label, (name, route) in experts.items():
         cfg = resolve("DR-Raw", args.config, [*args.overrides, *ROUTE_EXPERT_OVERRIDES, *route, f"name={name}",
                                               f"data.root={root}"], base=base)
-        metrics = run(cfg, out, existing="fresh")
-        model = load_model(Path(metrics["run_dir"]) / "artifacts" / "model.pt")
-        rows[label] = evaluate_per_subset(dict.fromkeys(views, model), views)
+        model = expert(cfg, out, args.reuse_experts)
+        rows[label] = evaluate_per_subset(dict.fromkeys(views, model), views, args.split)
     return rows
+
+
+def table_stem(args: argparse.Namespace) -> str:
+    """``oracle`` for the call that trains the experts; a rescoring gets its own name, so it replaces nothing."""
+    if args.reuse_experts:
+        return f"rescored-{args.split}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return "oracle" if args.split == "val" else f"oracle-{args.split}"
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
@@ -173,22 +205,24 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     names = subset_names(root)
     views = {s: write_subset_view(root, out / "subset-views" / f"subset-{s}-{names[s]}", s) for s in sorted(names)}
     started = time.perf_counter()
-    init_ray()
+    if not args.reuse_experts:
+        init_ray()
     if args.route_experts:
         rows = train_route_experts(args, base, root, views, names, out)
     else:
         rows = train_subset_experts(args, base, views, names, out)
     for path in args.compare:
         model = load_model(path)
-        rows[str(path)] = evaluate_per_subset(dict.fromkeys(views, model), views)
-    table = format_rows(rows, names)
+        rows[str(path)] = evaluate_per_subset(dict.fromkeys(views, model), views, args.split)
+    table = format_rows(rows, names, args.split)
     wall = time.perf_counter() - started
     print(f"\n{table}\n\nwall time: {wall / 60:.1f} min")
-    (out / "oracle.md").write_text(table + "\n")
-    (out / "oracle.json").write_text(json.dumps({"wall_seconds": wall, "subsets": names, "rows": rows},
-                                                indent=2, default=float))
+    stem = table_stem(args)
+    (out / f"{stem}.md").write_text(table + "\n")
+    (out / f"{stem}.json").write_text(json.dumps({"wall_seconds": wall, "split": args.split, "subsets": names,
+                                                  "rows": rows}, indent=2, default=float))
     uri = redact_uri(probe.tracking.uri) or tracking.local_tracking_uri(out)
-    print(f"\nOutputs:\n  tables          {out / 'oracle.md'}, {out / 'oracle.json'}\n"
+    print(f"\nOutputs:\n  tables          {out / f'{stem}.md'}, {out / f'{stem}.json'}\n"
           f"  experts         run folders oracle-* under {out} (MLflow experiment 'oracle')\n"
           f"  MLflow UI       {tracking.ui_command(uri)}")
     return rows
