@@ -214,9 +214,9 @@ def test_an_experiment_file_extends_another_and_a_cycle_is_refused(tmp_path):
         resolve(None, tmp_path / "bad.yaml", [])
 
 
-def test_the_premise_divdr_file_is_the_premise_file_with_the_studys_options():
-    divdr = resolve(None, REPO / "configs" / "premise-divdr.yaml", [])
-    by_hand = resolve(None, REPO / "configs" / "premise.yaml", [
+def test_the_premise_file_is_its_base_with_the_studys_options():
+    divdr = resolve(None, REPO / "configs" / "premise.yaml", [])
+    by_hand = resolve(None, REPO / "configs" / "premise-base.yaml", [
         "clustering.sigma2_min=0.25", "model.gate.input_norm=true", "clustering.kmeans_start=warm",
         "clustering.stable_max_change=0.05", "budget.mu=0.25", "clustering.membership=kmeans",
         "clustering.on_unstable=hold"])
