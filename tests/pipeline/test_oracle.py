@@ -41,9 +41,15 @@ def _write_experts(out: Path, names: list[str]) -> dict[str, Path]:
     return paths
 
 
-def test_reused_experts_are_scored_on_the_training_images_and_the_first_table_is_kept(study, tmp_path):
+def _must_not_be_called(*args, **kwargs):
+    raise AssertionError("--reuse-experts trained an expert or started Ray")
+
+
+def test_reused_experts_are_scored_on_the_training_images_and_the_first_table_is_kept(study, tmp_path, monkeypatch):
     """--reuse-experts --split train: the experts under --out scored (nothing trained, no Ray) on the train
     images of their subsets, an expert compared on every subset, into a file of its own."""
+    monkeypatch.setattr("pipeline.oracle.run", _must_not_be_called)
+    monkeypatch.setattr("pipeline.oracle.init_ray", _must_not_be_called)
     experts = _write_experts(tmp_path, ["large", "thin", "tiny"])
     (tmp_path / "oracle.md").write_text("the table of the call that trained the experts\n")
     rows = oracle_main(["--smoke", "--out", str(tmp_path), "--set", f"data.root={study}", "--reuse-experts",
