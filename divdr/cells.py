@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -230,6 +233,48 @@ def compile_cells(model: nn.Module, backend: str = "inductor", mode: str | None 
     for cell in cells:
         cell._compiled_training = torch.compile(cell._training_forward, backend=backend, mode=mode)
     return len(cells)
+
+
+def graphs_compiled_afresh() -> int:
+    """Graphs inductor has compiled in this process rather than found in its cache (local or loaded)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["fxgraph_cache_miss"]
+
+
+def load_compile_cache(path: Path) -> bool:
+    """Load a portable compile cache written by ``save_compile_cache`` (by this run earlier, another run, another
+    machine) into this process before anything is compiled: graphs found there are not compiled again. False if
+    there is no file yet. A file torch cannot read (another torch version, truncated) only costs the time it
+    would have saved: it is named in a warning and compilation starts from scratch."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        # None where torch cannot un-pickle the file (it logs why); an exception where it cannot store an entry
+        problem = None if torch.compiler.load_cache_artifacts(path.read_bytes()) is not None else "not a cache"
+    except Exception as error:  # a cache must never stop a training run
+        problem = f"{type(error).__name__}: {error}"
+    if problem is not None:
+        warnings.warn(f"compile cache {path} is unreadable ({problem}); compiling from scratch, and the file "
+                      "will be rewritten", stacklevel=2)
+    return problem is None
+
+
+def save_compile_cache(path: Path) -> int:
+    """Write what ``torch.compile`` compiled or loaded in this process (inductor's portable cache artifacts:
+    AOTAutograd's and inductor's graphs and, on a GPU, the Triton kernels) to ``path``; the bytes written (0:
+    nothing compiled). The file is replaced whole (written aside, then renamed), so runs sharing one file
+    never read half of it."""
+    artifacts = torch.compiler.save_cache_artifacts()
+    if artifacts is None or not artifacts[0]:
+        return 0
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_bytes(artifacts[0])
+    os.replace(partial, path)
+    return len(artifacts[0])
 
 
 def set_dense_fraction(model: nn.Module, fraction: float) -> None:

@@ -65,6 +65,12 @@ class TrainConfig:
     # Regional compilation: each cell's training forward through torch.compile (divdr.cells.compile_cells);
     # the first steps take longer (one graph per kind of cell), evaluation stays in eager mode.
     compile: bool = False
+    # With train.compile: a file holding torch's portable compile cache (torch.compiler.save_cache_artifacts),
+    # loaded before the first step and written by rank 0 after it when anything was compiled afresh. Point the
+    # runs, trials and workers of one network at one file (on shared storage for a cluster) and only the first
+    # compiles: the others start in seconds (docs/benchmarks.md, "Compile time"). "" = torch's own cache only,
+    # which is per machine (/tmp/torchinductor_<user>): a re-run there is already warm, a fresh node is not.
+    compile_cache: str = ""
     channels_last: bool = False  # the network's tensors in NHWC, what GPU convolutions prefer
     # The whole step (forward, losses, backward, clipping, fused SGD) captured once in a CUDA graph and replayed:
     # one launch per step instead of thousands (pipeline/cuda_graph.py; one GPU, segmentation, fp32 or bf16).
@@ -90,6 +96,10 @@ class TrainConfig:
             _require(getattr(self, name) >= 1, f"train.{name} must be >= 1, got {getattr(self, name)}")
         _require(self.eval_every >= 0, f"train.eval_every must be >= 0, got {self.eval_every}")
         _require(self.gate_lr_scale > 0, f"train.gate_lr_scale must be > 0, got {self.gate_lr_scale}")
+        _require(not self.compile_cache or self.compile,
+                 f"train.compile_cache ({self.compile_cache}) is only used with train.compile: true")
+        _require(not is_uri(self.compile_cache),
+                 f"train.compile_cache must be a file path (on storage every worker mounts), got {self.compile_cache}")
         _require(not (self.cuda_graph and self.precision == "fp16"),
                  "train.cuda_graph cannot run with train.precision: fp16 (its GradScaler reads the overflow flag "
                  "on the host at every step); use bf16, which needs no scaling")
@@ -309,13 +319,15 @@ def absolute_root(root: str | Path, cwd: Path | None = None) -> str:
 
 
 def with_absolute_paths(cfg: ExperimentConfig, cwd: Path | None = None) -> ExperimentConfig:
-    """``cfg`` with ``train.init_from`` and ``storage.path`` made absolute against ``cwd`` (default: this
-    process's): Ray's workers and Tune's trials run in other working directories, where a relative path
-    names something else or nothing. URIs and absolute paths stay as given."""
+    """``cfg`` with ``train.init_from``, ``train.compile_cache`` and ``storage.path`` made absolute against
+    ``cwd`` (default: this process's): Ray's workers and Tune's trials run in other working directories,
+    where a relative path names something else or nothing. URIs and absolute paths stay as given."""
     def absolute(path: str) -> str:
         return path if not path or Path(path).is_absolute() else absolute_root(path, cwd)
 
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=absolute(cfg.train.init_from)),
+    train = dataclasses.replace(cfg.train, init_from=absolute(cfg.train.init_from),
+                                compile_cache=absolute(cfg.train.compile_cache))
+    return dataclasses.replace(cfg, train=train,
                                storage=dataclasses.replace(cfg.storage, path=absolute(cfg.storage.path)))
 
 

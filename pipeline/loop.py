@@ -23,11 +23,13 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 
+from divdr.cells import graphs_compiled_afresh, load_compile_cache, save_compile_cache
 from divdr.flops import budget_ratio, expected_cost
 from divdr.gates import anneal_temperature, gate_parameters
 from divdr.losses import LossTerms, total_loss
@@ -517,6 +519,39 @@ class LogMetrics(Hook):
         self.sink.metrics(self.last, step)
         self.sink.progress(progress_line(step, self.first_step, trainer.cfg.train.steps, self.last, now - self.t_start))
         self.seen_images, self.t_last = 0, now
+
+
+class Compilation(Hook):
+    """``train.compile``: the first step compiles every kind of cell. Before it, ``train.compile_cache`` (if set)
+    is loaded; after it, rank 0 writes the cache back if this process compiled a graph the file lacked, and
+    reports the first step's seconds and how many graphs were compiled rather than found in a cache."""
+
+    def __init__(self, cache: str, sink: MetricsSink | None) -> None:
+        self.cache, self.sink = Path(cache) if cache else None, sink
+        self.loaded = False
+        self.started: float | None = None
+        self.reported = False
+
+    def before_step(self, trainer: Trainer, batch: dict[str, Any]) -> None:
+        if self.started is None:
+            self.loaded = self.cache is not None and load_compile_cache(self.cache)
+            self.started = time.perf_counter()
+
+    def after_step(self, trainer: Trainer, result: StepResult) -> None:
+        if self.reported or self.started is None:
+            return
+        self.reported = True
+        seconds, afresh = time.perf_counter() - self.started, graphs_compiled_afresh()
+        if trainer.world.rank != 0:
+            return
+        if self.cache is not None and (afresh or not self.loaded):
+            size = save_compile_cache(self.cache)
+            log.info("compile cache: %d bytes written to %s", size, self.cache)
+        log.info("first (compiling) step: %.1f s, %d graphs compiled afresh, cache %s", seconds, afresh,
+                 "loaded" if self.loaded else "not loaded")
+        if self.sink is not None:
+            self.sink.metrics({"compile/first_step_s": seconds, "compile/graphs_compiled": afresh,
+                               "compile/cache_loaded": float(self.loaded)}, trainer.step)
 
 
 class PeriodicEvaluation(Hook):

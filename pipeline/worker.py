@@ -30,6 +30,7 @@ from pipeline.config import ExperimentConfig
 from pipeline.faults import FaultPlan
 from pipeline.loop import (
     Checkpoints,
+    Compilation,
     Hook,
     LogMetrics,
     MetricsSink,
@@ -192,7 +193,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     sender = (ActivationSender(store, world.rank, cfg.store.max_in_flight, cfg.store.float16)
               if store is not None else None)
     logger = LogMetrics(sink)
-    hooks = [*([StoreCentres(store, sender, sink)] if sender is not None else []), InjectFaults(faults, store),
+    hooks = [*([Compilation(cfg.train.compile_cache, sink)] if cfg.train.compile else []),
+             *([StoreCentres(store, sender, sink)] if sender is not None else []), InjectFaults(faults, store),
              *([StreamActivations(sender, cfg)] if sender is not None and cfg.store.mode == "streaming" else []),
              logger, PeriodicEvaluation(sink), Checkpoints(_report_checkpoint, logger)]
     trainer = Trainer(cfg, task, net, ray.train.torch.prepare_model(net), world, hooks)

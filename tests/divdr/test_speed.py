@@ -98,3 +98,64 @@ def test_channels_last_gives_the_same_outputs():
     images = torch.randn(2, 3, 64, 64)
     assert torch.allclose(net(images).logits, nhwc(images.contiguous(memory_format=torch.channels_last)).logits,
                           atol=1e-5)
+
+
+# One cell compiled with inductor, its compile cache written; run in a child process with its own, empty, inductor
+# cache directory (a fresh machine). Prints what the parent checks.
+_COMPILE_ONE_CELL = """
+import json, sys, torch
+from pathlib import Path
+from divdr.cells import Cell, compile_cells, graphs_compiled_afresh, load_compile_cache, save_compile_cache
+from divdr.config import get_model_config
+from divdr.routing import routing_space
+
+torch.set_num_threads(1)
+cache, action = Path(sys.argv[1]), sys.argv[2]
+loaded = load_compile_cache(cache) if action == "load" else None
+torch.manual_seed(0)
+config = get_model_config("micro", num_classes=5)
+spec = next(s for s in routing_space(config) if s.allow_up and s.allow_down)  # every path: up, keep, down
+cell = Cell(spec, config.gate).train()
+compile_cells(cell)
+out = cell(torch.randn(2, spec.channels, 8, 8))
+(out.keep.sum() + out.weights.sum()).backward()
+saved = save_compile_cache(cache) if action == "save" else None
+print(json.dumps({"loaded": loaded, "saved": saved, "afresh": graphs_compiled_afresh(),
+                  "keep": out.keep.sum().item()}))
+"""
+
+
+def _compile_one_cell(tmp_path, inductor_dir: str, action: str) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / inductor_dir), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_ONE_CELL, str(tmp_path / "cells.cache"), action],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_compile_cache_spares_a_fresh_machine_the_compilation(tmp_path):
+    """train.compile_cache: what one process compiled (forward and backward of a cell) is written to a file; a
+    process with an empty inductor cache (another machine) loads it and compiles no graph afresh."""
+    first = _compile_one_cell(tmp_path, "inductor-a", "save")
+    assert first["afresh"] >= 2 and first["saved"] > 0  # the cell's forward and backward graphs, compiled
+    second = _compile_one_cell(tmp_path, "inductor-b", "load")
+    assert second["loaded"] is True and second["afresh"] == 0
+    assert second["keep"] == pytest.approx(first["keep"], rel=1e-6)  # the same computation
+
+
+def test_an_unreadable_compile_cache_warns_and_compiles_from_scratch(tmp_path):
+    from divdr.cells import load_compile_cache
+
+    assert load_compile_cache(tmp_path / "none-yet.cache") is False  # the first run: nothing to load, no warning
+    garbage = tmp_path / "cells.cache"
+    garbage.write_bytes(b"half a file")
+    with pytest.warns(UserWarning, match="cells.cache is unreadable"):
+        assert load_compile_cache(garbage) is False

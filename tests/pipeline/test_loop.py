@@ -222,3 +222,47 @@ def test_kmeans_membership_steps_use_the_stores_partition():
         trainer.centres.members([5])
     with pytest.raises(Exception, match=re.escape("clustering.membership: kmeans")):
         resolve("DivDR-A", None, ["clustering.membership=kmeans", "train.cuda_graph=true", "scaling.use_gpu=true"])
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.rows: list[tuple[dict, int]] = []
+
+    def metrics(self, values, step):
+        self.rows.append((values, step))
+
+
+@pytest.mark.parametrize(("rank", "cache", "loaded", "afresh", "writes"), [
+    (0, "cells.cache", False, 8, True),   # the first run: compiles and writes the file
+    (0, "cells.cache", True, 0, False),   # a later run found every graph in the file: nothing to add
+    (0, "cells.cache", True, 2, True),    # it compiled graphs the file lacked (another network): written again
+    (1, "cells.cache", False, 8, False),  # only rank 0 writes
+    (0, "", False, 8, False),             # no file named: torch's own cache only
+])
+def test_compilation_loads_the_cache_before_the_first_step_and_writes_it_after(monkeypatch, tmp_path, rank, cache,
+                                                                               loaded, afresh, writes):
+    """train.compile_cache: loaded before the first (compiling) step, written by rank 0 after it when this process
+    compiled anything the file lacked; the first step's time and the graphs compiled reach the metrics."""
+    from types import SimpleNamespace
+
+    import pipeline.loop
+    from pipeline.loop import Compilation
+
+    calls = []
+    monkeypatch.setattr(pipeline.loop, "load_compile_cache", lambda path: calls.append(("load", path)) or loaded)
+    monkeypatch.setattr(pipeline.loop, "save_compile_cache", lambda path: calls.append(("save", path)) or 100)
+    monkeypatch.setattr(pipeline.loop, "graphs_compiled_afresh", lambda: afresh)
+    path = str(tmp_path / cache) if cache else ""
+    sink = _Sink() if rank == 0 else None
+    hook = Compilation(path, sink)
+    trainer = SimpleNamespace(world=SimpleNamespace(rank=rank), step=1)
+    for step in (1, 2, 3):
+        trainer.step = step
+        hook.before_step(trainer, {})
+        assert calls[:1] == ([("load", Path(path))] if cache else [])  # before the first step, once
+        hook.after_step(trainer, None)
+    assert [c for c in calls if c[0] == "save"] == ([("save", Path(path))] if writes else [])
+    if rank == 0:
+        ((values, step),) = sink.rows  # reported once, at the first step
+        assert step == 1 and values["compile/graphs_compiled"] == afresh and values["compile/first_step_s"] >= 0
+        assert values["compile/cache_loaded"] == float(loaded and bool(cache))
