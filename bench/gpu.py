@@ -26,6 +26,9 @@ skipped and say so), and keeps going when a section fails (its error is recorded
   own gates), Network-Fix; batch 8 per image. Ratios are to ``all_open``. ``inference_compile``: the static
   exports compiled whole (and captured), a section of its own because each compile takes seconds to a minute.
 - ``profile`` (not in the default list): torch.profiler of the bf16 + channels_last step, device time by kernel.
+- ``compile_cache`` (not in the default list): what ``train.compile_cache`` saves - the compiling first step in
+  three processes, each standing for a machine (its own inductor and Triton cache directories): cold; on another
+  machine with the cache file the first wrote; again on that machine.
 
 On a GPU every time is taken between ``torch.cuda.synchronize()`` calls; each figure is the median of
 ``--repeats`` timed runs after warm-up.
@@ -383,6 +386,69 @@ def _graph_row(step: Step, args, batch: int) -> dict[str, Any]:
         return _failure(error)
 
 
+def compile_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """In a process of its own (``section_compile_cache``): the step of ``compile`` built and run once, the
+    compile cache loaded before it and / or written after it as ``spec`` says."""
+    from pathlib import Path
+
+    from divdr.cells import graphs_compiled_afresh, load_compile_cache, save_compile_cache
+
+    if spec["device"] == "cpu":
+        cap_threads(spec["threads"])
+    cache = Path(spec["cache"])
+    loaded = load_compile_cache(cache) if spec["load"] else False
+    step = Step(spec["model"], "DivDR-A", (spec["crop"], spec["crop"]), spec["batch"], spec["device"],
+                precision=spec["precision"], channels_last=spec["channels_last"], compile_backend=spec["backend"])
+    return {"compile_s": step.compile_seconds, "compiled_graphs": step.compiled_graphs,
+            "graphs_compiled_afresh": graphs_compiled_afresh(), "cache_loaded": loaded,
+            "cache_bytes": save_compile_cache(cache) if spec["save"] else None}
+
+
+# (row, inductor cache directory, load the file, write the file): each row a new process, as a new run would be
+COMPILE_CACHE_ROWS = (("cold", "machine_a", False, True),             # a fresh machine, nothing cached: compiles
+                      ("fresh_machine_with_file", "machine_b", True, False),  # another machine, train.compile_cache
+                      ("same_machine_again", "machine_b", False, False))      # a re-run there: torch's own cache
+
+
+def section_compile_cache(args, deadline: float) -> dict[str, Any]:
+    """What ``train.compile_cache`` saves: the compiling first step of the ``compile`` section's fastest variant
+    in three processes, each with its own inductor (and Triton) cache directory standing for a machine - cold,
+    on another machine with the file the first wrote, and again on that machine (torch's local cache)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from bench.common import REPO
+
+    cuda = args.device.startswith("cuda")
+    spec = {"model": args.model, "crop": args.crop, "batch": args.batch, "device": args.device,
+            "precision": "bf16" if cuda else "fp32", "channels_last": cuda, "backend": args.compile_backend,
+            "threads": args.threads}
+    out: dict[str, Any] = {key: spec[key] for key in ("model", "crop", "batch", "device", "precision",
+                                                      "channels_last", "backend")}
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from bench.gpu import compile_child; "
+            "print('ROW ' + json.dumps(compile_child(json.loads(sys.argv[2]))))")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, machine, load, save in COMPILE_CACHE_ROWS:
+            if time.perf_counter() > deadline:
+                out[name] = {"skipped": "time budget spent"}
+                continue
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": f"{tmp}/{machine}",
+                   "TRITON_CACHE_DIR": f"{tmp}/{machine}/triton"}
+            child = {**spec, "cache": f"{tmp}/cells.cache", "load": load, "save": save}
+            start = time.perf_counter()
+            done = subprocess.run([sys.executable, "-c", code, str(REPO), json.dumps(child)], env=env,
+                                  capture_output=True, text=True, timeout=900)
+            rows = [line[4:] for line in done.stdout.splitlines() if line.startswith("ROW ")]
+            out[name] = (json.loads(rows[-1]) if done.returncode == 0 and rows
+                         else {"error": done.stderr[-1000:] or f"exit code {done.returncode}"})
+            out[name]["process_s"] = time.perf_counter() - start
+            print(f"  {name}: {out[name]}", flush=True)
+    return out
+
+
 def section_profile(args) -> dict[str, Any]:
     """Where the GPU time of one training step goes: torch.profiler over 3 steps of the fastest eager
     variant (bf16, channels_last), device time by kernel and by aten operation (both kinds of row)."""
@@ -532,7 +598,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # not depend on the device and is measured on any CPU)
     p.add_argument("--sections", nargs="+",
                    default=["trainer", "train", "inference", "compile", "inference_compile", "ops"],
-                   choices=["trainer", "train", "inference", "compile", "inference_compile", "ops", "profile"])
+                   choices=["trainer", "train", "inference", "compile", "inference_compile", "ops", "profile",
+                            "compile_cache"])
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (--tiny: aot_eager)")
     args = p.parse_args(argv)
     started = time.perf_counter()
@@ -555,7 +622,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "compile": lambda: section_train(args, deadline, compiled=True),
                 "inference": lambda: section_inference(args, deadline),
                 "inference_compile": lambda: section_inference(args, deadline, compiled=True),
-                "profile": lambda: section_profile(args)}
+                "profile": lambda: section_profile(args),
+                "compile_cache": lambda: section_compile_cache(args, deadline)}
     for name in args.sections:
         t = time.perf_counter()
         if t > deadline:

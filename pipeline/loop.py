@@ -547,9 +547,11 @@ class Compilation(Hook):
         if self.cache is not None and (afresh or not self.loaded):
             size = save_compile_cache(self.cache)
             log.info("compile cache: %d bytes written to %s", size, self.cache)
-        log.info("first (compiling) step: %.1f s, %d graphs compiled afresh, cache %s", seconds, afresh,
-                 "loaded" if self.loaded else "not loaded")
+        line = (f"step {trainer.step} compiled the cells in {seconds:.1f} s: {afresh} graphs compiled afresh"
+                f"{f', the rest from {self.cache}' if self.loaded else ''}")
+        log.info(line)
         if self.sink is not None:
+            self.sink.progress(line)
             self.sink.metrics({"compile/first_step_s": seconds, "compile/graphs_compiled": afresh,
                                "compile/cache_loaded": float(self.loaded)}, trainer.step)
 

@@ -39,6 +39,16 @@ def test_gpu(tmp_path):
     assert profiled["top"] and all(row["count"] > 0 for row in profiled["top"])
 
 
+@pytest.mark.slow
+def test_gpu_compile_cache_section():
+    """Three processes, each its own inductor cache directory (a machine); --tiny compiles with aot_eager, which
+    writes no cache, so only the rows' shape is checked here (the cache itself: tests/divdr/test_speed.py)."""
+    out = gpu.main(["--tiny", "--device", "cpu", "--sections", "compile_cache"])["compile_cache"]
+    rows = [out[name] for name, *_ in gpu.COMPILE_CACHE_ROWS]
+    assert all(row["compile_s"] > 0 and row["compiled_graphs"] >= 1 for row in rows), out
+    assert rows[0]["cache_bytes"] == 0 and rows[1]["cache_loaded"] is False  # aot_eager: nothing to write or load
+
+
 def test_compare_trees(tmp_path):
     from bench.common import REPO
 

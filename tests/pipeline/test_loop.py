@@ -227,9 +227,13 @@ def test_kmeans_membership_steps_use_the_stores_partition():
 class _Sink:
     def __init__(self) -> None:
         self.rows: list[tuple[dict, int]] = []
+        self.lines: list[str] = []
 
     def metrics(self, values, step):
         self.rows.append((values, step))
+
+    def progress(self, line):
+        self.lines.append(line)
 
 
 @pytest.mark.parametrize(("rank", "cache", "loaded", "afresh", "writes"), [
@@ -266,3 +270,5 @@ def test_compilation_loads_the_cache_before_the_first_step_and_writes_it_after(m
         ((values, step),) = sink.rows  # reported once, at the first step
         assert step == 1 and values["compile/graphs_compiled"] == afresh and values["compile/first_step_s"] >= 0
         assert values["compile/cache_loaded"] == float(loaded and bool(cache))
+        assert sink.lines == [f"step 1 compiled the cells in {values['compile/first_step_s']:.1f} s: {afresh} graphs "
+                              f"compiled afresh{f', the rest from {Path(path)}' if loaded and cache else ''}"]
