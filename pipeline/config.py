@@ -65,11 +65,12 @@ class TrainConfig:
     # Regional compilation: each cell's training forward through torch.compile (divdr.cells.compile_cells);
     # the first steps take longer (one graph per kind of cell), evaluation stays in eager mode.
     compile: bool = False
-    # With train.compile: a file holding torch's portable compile cache (torch.compiler.save_cache_artifacts),
-    # loaded before the first step and written by rank 0 after it when anything was compiled afresh. Point the
-    # runs, trials and workers of one network at one file (on shared storage for a cluster) and only the first
-    # compiles: the others start in seconds (docs/benchmarks.md, "Compile time"). "" = torch's own cache only,
-    # which is per machine (/tmp/torchinductor_<user>): a re-run there is already warm, a fresh node is not.
+    # With train.compile: a folder of torch's portable compile caches (torch.compiler.save_cache_artifacts), a file
+    # per network, input size, precision and device model (pipeline.loop.compile_cache_file). The run's file is
+    # loaded before the first step and written by rank 0 after it when anything was compiled afresh. Point the runs,
+    # trials and workers of a project at one folder (on shared storage for a cluster) and only the first of each
+    # network compiles (docs/benchmarks.md, "Compile time"). "" = torch's own cache only, which is per machine
+    # (/tmp/torchinductor_<user>): a re-run there is already warm, a fresh node is not.
     compile_cache: str = ""
     channels_last: bool = False  # the network's tensors in NHWC, what GPU convolutions prefer
     # The whole step (forward, losses, backward, clipping, fused SGD) captured once in a CUDA graph and replayed:
@@ -99,7 +100,7 @@ class TrainConfig:
         _require(not self.compile_cache or self.compile,
                  f"train.compile_cache ({self.compile_cache}) is only used with train.compile: true")
         _require(not is_uri(self.compile_cache),
-                 f"train.compile_cache must be a file path (on storage every worker mounts), got {self.compile_cache}")
+                 f"train.compile_cache must be a folder (on storage every worker mounts), got {self.compile_cache}")
         _require(not (self.cuda_graph and self.precision == "fp16"),
                  "train.cuda_graph cannot run with train.precision: fp16 (its GradScaler reads the overflow flag "
                  "on the host at every step); use bf16, which needs no scaling")

@@ -129,7 +129,7 @@ def run_local(cfg: ExperimentConfig, run_dir: Path, uri: str, run_id: str) -> di
         store = CentroidStoreImpl(len(train_set), cfg.model.a_dim, 1, cfg.train.steps, cfg.clustering, cfg.store,
                                   str(run_dir / "store"), cfg.train.seed, gpu=device.type == "cuda")
     logger = LogMetrics(sink)
-    hooks: list[Hook] = [*([Compilation(cfg.train.compile_cache, sink)] if cfg.train.compile else []),
+    hooks: list[Hook] = [*([Compilation(sink)] if cfg.train.compile else []),
                          *([LocalCentres(store, sink, cfg)] if store is not None else []), logger,
                          PeriodicEvaluation(sink), Checkpoints(save_checkpoint(run_dir), logger)]
     trainer = Trainer(cfg, task, task.build_model().to(device), hooks=hooks)

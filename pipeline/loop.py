@@ -19,6 +19,9 @@ process with no Ray (``pipeline/train.py --local``); the benchmarks drive ``run_
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -521,20 +524,36 @@ class LogMetrics(Hook):
         self.seen_images, self.t_last = 0, now
 
 
-class Compilation(Hook):
-    """``train.compile``: the first step compiles every kind of cell. Before it, ``train.compile_cache`` (if set)
-    is loaded; after it, rank 0 writes the cache back if this process compiled a graph the file lacked, and
-    reports the first step's seconds and how many graphs were compiled rather than found in a cache."""
+def compile_cache_file(cfg: ExperimentConfig, device: torch.device) -> Path:
+    """The file in ``train.compile_cache`` (a folder) for this run's compiled cells: one per network, task, input
+    size, precision, memory format, torch version and device model (what the compiled graphs depend on), so that
+    runs of different networks sharing the folder never replace each other's file."""
+    train = cfg.train
+    key = {"model": dataclasses.asdict(cfg.model), "task": cfg.task, "crop": train.crop, "batch": train.batch_size,
+           "precision": train.precision, "channels_last": train.channels_last, "torch": torch.__version__,
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(train.compile_cache) / f"cells-{digest}.cache"
 
-    def __init__(self, cache: str, sink: MetricsSink | None) -> None:
-        self.cache, self.sink = Path(cache) if cache else None, sink
+
+class Compilation(Hook):
+    """``train.compile``: the first step compiles every kind of cell. Before it, this network's file in
+    ``train.compile_cache`` (if set) is loaded; after it, rank 0 writes the file if this process compiled a graph
+    the file lacked (or there was none), and reports the first step's seconds and how many graphs were compiled
+    rather than found in a cache."""
+
+    def __init__(self, sink: MetricsSink | None) -> None:
+        self.sink = sink
+        self.cache: Path | None = None
         self.loaded = False
         self.started: float | None = None
         self.reported = False
 
     def before_step(self, trainer: Trainer, batch: dict[str, Any]) -> None:
         if self.started is None:
-            self.loaded = self.cache is not None and load_compile_cache(self.cache)
+            if trainer.cfg.train.compile_cache:
+                self.cache = compile_cache_file(trainer.cfg, next(trainer.net.parameters()).device)
+                self.loaded = load_compile_cache(self.cache)
             self.started = time.perf_counter()
 
     def after_step(self, trainer: Trainer, result: StepResult) -> None:

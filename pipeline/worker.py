@@ -193,7 +193,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     sender = (ActivationSender(store, world.rank, cfg.store.max_in_flight, cfg.store.float16)
               if store is not None else None)
     logger = LogMetrics(sink)
-    hooks = [*([Compilation(cfg.train.compile_cache, sink)] if cfg.train.compile else []),
+    hooks = [*([Compilation(sink)] if cfg.train.compile else []),
              *([StoreCentres(store, sender, sink)] if sender is not None else []), InjectFaults(faults, store),
              *([StreamActivations(sender, cfg)] if sender is not None and cfg.store.mode == "streaming" else []),
              logger, PeriodicEvaluation(sink), Checkpoints(_report_checkpoint, logger)]

@@ -234,14 +234,14 @@ def test_init_from_and_storage_path_are_made_absolute_against_the_launch_directo
     storage = with_absolute_paths(resolve("DR-A", None, ["storage.path=ckpt", "name=x"]), tmp_path).storage.path
     assert storage == str(tmp_path / "ckpt")
     assert with_absolute_paths(resolve("DR-A", None, ["storage.path=s3://b/p"]), tmp_path).storage.path == "s3://b/p"
-    cached = resolve("DR-A", None, ["train.compile=true", "train.compile_cache=cache/cells.bin"])
-    assert with_absolute_paths(cached, tmp_path).train.compile_cache == str(tmp_path / "cache/cells.bin")
+    cached = resolve("DR-A", None, ["train.compile=true", "train.compile_cache=cache"])
+    assert with_absolute_paths(cached, tmp_path).train.compile_cache == str(tmp_path / "cache")
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["train.compile_cache=cells.bin"], "only used with train.compile: true"),
-    (["train.compile=true", "train.compile_cache=s3://bucket/cells.bin"], "must be a file path"),
+    (["train.compile_cache=compiled"], "only used with train.compile: true"),
+    (["train.compile=true", "train.compile_cache=s3://bucket/compiled"], "must be a folder"),
 ])
-def test_a_compile_cache_needs_compilation_and_a_file_path(overrides, message):
+def test_a_compile_cache_needs_compilation_and_a_folder(overrides, message):
     with pytest.raises(ConfigError, match=message):
         resolve("DR-A", None, overrides)

@@ -237,38 +237,59 @@ class _Sink:
 
 
 @pytest.mark.parametrize(("rank", "cache", "loaded", "afresh", "writes"), [
-    (0, "cells.cache", False, 8, True),   # the first run: compiles and writes the file
-    (0, "cells.cache", True, 0, False),   # a later run found every graph in the file: nothing to add
-    (0, "cells.cache", True, 2, True),    # it compiled graphs the file lacked (another network): written again
-    (1, "cells.cache", False, 8, False),  # only rank 0 writes
-    (0, "", False, 8, False),             # no file named: torch's own cache only
+    (0, "compiled", False, 8, True),   # the first run: compiles and writes the file
+    (0, "compiled", True, 0, False),   # a later run found every graph in the file: nothing to add
+    (0, "compiled", True, 2, True),    # it compiled graphs the file lacked (another torch build): written again
+    (1, "compiled", False, 8, False),  # only rank 0 writes
+    (0, "", False, 8, False),          # no folder named: torch's own cache only
 ])
 def test_compilation_loads_the_cache_before_the_first_step_and_writes_it_after(monkeypatch, tmp_path, rank, cache,
                                                                                loaded, afresh, writes):
-    """train.compile_cache: loaded before the first (compiling) step, written by rank 0 after it when this process
-    compiled anything the file lacked; the first step's time and the graphs compiled reach the metrics."""
+    """train.compile_cache: the network's file is loaded before the first (compiling) step, written by rank 0 after
+    it when this process compiled anything the file lacked; the first step's time and the graphs compiled reach
+    the metrics and the progress lines."""
     from types import SimpleNamespace
 
+    import torch
+
     import pipeline.loop
-    from pipeline.loop import Compilation
+    from pipeline.loop import Compilation, compile_cache_file
 
     calls = []
     monkeypatch.setattr(pipeline.loop, "load_compile_cache", lambda path: calls.append(("load", path)) or loaded)
     monkeypatch.setattr(pipeline.loop, "save_compile_cache", lambda path: calls.append(("save", path)) or 100)
     monkeypatch.setattr(pipeline.loop, "graphs_compiled_afresh", lambda: afresh)
-    path = str(tmp_path / cache) if cache else ""
+    cfg = resolve("DR-A", None, ["train.compile=true", *([f"train.compile_cache={tmp_path / cache}"] if cache else [])])
+    path = compile_cache_file(cfg, torch.device("cpu"))
     sink = _Sink() if rank == 0 else None
-    hook = Compilation(path, sink)
-    trainer = SimpleNamespace(world=SimpleNamespace(rank=rank), step=1)
+    hook = Compilation(sink)
+    trainer = SimpleNamespace(cfg=cfg, net=torch.nn.Linear(1, 1), world=SimpleNamespace(rank=rank), step=1)
     for step in (1, 2, 3):
         trainer.step = step
         hook.before_step(trainer, {})
-        assert calls[:1] == ([("load", Path(path))] if cache else [])  # before the first step, once
+        assert calls[:1] == ([("load", path)] if cache else [])  # before the first step, once
         hook.after_step(trainer, None)
-    assert [c for c in calls if c[0] == "save"] == ([("save", Path(path))] if writes else [])
+    assert [c for c in calls if c[0] == "save"] == ([("save", path)] if writes else [])
     if rank == 0:
         ((values, step),) = sink.rows  # reported once, at the first step
         assert step == 1 and values["compile/graphs_compiled"] == afresh and values["compile/first_step_s"] >= 0
         assert values["compile/cache_loaded"] == float(loaded and bool(cache))
         assert sink.lines == [f"step 1 compiled the cells in {values['compile/first_step_s']:.1f} s: {afresh} graphs "
-                              f"compiled afresh{f', the rest from {Path(path)}' if loaded and cache else ''}"]
+                              f"compiled afresh{f', the rest from {path}' if loaded and cache else ''}"]
+
+
+def test_each_network_has_its_own_compile_cache_file(tmp_path):
+    """Runs of different networks or input sizes sharing one train.compile_cache folder never replace each other's
+    file; the same settings find the same file (run after run, trial after trial)."""
+    import torch
+
+    from pipeline.loop import compile_cache_file
+
+    def file(*overrides):
+        cfg = resolve("DR-A", None, ["train.compile=true", f"train.compile_cache={tmp_path}", *overrides])
+        return compile_cache_file(cfg, torch.device("cpu"))
+
+    assert file().parent == tmp_path and file() == file() == file("train.lr=0.01", "train.seed=3")
+    others = [file("model_size=micro"), file("train.crop=[96,96]"), file("train.batch_size=4"),
+              file("train.precision=bf16"), file("train.channels_last=true"), file("model.gate.kind=gumbel")]
+    assert len({file(), *others}) == 1 + len(others)
