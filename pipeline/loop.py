@@ -568,11 +568,12 @@ class Compilation(Hook):
             log.info("compile cache: %d bytes written to %s", size, self.cache)
         line = (f"step {trainer.step} compiled the cells in {seconds:.1f} s: {afresh} graphs compiled afresh"
                 f"{f', the rest from {self.cache}' if self.loaded else ''}")
-        log.info(line)
-        if self.sink is not None:
-            self.sink.progress(line)
-            self.sink.metrics({"compile/first_step_s": seconds, "compile/graphs_compiled": afresh,
-                               "compile/cache_loaded": float(self.loaded)}, trainer.step)
+        if self.sink is None:
+            log.info(line)
+            return
+        self.sink.progress(line)
+        self.sink.metrics({"compile/first_step_s": seconds, "compile/graphs_compiled": afresh,
+                           "compile/cache_loaded": float(self.loaded)}, trainer.step)
 
 
 class PeriodicEvaluation(Hook):
