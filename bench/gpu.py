@@ -27,8 +27,9 @@ skipped and say so), and keeps going when a section fails (its error is recorded
   exports compiled whole (and captured), a section of its own because each compile takes seconds to a minute.
 - ``profile`` (not in the default list): torch.profiler of the bf16 + channels_last step, device time by kernel.
 - ``compile_cache`` (not in the default list): what ``train.compile_cache`` saves - the compiling first step in
-  three processes, each standing for a machine (its own inductor and Triton cache directories): cold; on another
-  machine with the cache file the first wrote; again on that machine.
+  three processes, each standing for a machine (its own inductor and Triton cache directories): cold (which also
+  times the compiled step, as ``compile``'s first row); on another machine with the cache file the first wrote;
+  again on that machine.
 
 On a GPU every time is taken between ``torch.cuda.synchronize()`` calls; each figure is the median of
 ``--repeats`` timed runs after warm-up.
@@ -399,9 +400,16 @@ def compile_child(spec: dict[str, Any]) -> dict[str, Any]:
     loaded = load_compile_cache(cache) if spec["load"] else False
     step = Step(spec["model"], "DivDR-A", (spec["crop"], spec["crop"]), spec["batch"], spec["device"],
                 precision=spec["precision"], channels_last=spec["channels_last"], compile_backend=spec["backend"])
-    return {"compile_s": step.compile_seconds, "compiled_graphs": step.compiled_graphs,
-            "graphs_compiled_afresh": graphs_compiled_afresh(), "cache_loaded": loaded,
-            "cache_bytes": save_compile_cache(cache) if spec["save"] else None}
+    row = {"compile_s": step.compile_seconds, "compiled_graphs": step.compiled_graphs,
+           "graphs_compiled_afresh": graphs_compiled_afresh(), "cache_loaded": loaded,
+           "cache_bytes": save_compile_cache(cache) if spec["save"] else None}
+    if spec["repeats"]:  # the compiled step itself, launched and (GPU) captured: the compile section's first row
+        seconds = timed(step, spec["device"], spec["repeats"])
+        row |= {"step_ms": 1000 * seconds, "images_per_s": spec["batch"] / seconds}
+        if spec["device"].startswith("cuda"):
+            row["cuda_graph"] = _graph_row(step, SimpleNamespace(device=spec["device"], repeats=spec["repeats"]),
+                                           spec["batch"])
+    return row
 
 
 # (row, inductor cache directory, load the file, write the file): each row a new process, as a new run would be
@@ -411,9 +419,11 @@ COMPILE_CACHE_ROWS = (("cold", "machine_a", False, True),             # a fresh 
 
 
 def section_compile_cache(args, deadline: float) -> dict[str, Any]:
-    """What ``train.compile_cache`` saves: the compiling first step of the ``compile`` section's fastest variant
-    in three processes, each with its own inductor (and Triton) cache directory standing for a machine - cold,
-    on another machine with the file the first wrote, and again on that machine (torch's local cache)."""
+    """What ``train.compile_cache`` saves: the compiling first step of the ``compile`` section's first variant
+    (bf16 + channels_last on a GPU) in three processes, each with its own inductor (and Triton) cache directory
+    standing for a machine - cold, on another machine with the file the first wrote, and again on that machine
+    (torch's local cache). The cold process also times the compiled step, launched and (GPU) in a CUDA graph, so
+    this section alone gives the compile section's first row."""
     import json
     import os
     import subprocess
@@ -437,7 +447,8 @@ def section_compile_cache(args, deadline: float) -> dict[str, Any]:
                 continue
             env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": f"{tmp}/{machine}",
                    "TRITON_CACHE_DIR": f"{tmp}/{machine}/triton"}
-            child = {**spec, "cache": f"{tmp}/cells.cache", "load": load, "save": save}
+            child = {**spec, "cache": f"{tmp}/cells.cache", "load": load, "save": save,
+                     "repeats": args.repeats if name == "cold" else 0}  # the step is timed once: compiled cold
             start = time.perf_counter()
             done = subprocess.run([sys.executable, "-c", code, str(REPO), json.dumps(child)], env=env,
                                   capture_output=True, text=True, timeout=900)

@@ -47,6 +47,7 @@ def test_gpu_compile_cache_section():
     rows = [out[name] for name, *_ in gpu.COMPILE_CACHE_ROWS]
     assert all(row["compile_s"] > 0 and row["compiled_graphs"] >= 1 for row in rows), out
     assert rows[0]["cache_bytes"] == 0 and rows[1]["cache_loaded"] is False  # aot_eager: nothing to write or load
+    assert rows[0]["step_ms"] > 0 and "step_ms" not in rows[1]  # the compiled step timed once, cold
 
 
 def test_compare_trees(tmp_path):
