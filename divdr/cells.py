@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Callable
@@ -265,15 +266,23 @@ def save_compile_cache(path: Path) -> int:
     """Write what ``torch.compile`` compiled or loaded in this process (inductor's portable cache artifacts:
     AOTAutograd's and inductor's graphs and, on a GPU, the Triton kernels) to ``path``; the bytes written (0:
     nothing compiled). The file is replaced whole (written aside, then renamed), so runs sharing one file
-    never read half of it."""
+    never read half of it. A file that cannot be written (a read-only or full disk) is named in a warning and 0
+    returned: the run goes on without it."""
     artifacts = torch.compiler.save_cache_artifacts()
     if artifacts is None or not artifacts[0]:
         return 0
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    partial.write_bytes(artifacts[0])
-    os.replace(partial, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_bytes(artifacts[0])
+        os.replace(partial, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):  # the partial file, where it could be made
+            partial.unlink(missing_ok=True)
+        warnings.warn(f"compile cache {path} could not be written ({error}); training goes on without it",
+                      stacklevel=2)
+        return 0
     return len(artifacts[0])
 
 

@@ -159,3 +159,15 @@ def test_an_unreadable_compile_cache_warns_and_compiles_from_scratch(tmp_path):
     garbage.write_bytes(b"half a file")
     with pytest.warns(UserWarning, match="cells.cache is unreadable"):
         assert load_compile_cache(garbage) is False
+
+
+def test_a_compile_cache_that_cannot_be_written_warns_and_training_goes_on(tmp_path, monkeypatch):
+    from divdr.cells import save_compile_cache
+
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"compiled graphs", None))
+    (tmp_path / "not-a-folder").write_text("a file where the folder should be")
+    with pytest.warns(UserWarning, match="not-a-folder/cells.cache could not be written"):
+        assert save_compile_cache(tmp_path / "not-a-folder" / "cells.cache") == 0
+    assert save_compile_cache(tmp_path / "compiled" / "cells.cache") == len(b"compiled graphs")
+    assert (tmp_path / "compiled" / "cells.cache").read_bytes() == b"compiled graphs"
+    assert [p.name for p in (tmp_path / "compiled").iterdir()] == ["cells.cache"]  # no partial file left
