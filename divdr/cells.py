@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -272,7 +273,7 @@ def save_compile_cache(path: Path) -> int:
     if artifacts is None or not artifacts[0]:
         return 0
     path = Path(path)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.partial")  # one per writer
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial.write_bytes(artifacts[0])
