@@ -547,6 +547,7 @@ class Compilation(Hook):
         self.cache: Path | None = None
         self.loaded = False
         self.started: float | None = None
+        self.compiled_before = 0  # the process's count before this run (a process may train several runs)
         self.reported = False
 
     def before_step(self, trainer: Trainer, batch: dict[str, Any]) -> None:
@@ -554,13 +555,14 @@ class Compilation(Hook):
             if trainer.cfg.train.compile_cache:
                 self.cache = compile_cache_file(trainer.cfg, next(trainer.net.parameters()).device)
                 self.loaded = load_compile_cache(self.cache)
+            self.compiled_before = graphs_compiled_afresh()
             self.started = time.perf_counter()
 
     def after_step(self, trainer: Trainer, result: StepResult) -> None:
         if self.reported or self.started is None:
             return
         self.reported = True
-        seconds, afresh = time.perf_counter() - self.started, graphs_compiled_afresh()
+        seconds, afresh = time.perf_counter() - self.started, graphs_compiled_afresh() - self.compiled_before
         if trainer.world.rank != 0:
             return
         if self.cache is not None and (afresh or not self.loaded):

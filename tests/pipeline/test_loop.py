@@ -258,7 +258,9 @@ def test_compilation_loads_the_cache_before_the_first_step_and_writes_it_after(m
     calls = []
     monkeypatch.setattr(pipeline.loop, "load_compile_cache", lambda path: calls.append(("load", path)) or loaded)
     monkeypatch.setattr(pipeline.loop, "save_compile_cache", lambda path: calls.append(("save", path)) or 100)
-    monkeypatch.setattr(pipeline.loop, "graphs_compiled_afresh", lambda: afresh)
+    # the process had compiled 3 graphs for an earlier run; this run's first step compiles `afresh` more
+    counts = iter([3, *[3 + afresh] * 3])
+    monkeypatch.setattr(pipeline.loop, "graphs_compiled_afresh", lambda: next(counts))
     cfg = resolve("DR-A", None, ["train.compile=true", *([f"train.compile_cache={tmp_path / cache}"] if cache else [])])
     path = compile_cache_file(cfg, torch.device("cpu"))
     sink = _Sink() if rank == 0 else None
