@@ -136,6 +136,15 @@ class CentroidStoreImpl:
         return (not self.running and trigger is not None and min(self.watermark) >= trigger - 1
                 and int(self.seen.sum()) >= self.k)
 
+    def starved(self) -> bool:
+        """Every rank is past the next trigger (so what it sent up to there has arrived, the watermark's own
+        assumption), yet fewer than K samples have a finite A(x) (their steps were non-finite and refused): that
+        version cannot be clustered until later steps bring more, so nobody should wait for it now. Were a
+        rank's calls ever handled out of order, the cost is a switch tried again at the next step."""
+        trigger = self.next_trigger()
+        return (not self.running and trigger is not None and min(self.watermark) >= trigger - 1
+                and int(self.seen.sum()) < self.k)
+
     # ---- clustering ----------------------------------------------------------------------------
 
     def take_batch(self) -> tuple[np.ndarray, np.ndarray]:
@@ -351,6 +360,7 @@ class CentroidStore:
         self._published = asyncio.Condition()
         self._task: asyncio.Task | None = None
         self._writing = asyncio.Lock()  # one snapshot written at a time
+        self._starved_warned = -1  # the version after which a starved K-means was last reported
 
     async def ingest(self, rank: int, step: int, sample_ids: np.ndarray, activations: np.ndarray,
                      complete: bool = True) -> None:
@@ -387,6 +397,14 @@ class CentroidStore:
         """
         self.impl.mark(rank, step - 1)
         self._maybe_cluster()
+        if self.impl.version < version and self.impl.starved():
+            if self._starved_warned != self.impl.version:
+                self._starved_warned = self.impl.version
+                log.warning("K-means for step %d needs K=%d samples with a finite A(x), and only %d arrived "
+                            "(%d non-finite rows refused); the run goes on with centres version %d",
+                            self.impl.next_trigger(), self.impl.k, int(self.impl.seen.sum()),
+                            self.impl.rejected_rows, self.impl.version)
+            return None
         try:
             async with self._published:
                 await asyncio.wait_for(self._published.wait_for(lambda: self.impl.version >= version), timeout)

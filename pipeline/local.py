@@ -80,6 +80,15 @@ class LocalCentres(Hook):
         if sent is not None:
             self.store.ingest(0, *sent)  # non-finite rows are the store's to reject (and count)
 
+    def after_skip(self, trainer: Trainer, index: int) -> None:
+        # at a step before a trigger, the store learns the run is past it, or K-means waits for the next send
+        if trainer.cfg.store.mode == "streaming" and index in self.pending.due_at:
+            sent = self.pending.take(index)
+            if sent is not None:
+                self.store.ingest(0, *sent)
+            else:
+                self.store.mark(0, index)
+
 
 def save_checkpoint(run_dir: Path) -> Any:
     def save(trainer: Trainer, metrics: dict[str, float]) -> None:

@@ -269,7 +269,15 @@ class PendingActivations:
         self.acts.append(result.activations.detach().clone())  # a captured step rewrites its A(x) at each replay
         if len(self.acts) < self.send_every and result.index not in self.due_at:
             return None
-        sent = (result.index, np.asarray(self.ids, dtype=np.int64), torch.cat(self.acts).float().cpu().numpy())
+        return self.take(result.index)
+
+    def take(self, index: int) -> tuple[int, np.ndarray, np.ndarray] | None:
+        """What is pending, stamped with step ``index`` (None if nothing is). Also for a step left out on the
+        host (non-finite), which adds nothing: at a step in ``due_at`` the rank must still tell the store it
+        is past it (with these rows, or a mark where there are none), or the store waits for its next send."""
+        if not self.acts:
+            return None
+        sent = (index, np.asarray(self.ids, dtype=np.int64), torch.cat(self.acts).float().cpu().numpy())
         self.ids, self.acts = [], []
         return sent
 
@@ -278,7 +286,7 @@ class Hook:
     """A part of training around the step; override what is needed. Hooks run in the order given to
     the trainer: ``before_step`` before each step, ``perturb`` between the forward and the losses
     (fault injection), ``after_step`` after each step that was trained (not after a skipped one, except
-    where the skip is decided on the device: ``Trainer.skips_on_device``)."""
+    where the skip is decided on the device: ``Trainer.skips_on_device``), ``after_skip`` after one left out."""
 
     def before_step(self, trainer: Trainer, batch: dict[str, Any]) -> None:
         return None
@@ -288,6 +296,10 @@ class Hook:
         return task_loss, activations
 
     def after_step(self, trainer: Trainer, result: StepResult) -> None:
+        return None
+
+    def after_skip(self, trainer: Trainer, index: int) -> None:
+        """After step ``index`` was left out on the host (a non-finite loss or A(x)): no ``after_step``."""
         return None
 
 
@@ -445,6 +457,8 @@ class Trainer:
                     hook.before_step(self, batch)
                 result = self.run_step(batch)
                 if result is None:
+                    for hook in self.hooks:
+                        hook.after_skip(self, self.step - 1)
                     continue
                 for hook in self.hooks:
                     hook.after_step(self, result)

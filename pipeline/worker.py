@@ -70,6 +70,15 @@ class ActivationSender:
         ids = np.asarray(sample_ids, dtype=np.int64)[finite]
         self.in_flight.append(self.store.ingest.remote(self.rank, step, ids, acts[finite].astype(self.dtype),
                                                        complete))
+        self._bound()
+
+    def mark(self, step: int) -> None:
+        """That this rank sent everything up to ``step`` (a step before a K-means trigger left out, with no
+        rows pending): in order with the ``ingest`` calls, and as bounded."""
+        self.in_flight.append(self.store.mark.remote(self.rank, step))
+        self._bound()
+
+    def _bound(self) -> None:
         while len(self.in_flight) > self.limit:
             done, _ = ray.wait([self.in_flight[0]], timeout=SEND_TIMEOUT_S)
             if done:
@@ -313,6 +322,14 @@ class StreamActivations(Hook):
         sent = self.pending.add(result)
         if sent is not None:
             self.sender.send(*sent)
+
+    def after_skip(self, trainer: Trainer, index: int) -> None:
+        if index in self.pending.due_at:
+            sent = self.pending.take(index)
+            if sent is not None:
+                self.sender.send(*sent)
+            else:
+                self.sender.mark(index)
 
 
 # ---- checkpoints ------------------------------------------------------------------------------

@@ -252,3 +252,46 @@ def test_each_update_counts_the_points_that_crossed_to_another_centre():
 def test_on_unstable_is_validated_by_name():
     with pytest.raises(ConfigError, match=re.escape("clustering.on_unstable must be 'pause' or 'hold', got 'keep'")):
         ClusteringConfig(on_unstable="keep")
+
+
+def test_a_version_with_too_few_finite_samples_is_reported_starved_not_due():
+    """Every rank past the trigger, but the rows that came were non-finite (refused): nothing in flight can make
+    the version, so the store says so (starved) instead of letting rank 0 wait for it; later rows make it due."""
+    store = make_store()
+    points, _ = blobs(20)
+    store.ingest(0, 4, np.arange(30), np.full((30, DIM), np.nan, dtype=np.float32))
+    assert not store.starved()  # rank 1 may still send
+    store.mark(1, 4)  # rank 1's steps were left out: a mark, no rows
+    assert store.starved() and not store.due() and store.rejected_rows == 30
+    store.ingest(1, 6, np.arange(30, 60), points[30:])  # a later step brings finite rows
+    assert store.due() and not store.starved()
+
+
+def test_the_actor_answers_at_once_for_a_starved_version(monkeypatch, caplog):
+    """get_centres returns None without waiting its timeout when the version is starved, says why once, and
+    still waits for a version that is only late (a rank not past the trigger yet)."""
+    import asyncio
+    import time
+
+    import ray
+
+    from pipeline.centroid_store import CentroidStore
+
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])
+    actor_class = CentroidStore.__ray_actor_class__
+
+    async def scenario():
+        store = actor_class(60, DIM, 2, 20, ClusteringConfig(k=3, update_every=5), StoreConfig(), None)
+        late = time.perf_counter()
+        assert await store.get_centres(1, 0, 6, timeout=0.3) is None  # rank 1 not past step 4: waited
+        late = time.perf_counter() - late
+        await store.mark(1, 4)
+        starved = time.perf_counter()
+        answers = [await store.get_centres(1, 0, 6 + i, timeout=30.0) for i in range(2)]
+        return late, time.perf_counter() - starved, answers
+
+    with caplog.at_level("WARNING", logger="pipeline.centroid_store"):
+        late, starved, answers = asyncio.run(scenario())
+    assert late >= 0.3 and starved < 5 and answers == [None, None]
+    warned = [r.getMessage() for r in caplog.records if "K-means for step 5" in r.getMessage()]
+    assert len(warned) == 1 and "needs K=3 samples with a finite A(x), and only 0 arrived" in warned[0]

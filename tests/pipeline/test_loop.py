@@ -9,7 +9,7 @@ import pytest
 from divdr.gates import gate_parameters
 from divdr.heads import DynamicRoutingSegmenter
 from pipeline.config import resolve
-from pipeline.loop import build_optimizer
+from pipeline.loop import Hook, build_optimizer
 
 
 @pytest.mark.parametrize("kind", ["soft", "gumbel"])
@@ -107,22 +107,16 @@ def _batches(cfg, count):
             for _ in range(count)]
 
 
-class _NaNAt:
+class _NaNAt(Hook):
     """A hook that makes A(x) non-finite at the given step indices."""
 
     def __init__(self, indices):
         self.indices = set(indices)
 
-    def before_step(self, trainer, batch):
-        return None
-
     def perturb(self, trainer, task_loss, activations):
         if trainer.step in self.indices:
             activations = activations * float("nan")
         return task_loss, activations
-
-    def after_step(self, trainer, result):
-        return None
 
 
 def test_fused_steps_skip_non_finite_steps_without_reading_the_device(monkeypatch):
@@ -188,6 +182,61 @@ def test_pending_activations_go_to_the_host_together():
     step, ids, acts = sent[4]
     assert step == 4 and ids.tolist() == [6, 7, 8, 9] and acts[:, 0].tolist() == [3, 3, 4, 4]
     assert acts.dtype == "float32" and sum(len(s[1]) for s in sent.values()) == 24
+
+
+def _numbered(batches):
+    """The batches with sample ids of their own (the store clusters distinct samples)."""
+    return [{**batch, "sample_id": [2 * i, 2 * i + 1]} for i, batch in enumerate(batches)]
+
+
+def test_a_step_left_out_before_a_trigger_still_tells_the_store_the_run_is_past_it():
+    """A non-finite step at the step before a K-means trigger (host-decided skip, CPU): what was pending goes
+    to the store all the same, so K-means runs and the centres switch on schedule, not at the next send."""
+    import torch
+
+    from pipeline.centroid_store import CentroidStoreImpl
+    from pipeline.local import LocalCentres
+    from pipeline.loop import Trainer
+    from pipeline.tasks import SegmentationTask
+
+    cfg = resolve("DivDR-A", None, ["model_size=micro", "train.crop=[64,64]", "train.steps=8",
+                                    "clustering.update_every=4", "store.switch_lag=1"])  # trigger 4, switch 5
+    store = CentroidStoreImpl(16, cfg.model.a_dim, 1, cfg.train.steps, cfg.clustering, cfg.store, None)
+    torch.manual_seed(0)
+    task = SegmentationTask(cfg, Path("."))
+    trainer = Trainer(cfg, task, task.build_model(), hooks=[LocalCentres(store, None, cfg), _NaNAt({3})])
+    trainer.fit(_numbered(_batches(cfg, 8)))
+    assert trainer.skipped_total == 1 and store.watermark == [7]
+    assert [h["switch_step"] for h in trainer.centres.history] == [5]  # was: never (the next send is the last)
+    assert store.history[0]["points"] == 6  # the three steps trained before the skip
+
+
+class _Sender:
+    def __init__(self):
+        self.calls = []
+
+    def send(self, step, ids, acts, complete=True):
+        self.calls.append(("send", step, ids.tolist()))
+
+    def mark(self, step):
+        self.calls.append(("mark", step))
+
+
+def test_ray_workers_send_what_is_pending_at_a_skipped_step_before_a_trigger_or_a_mark():
+    import torch
+
+    from pipeline.loop import StepResult
+    from pipeline.worker import StreamActivations
+
+    cfg = resolve("DivDR-A", None, ["store.send_every=3", "clustering.update_every=5", "train.steps=12"])
+    sender = _Sender()
+    hook = StreamActivations(sender, cfg)  # every 3 rows, and at indices 4, 9 (triggers 5, 10) and 11
+    for index in (0, 1, 2, 3):
+        hook.after_step(None, StepResult(index, {"sample_id": [index]}, None, None, None, torch.ones(1, 4), 1.0))
+    hook.after_skip(None, 4)  # before the trigger: index 3's row goes now
+    hook.after_skip(None, 5)  # not due: nothing
+    hook.after_skip(None, 9)  # before the next trigger, nothing pending: a mark
+    assert sender.calls == [("send", 2, [0, 1, 2]), ("send", 4, [3]), ("mark", 9)]
 
 
 def test_kmeans_membership_steps_use_the_stores_partition():
