@@ -45,6 +45,12 @@ def add_common(parser: argparse.ArgumentParser, what: str = "the run") -> None:
                         help="print the resolved configuration and exit without training")
 
 
+def add_local(parser: argparse.ArgumentParser, what: str = "train") -> None:
+    parser.add_argument("--local", action="store_true",
+                        help=f"{what} in this process, without Ray: the same loop, the centroid store's logic "
+                             "in-process (one worker; scaling.* is ignored)")
+
+
 RAY_JOB_COPY = "working_dir_files"  # runtime_resources/working_dir_files/_ray_pkg_<hash>: a job's working dir
 
 

@@ -1,6 +1,7 @@
 """The main job: DR-A and DivDR-A trained the same way on the embedded study, side by side over seeds.
 
-``python pipeline/main_job.py [--out runs] [--seeds 3] [--config FILE] [--data DIR] [--set key=value ...] [--resume]``
+``python pipeline/main_job.py [--out runs] [--seeds 3] [--config FILE] [--data DIR] [--set key=value ...] [--resume]
+[--local]``
 
 All runs share one configuration (``MAIN_JOB``, chosen so that one run takes ~4-5 minutes on 2 CPU
 cores) and differ only in the preset: DR-A (budget loss) against DivDR-A (budget loss + clustering
@@ -24,7 +25,7 @@ import yaml
 
 from divdr.config import PRESETS as PRESETS_ALL
 from divdr.config import ConfigError
-from pipeline.cli_args import add_common, data_overrides, parser_for, persistent_out
+from pipeline.cli_args import add_common, add_local, data_overrides, parser_for, persistent_out
 from pipeline.columns import format_seed_table, format_table
 from pipeline.config import resolve, with_smoke
 from pipeline.run_folder import RunState, run_state
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=sorted(PRESETS_ALL), metavar="PRESET",
                         help=f"presets to compare (default: {' '.join(PRESETS)}; "
                              f"any of {', '.join(sorted(PRESETS_ALL))})")
+    add_local(parser, "train every run")
     parser.add_argument("--resume", action="store_true",
                         help="keep what an earlier main job under --out finished or started (default: train every "
                              "run again from scratch)")
@@ -71,13 +73,14 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
         print(yaml.safe_dump(configs[0].to_dict(), sort_keys=False))
         return {}
     started = time.perf_counter()
-    init_ray()
+    if not args.local:
+        init_ray()
     runs: dict[str, list[dict[str, Any]]] = {}
     by_name: dict[str, dict[str, Any]] = {}
     for cfg in configs:
         existing = "fresh" if not args.resume else "continue" if run_state(out / cfg.run_name) is RunState.NEW \
             else "resume"
-        by_name[cfg.run_name] = run(cfg, out, existing=existing)
+        by_name[cfg.run_name] = run(cfg, out, existing=existing, local=args.local)
         runs.setdefault(cfg.preset, []).append(by_name[cfg.run_name])
     wall = time.perf_counter() - started
     per_run = format_table({f"{preset} seed {i}": m for preset, ms in runs.items() for i, m in enumerate(ms)})

@@ -1,6 +1,6 @@
 """The controlled study's oracle (DivDR sec. 5): one expert per *known* subset, against DivDR.
 
-``python pipeline/oracle.py [--out runs] [--preset DR-A] [--set key=value ...] [--compare MODEL.pt ...]``
+``python pipeline/oracle.py [--out runs] [--preset DR-A] [--set key=value ...] [--compare MODEL.pt ...] [--local]``
 
 For every subset s of the dataset's manifest, a network of the same size as the main job's is
 trained on the images of s only (a symlinked view of the dataset, ``divdr.data.cityscapes.write_subset_view``)
@@ -54,7 +54,7 @@ from divdr.evaluation import InferenceResult, run_inference
 from divdr.heads import DynamicRoutingSegmenter
 from divdr.metrics import scores_from_confusion
 from pipeline import model_file, tracking
-from pipeline.cli_args import add_common, data_overrides, parser_for, persistent_out, preset_help
+from pipeline.cli_args import add_common, add_local, data_overrides, parser_for, persistent_out, preset_help
 from pipeline.config import ExperimentConfig, deep_merge, redact_uri, resolve, with_smoke
 from pipeline.main_job import MAIN_JOB
 from pipeline.model_file import ModelFileError
@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --route-experts: leave out the Network-Fix row (every path, no gates)")
     parser.add_argument("--reuse-experts", action="store_true",
                         help="score the experts an earlier call trained under --out instead of training them")
+    add_local(parser, "train every expert")
     parser.add_argument("--split", choices=("val", "train"), default="val",
                         help="the images every row is scored on (train: does a model fit what it learned from?)")
     return parser
@@ -134,15 +135,16 @@ ROUTE_EXPERT_OVERRIDES = ("model.gate.enabled=false", "budget.weight=0", "cluste
                           "store.enabled=false")
 
 
-def expert(cfg: ExperimentConfig, out: Path, reuse: bool) -> DynamicRoutingSegmenter:
-    """The expert ``cfg`` describes: trained now under ``out``, or with ``reuse`` the one trained there before."""
-    if reuse:
+def expert(cfg: ExperimentConfig, out: Path, args: argparse.Namespace) -> DynamicRoutingSegmenter:
+    """The expert ``cfg`` describes: trained now under ``out`` (``--local``: in this process), or with
+    ``--reuse-experts`` the one trained there before."""
+    if args.reuse_experts:
         path = out / cfg.run_name / "artifacts" / "model.pt"
         if not path.is_file():
             raise SystemExit(f"pipeline/oracle.py: error: --reuse-experts: no expert {cfg.run_name!r} under {out} "
                              f"({path} does not exist); train the experts first (the same command without it)")
         return load_model(path)
-    metrics = run(cfg, out, existing="fresh")
+    metrics = run(cfg, out, existing="fresh", local=args.local)
     return load_model(Path(metrics["run_dir"]) / "artifacts" / "model.pt")
 
 
@@ -153,7 +155,7 @@ def train_subset_experts(args: argparse.Namespace, base: dict[str, Any], views: 
     for s, view in views.items():
         cfg = resolve(args.preset, args.config, [*args.overrides, f"name=oracle-{names[s]}", f"data.root={view}"],
                       base=base)
-        experts[s] = expert(cfg, out, args.reuse_experts)
+        experts[s] = expert(cfg, out, args)
     if args.reuse_experts:
         label = f"oracle (experts per subset trained earlier under {out})"
     else:
@@ -177,7 +179,7 @@ def train_route_experts(args: argparse.Namespace, base: dict[str, Any], root: Pa
     for label, (name, route) in experts.items():
         cfg = resolve("DR-Raw", args.config, [*args.overrides, *ROUTE_EXPERT_OVERRIDES, *route, f"name={name}",
                                               f"data.root={root}"], base=base)
-        model = expert(cfg, out, args.reuse_experts)
+        model = expert(cfg, out, args)
         rows[label] = evaluate_per_subset(dict.fromkeys(views, model), views, args.split)
     return rows
 
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     names = subset_names(root)
     views = {s: write_subset_view(root, out / "subset-views" / f"subset-{s}-{names[s]}", s) for s in sorted(names)}
     started = time.perf_counter()
-    if not args.reuse_experts:
+    if not args.reuse_experts and not args.local:
         init_ray()
     if args.route_experts:
         rows = train_route_experts(args, base, root, views, names, out)

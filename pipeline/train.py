@@ -28,7 +28,7 @@ import yaml
 from divdr.config import PRESETS, ConfigError
 from divdr.data.errors import DatasetError
 from pipeline import tracking
-from pipeline.cli_args import add_common, data_overrides, parser_for, persistent_out, preset_help
+from pipeline.cli_args import add_common, add_local, data_overrides, parser_for, persistent_out, preset_help
 from pipeline.columns import format_table
 from pipeline.config import ExperimentConfig, redact_uri, resolve, with_absolute_paths, with_data_root, with_smoke
 from pipeline.faults import faults_from_env
@@ -60,9 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train from scratch: delete the run of the same name (its folder and checkpoints) first")
     again.add_argument("--resume", action="store_true",
                        help="resume the run of the same name; if it already finished, print its stored result")
-    parser.add_argument("--local", action="store_true",
-                        help="train in this process, without Ray: the same loop, the centroid store's logic "
-                             "in-process (one worker; scaling.* is ignored)")
+    add_local(parser)
     return parser
 
 

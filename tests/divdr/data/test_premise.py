@@ -68,30 +68,38 @@ def test_fine_objects_are_tiny_and_bars_show_their_class_only_at_the_caps(val_sc
     assert np.mean(far) > MIN_FAR_SHARE
 
 
-@pytest.mark.slow
-def test_each_regime_is_best_served_by_its_own_route(tmp_path):
-    """The one-route expert property on a small sample: the 1/4 column and the 1/8 column, each trained
-    alone (no gates) on both regimes, each does better than the other on its own regime."""
+def _route_scores(root: Path, route: int) -> dict[int, float]:
+    """One route's column trained alone (no gates) on both regimes; its val mIoU per regime. Run in a process
+    of its own (one thread), so the two routes train side by side on two cores."""
     from pipeline.config import resolve
     from pipeline.loop import Trainer
     from pipeline.tasks import SegmentationTask
 
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = resolve("DR-Raw", None, ["model_size=tiny", "model.gate.enabled=false", f"model.route=[{route}]",
+                                   "train.steps=700", "train.batch_size=4", "train.crop=[96,384]",
+                                   "train.scale_min=1", "train.scale_max=1", "store.enabled=false"])
+    task = SegmentationTask(cfg, root)
+    loader = DataLoader(task.train_dataset(), batch_size=4, shuffle=True, drop_last=True,
+                        collate_fn=task.collate, generator=torch.Generator().manual_seed(0))
+    trainer = Trainer(cfg, task, task.build_model())
+    trainer.fit(loader)
+    val = task.inference(trainer.net, "val", range(task.split_size("val")), score=False)
+    return {s: task.inference(trainer.net, "val", np.flatnonzero(val.subsets == s)).scores.miou for s in (0, 1)}
+
+
+@pytest.mark.slow
+def test_each_regime_is_best_served_by_its_own_route(tmp_path):
+    """The one-route expert property on a small sample: the 1/4 column and the 1/8 column, each trained
+    alone (no gates) on both regimes, each does better than the other on its own regime."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     root = tmp_path / "premise"
     generate(replace(PREMISE_STUDY, n_train=64, n_val=16), root)
-    scores = {}
-    for route in (0, 1):
-        torch.manual_seed(0)
-        cfg = resolve("DR-Raw", None, ["model_size=tiny", "model.gate.enabled=false", f"model.route=[{route}]",
-                                       "train.steps=700", "train.batch_size=4", "train.crop=[96,384]",
-                                       "train.scale_min=1", "train.scale_max=1", "store.enabled=false"])
-        task = SegmentationTask(cfg, root)
-        loader = DataLoader(task.train_dataset(), batch_size=4, shuffle=True, drop_last=True,
-                            collate_fn=task.collate, generator=torch.Generator().manual_seed(0))
-        trainer = Trainer(cfg, task, task.build_model())
-        trainer.fit(loader)
-        val = task.inference(trainer.net, "val", range(task.split_size("val")), score=False)
-        scores[route] = {s: task.inference(trainer.net, "val", np.flatnonzero(val.subsets == s)).scores.miou
-                         for s in (0, 1)}
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        scores = dict(zip((0, 1), pool.map(_route_scores, (root, root), (0, 1)), strict=True))
     fine, coarse = 0, 1
     assert scores[0][fine] > scores[1][fine] and scores[1][coarse] > scores[0][coarse], scores
     assert load_split(Path(root), "val")[2].tolist().count(fine) == 8
