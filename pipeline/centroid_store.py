@@ -7,7 +7,9 @@ Protocol (SPEC section 5):
   sent its activations up to step ``trigger[v] - 1``; the K-means runs in a thread, so ingestion is
   never blocked by it;
 - ``get_centres(v)`` waits (bounded) for version v; rank 0 fetches it at the switch step and
-  broadcasts it, so all DDP ranks switch at the same step;
+  broadcasts it, so all DDP ranks switch at the same step. A version that cannot be clustered yet
+  (every rank past its trigger, fewer than K finite samples: the steps were refused) is answered at
+  once with None, and a warning, rather than after the timeout at every step;
 - with ``clustering.stable_max_change`` a version whose partition differs too much from the previous
   one is published with sigma^2 = 0, which the workers read as "no usable centres": eq. 2 pauses
   (``clustering.on_unstable: pause``), or with the centres and sigma^2 of the last version that
