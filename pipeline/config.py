@@ -74,7 +74,8 @@ class TrainConfig:
     compile_cache: str = ""
     channels_last: bool = False  # the network's tensors in NHWC, what GPU convolutions prefer
     # The whole step (forward, losses, backward, clipping, fused SGD) captured once in a CUDA graph and replayed:
-    # one launch per step instead of thousands (pipeline/cuda_graph.py; one GPU, segmentation, fp32 or bf16).
+    # one launch per step instead of thousands (pipeline/cuda_graph.py; GPUs, segmentation, fp32 or bf16; with
+    # several workers two graphs per step, the gradients all-reduced between them).
     cuda_graph: bool = False
     # A model file (<run>/artifacts/model.pt) whose weights start the network, e.g. fine-tuning a network
     # trained on every image on one subset (pipeline/oracle.py --set train.init_from=...). "" = random initialisation.

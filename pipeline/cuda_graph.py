@@ -19,9 +19,20 @@ would be frozen at capture):
 The first ``WARMUP_STEPS`` steps run eagerly on a side stream (capture requires it, and the fused SGD makes its
 momentum buffers there); then the step is captured and replayed. Skips of non-finite steps are decided on the
 device (the fused SGD's ``found_inf``), as in every fused run. Where it does not apply, the configuration
-says so before training: several processes (DDP's all-reduce is not captured here), fp16 (its GradScaler
-reads the overflow flag on the host), tasks whose batches change shape, fault-injection hooks (they perturb
-the step from the host).
+says so before training: fp16 (its GradScaler reads the overflow flag on the host), tasks whose batches change
+shape, fault-injection hooks (they perturb the step from the host).
+
+Several processes (Ray Train workers, ``scaling.workers`` > 1) capture the step in two graphs, with the
+communication between them rather than inside: DDP's reducer (bucket hooks fired from autograd) is not
+captured here, and NCCL inside a graph asks more of the setup (one capture per communicator, watchdog,
+warm-up counts). Graph 1 is the forward, the losses, this process's finite flag and the backward of the loss
+divided by the number of processes, into gradients that are views of one flat buffer; then one all-reduce
+(sum) of that buffer - the mean gradient, what DDP computes - and one of the flag (min); graph 2 is the
+clipping and the fused SGD, left out on every process where any had a non-finite value. The network is not
+wrapped in DDP (``pipeline.worker``): the processes start from rank 0's weights (broadcast once here), and
+each keeps its own BatchNorm running statistics, as DDP with ``broadcast_buffers=False``; rank 0's are given
+to every process before each evaluation and checkpoint (``World.sync_buffers``), as before. Unlike DDP the
+all-reduce does not overlap the backward: it is one call on ~4 M parameters (Layer16) after it.
 """
 
 from __future__ import annotations
@@ -78,9 +89,6 @@ class CapturedStep:
         if backend is None and device.type != "cuda":
             raise ValueError(f"train.cuda_graph needs the network on a CUDA device, it is on {device} "
                              "(scaling.use_gpu: true)")
-        if trainer.world.size > 1:
-            raise ValueError(f"train.cuda_graph trains in one process; this run has {trainer.world.size} "
-                             "(scaling.workers: 1): DDP's all-reduce is not captured")
         if not trainer.skips_on_device:
             raise ValueError("train.cuda_graph needs the fused SGD, which leaves a non-finite step out on the device")
         perturbing = [type(h).__name__ for h in trainer.hooks if type(h).perturb is not Hook.perturb]
@@ -99,6 +107,15 @@ class CapturedStep:
         self.batch: dict[str, Any] | None = None  # the static batch the graph reads
         self.outputs: tuple | None = None  # what the graph writes, the same tensors at every replay
         self.replay: Callable[[], None] | None = None
+        # several processes: the gradients as views of one buffer reduced between two graphs (module docstring)
+        self.world = trainer.world
+        self.flat_grads = flat_gradients(trainer.net) if self.world.size > 1 else None
+        self.finite = torch.ones(1, device=device)  # every process's flag, reduced (several processes)
+        self.replay_update: Callable[[], None] | None = None
+        if self.world.size > 1:
+            with torch.no_grad():
+                for tensor in (*trainer.net.parameters(), *trainer.net.buffers()):
+                    self.world.broadcast_(tensor)  # rank 0's start, as DDP's constructor
 
     def run(self, batch: dict[str, Any]) -> StepResult:
         trainer, index = self.trainer, self.trainer.step
@@ -108,6 +125,9 @@ class CapturedStep:
         if self.replay is None and self.warmed_up < WARMUP_STEPS:
             with self.backend.warmup():
                 outputs = self._step(batch)
+                if self.flat_grads is not None:
+                    self._reduce()
+                    self._update()
             self.warmed_up += 1
         else:
             if self.replay is None:
@@ -115,6 +135,11 @@ class CapturedStep:
                 self.outputs, self.replay = self.backend.capture(lambda: self._step(self.batch))
             self._copy_batch(batch)
             self.replay()
+            if self.flat_grads is not None:
+                self._reduce()
+                if self.replay_update is None:
+                    _, self.replay_update = self.backend.capture(self._update)
+                self.replay_update()
             outputs = self.outputs
         trainer.step += 1
         trainer.end_device_step()
@@ -122,12 +147,30 @@ class CapturedStep:
         return StepResult(index, batch, out, terms, ratio, acts, tau)
 
     def _step(self, batch: dict[str, Any]) -> tuple:
-        """What is captured: the step computed from the buffers, and its update (no host read)."""
+        """What is captured: the step computed from the buffers, and its update (no host read). Several
+        processes: up to the gradients of this process's share of the mean loss (the update is ``_update``)."""
         trainer = self.trainer
+        if self.flat_grads is None:
+            out, terms, ratio, acts, finite = trainer.compute(batch, self.progress, self.centres, self.sigma2,
+                                                              clustering_on=self.eq2_on, autocast_cache=False)
+            trainer.apply_unless(finite, terms.total)
+            return out, terms, ratio, acts
         out, terms, ratio, acts, finite = trainer.compute(batch, self.progress, self.centres, self.sigma2,
-                                                          clustering_on=self.eq2_on, autocast_cache=False)
-        trainer.apply_unless(finite, terms.total)
+                                                          clustering_on=self.eq2_on, autocast_cache=False,
+                                                          collective=False)
+        self.flat_grads.zero_()  # the .grad views: the backward accumulates into them in place
+        trainer.precision.backward(terms.total / self.world.size)
+        self.finite.copy_(finite)
         return out, terms, ratio, acts
+
+    def _reduce(self) -> None:
+        """Between the two graphs: the mean gradient and whether every process was finite (two all-reduces,
+        queued on the device)."""
+        self.world.all_reduce_(self.flat_grads, "sum")
+        self.world.all_reduce_(self.finite, "min")
+
+    def _update(self) -> None:
+        self.trainer.update_unless(self.finite)
 
     def _write_schedule(self) -> None:
         """The values a step reads from the host side, written into the buffers the graph reads."""
@@ -158,3 +201,21 @@ class CapturedStep:
                 raise ValueError(f"train.cuda_graph: batch {key!r} has shape {tuple(batch[key].shape)}, the "
                                  f"captured step {tuple(static.shape)} (every batch must have one shape)")
             static.copy_(batch[key], non_blocking=True)
+
+
+def flat_gradients(net: torch.nn.Module) -> torch.Tensor:
+    """One buffer holding every parameter's gradient, each ``.grad`` a view of it with its parameter's layout
+    (channels_last weights included), so that one all-reduce covers them all and no copy is needed."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    dtypes = {p.dtype for p in params}
+    if len(dtypes) != 1:
+        raise ValueError(f"train.cuda_graph with several processes needs parameters of one dtype, got {dtypes}")
+    flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+    offset = 0
+    for p in params:
+        if not (p.is_contiguous() or (p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last))):
+            raise ValueError(f"train.cuda_graph with several processes: a parameter of shape {tuple(p.shape)} "
+                             f"has strides {p.stride()}, neither contiguous nor channels_last")
+        p.grad = flat[offset:offset + p.numel()].as_strided(p.shape, p.stride())
+        offset += p.numel()
+    return flat

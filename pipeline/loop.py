@@ -159,6 +159,8 @@ class World(Protocol):
     def broadcast(self, obj: Any) -> Any: ...
     def gather(self, obj: Any) -> list[Any]: ...
     def sync_buffers(self, net: torch.nn.Module) -> None: ...
+    def all_reduce_(self, tensor: torch.Tensor, op: str = "sum") -> None: ...
+    def broadcast_(self, tensor: torch.Tensor) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,55 @@ class SingleProcess:
 
     def sync_buffers(self, net: torch.nn.Module) -> None:
         return None
+
+    def all_reduce_(self, tensor: torch.Tensor, op: str = "sum") -> None:
+        return None
+
+    def broadcast_(self, tensor: torch.Tensor) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class ProcessGroup:
+    """Processes talking through torch.distributed's default group (initialised by whoever started them: Ray
+    Train for ``pipeline.worker``, a test directly)."""
+
+    rank: int
+    size: int
+
+    def finite_flag(self, value: torch.Tensor) -> torch.Tensor:
+        flag = finite_flag(value)  # on value's device: NCCL reduces CUDA tensors only
+        self.all_reduce_(flag, "min")  # queued on the device: nothing waits here
+        return flag
+
+    def broadcast(self, obj: Any) -> Any:
+        if self.size == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj: Any) -> list[Any]:
+        if self.size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def sync_buffers(self, net: torch.nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm running statistics) on every rank: the model rank 0 saves."""
+        with torch.no_grad():
+            for buffer in net.buffers():
+                self.broadcast_(buffer)
+
+    def all_reduce_(self, tensor: torch.Tensor, op: str = "sum") -> None:
+        if self.size > 1:
+            ops = {"sum": torch.distributed.ReduceOp.SUM, "min": torch.distributed.ReduceOp.MIN}
+            torch.distributed.all_reduce(tensor, op=ops[op])
+
+    def broadcast_(self, tensor: torch.Tensor) -> None:
+        if self.size > 1:
+            torch.distributed.broadcast(tensor, src=0)
 
 
 @dataclass
@@ -379,15 +430,17 @@ class Trainer:
 
     def compute(self, batch: dict[str, Any], progress: float | torch.Tensor, centres: torch.Tensor | None,
                 sigma2: float | torch.Tensor | None, clustering_on: float | torch.Tensor = 1.0,
-                autocast_cache: bool = True, members: torch.Tensor | None = None,
+                autocast_cache: bool = True, members: torch.Tensor | None = None, collective: bool = True,
                 ) -> tuple[TaskStep, LossTerms, torch.Tensor, torch.Tensor, torch.Tensor]:
         """What a step computes before its update, from the values given (a captured step gives the
         schedule's progress, the centres, sigma^2 and whether eq. 2 is on as device buffers): the forward,
-        the losses (gradients cleared for them) and whether they and A(x) are finite on every process.
-        ``members``: the batch's clusters at the last K-means (clustering.membership: kmeans)."""
+        the losses and whether they and A(x) are finite on every process. ``members``: the batch's clusters
+        at the last K-means (clustering.membership: kmeans). ``collective=False``: no communication at all
+        (the network itself, not its DDP wrapper; finite on this process): what a CUDA graph of several
+        processes captures (``pipeline.cuda_graph``), which reduces the gradients and the flag itself."""
         cfg = self.cfg
         with self.precision.autocast(autocast_cache):
-            out = self.task.forward(self.model, batch)
+            out = self.task.forward(self.model if collective else self.net, batch)
         ratio = budget_ratio(out.backbone.gates, out.table)
         task_loss, acts = out.loss, out.backbone.activations
         for hook in self.hooks:
@@ -396,13 +449,18 @@ class Trainer:
                            clustering=cfg.clustering, activations=acts, centres=centres, sigma2=sigma2,
                            clustering_on=clustering_on, resource=cfg.resource, correct=out.correct,
                            members=members)
-        self.optimizer.zero_grad(set_to_none=True)
-        finite = self.world.finite_flag(torch.cat([terms.total.detach().view(1), acts.detach().flatten()]))
+        checked = torch.cat([terms.total.detach().view(1), acts.detach().flatten()])
+        finite = self.world.finite_flag(checked) if collective else finite_flag(checked)
         return out, terms, ratio, acts, finite
 
     def apply(self, loss: torch.Tensor) -> None:
         """Backward, gradient clipping and the optimizer's update (the schedule steps after it)."""
+        self.optimizer.zero_grad(set_to_none=True)
         self.precision.backward(loss)
+        self.update()
+
+    def update(self) -> None:
+        """Gradient clipping and the optimizer's update, from the gradients in ``.grad``."""
         self.precision.unscale(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.train.grad_clip)
         self.precision.step(self.optimizer)
@@ -410,10 +468,16 @@ class Trainer:
     def apply_unless(self, finite: torch.Tensor, loss: torch.Tensor) -> None:
         """The update with no host read: a non-finite step's gradients are computed but the fused SGD
         leaves the weights and momenta as they were (``found_inf``); the skip is counted on the device."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.precision.backward(loss)
+        self.update_unless(finite)
+
+    def update_unless(self, finite: torch.Tensor) -> None:
+        """``update`` left out by the fused SGD where ``finite`` is 0, and the skip counted on the device."""
         if self._skips is None:
             self._skips = SkipCounter(finite.device)
         self.optimizer.found_inf = 1.0 - finite
-        self.apply(loss)
+        self.update()
         self._skips.count(finite)
 
     def end_device_step(self) -> None:

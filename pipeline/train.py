@@ -141,9 +141,6 @@ def run(cfg: ExperimentConfig, out: Path, parent_run_id: str | None = None, exis
     "continue" trains a new run and resumes an interrupted one (same configuration only) but refuses a
     finished one; "resume" also returns a finished run's stored result; "fresh" deletes the run (its
     folder and checkpoints) and trains from scratch. Nothing is deleted before the data is checked."""
-    if cfg.train.cuda_graph and not local and cfg.scaling.workers > 1:
-        raise ConfigError(f"train.cuda_graph trains in one process; scaling.workers is {cfg.scaling.workers} "
-                          "(DDP's all-reduce is not captured): set scaling.workers: 1, or leave train.cuda_graph off")
     cfg = with_absolute_paths(with_dataset(cfg))
     out = out.resolve()
     run_dir = out / cfg.run_name

@@ -23,7 +23,6 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 
 from divdr.gates import set_temperature
 from pipeline.config import ExperimentConfig
@@ -36,10 +35,10 @@ from pipeline.loop import (
     MetricsSink,
     PendingActivations,
     PeriodicEvaluation,
+    ProcessGroup,
     StepResult,
     Trainer,
     final_evaluation,
-    finite_flag,
     kmeans_metrics,
     shard,
 )
@@ -120,40 +119,10 @@ def _first_line(err: Exception) -> str:
     return lines[0] if lines else type(err).__name__
 
 
-class RayWorld:
-    """The Ray Train workers of one run: DDP ranks talking through torch.distributed."""
-
-    def __init__(self) -> None:
-        context = ray.train.get_context()
-        self.rank, self.size = context.get_world_rank(), context.get_world_size()
-
-    def finite_flag(self, value: torch.Tensor) -> torch.Tensor:
-        flag = finite_flag(value)  # on value's device: NCCL reduces CUDA tensors only
-        if self.size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # queued on the device: nothing waits here
-        return flag
-
-    def broadcast(self, obj: Any) -> Any:
-        if self.size == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def gather(self, obj: Any) -> list[Any]:
-        if self.size == 1:
-            return [obj]
-        out: list[Any] = [None] * self.size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def sync_buffers(self, net: torch.nn.Module) -> None:
-        """Rank 0's buffers (BatchNorm running statistics) on every rank: the model rank 0 saves."""
-        if self.size == 1:
-            return
-        with torch.no_grad():
-            for buffer in net.buffers():
-                dist.broadcast(buffer, src=0)
+def ray_world() -> ProcessGroup:
+    """The Ray Train workers of one run: ranks talking through the torch.distributed group Ray Train set up."""
+    context = ray.train.get_context()
+    return ProcessGroup(context.get_world_rank(), context.get_world_size())
 
 
 class RemoteSink:
@@ -183,7 +152,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg: ExperimentConfig = loop_config["experiment"]  # resolved once by the driver, frozen
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
-    world = RayWorld()
+    world = ray_world()
     torch.set_num_threads(cfg.scaling.torch_threads)
     torch.manual_seed(cfg.train.seed)
     store = loop_config["store"]
@@ -206,7 +175,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
              *([StoreCentres(store, sender, sink)] if sender is not None else []), InjectFaults(faults, store),
              *([StreamActivations(sender, cfg)] if sender is not None and cfg.store.mode == "streaming" else []),
              logger, PeriodicEvaluation(sink), Checkpoints(_report_checkpoint, logger)]
-    trainer = Trainer(cfg, task, net, ray.train.torch.prepare_model(net), world, hooks)
+    # train.cuda_graph with several workers reduces the gradients itself, outside its graphs (pipeline.cuda_graph):
+    # the network is moved to its device, not wrapped in DDP
+    split = cfg.train.cuda_graph and world.size > 1
+    model = ray.train.torch.prepare_model(net, parallel_strategy=None if split else "ddp")
+    trainer = Trainer(cfg, task, net, model, world, hooks)
     _restore(trainer)
     trainer.fit(batches, batches.sampler)
     del batches  # the loader's processes end here, before the evaluation
