@@ -318,7 +318,10 @@ def section_trainer(args, deadline: float) -> dict[str, Any]:
     variants = {"launched_bf16_channels_last": fast, "launched_fp32": []}
     if cuda:
         captured = ["train.cuda_graph=true", "scaling.use_gpu=true"]
-        variants = {"cuda_graph_bf16_channels_last": [*fast, *captured], **variants, "cuda_graph_fp32": captured}
+        variants = {"cuda_graph_bf16_channels_last": [*fast, *captured], **variants, "cuda_graph_fp32": captured,
+                    # the two graphs of several workers (pipeline/cuda_graph.py), on one process: the all-reduces
+                    # between them left out, the rest as a worker of two runs it
+                    "cuda_graph_two_graphs_bf16_channels_last": [*fast, *captured]}
     out: dict[str, Any] = {"model": args.model, "crop": args.crop, "batch": args.batch, "device": args.device}
     for name, options in variants.items():
         if time.perf_counter() > deadline:
@@ -327,7 +330,7 @@ def section_trainer(args, deadline: float) -> dict[str, Any]:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         try:
-            out[name] = _trainer_row(args, [*base, *options])
+            out[name] = _trainer_row(args, [*base, *options], workers=2 if "two_graphs" in name else 1)
         except Exception as error:  # one failed variant must not lose the others
             out[name] = _failure(error)
         finally:
@@ -337,21 +340,25 @@ def section_trainer(args, deadline: float) -> dict[str, Any]:
     return out
 
 
-def _trainer_row(args, settings: list[str]) -> dict[str, Any]:
-    """Time ``Trainer.run_step`` with ``settings`` after its warm-up steps (and its capture, where there is one)."""
+def _trainer_row(args, settings: list[str], workers: int = 1) -> dict[str, Any]:
+    """Time ``Trainer.run_step`` with ``settings`` after its warm-up steps (and its capture, where there is one).
+    ``workers`` > 1: the step as one of that many processes, whose communication is left out (one process)."""
+    import dataclasses
+
     import numpy as np
     import torch
 
     from divdr.heads import DynamicRoutingSegmenter
     from pipeline.config import resolve
     from pipeline.cuda_graph import WARMUP_STEPS
-    from pipeline.loop import Trainer
+    from pipeline.loop import SingleProcess, Trainer
 
     cfg = resolve("DivDR-A", None, settings)
     memory = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     torch.manual_seed(0)
     net = DynamicRoutingSegmenter(cfg.model).to(args.device).to(memory_format=memory)
-    trainer = Trainer(cfg, _SegmentationForward(cfg), net)
+    world = dataclasses.replace(SingleProcess(), size=workers)  # its collectives do nothing
+    trainer = Trainer(cfg, _SegmentationForward(cfg), net, world=world)
     centres = np.random.default_rng(0).random((cfg.clustering.k, cfg.model.a_dim), dtype=np.float32)
     trainer.centres.adopt({"version": 1, "centres": centres, "sigma2": 0.1, "stats": {}}, 0)
     g = torch.Generator().manual_seed(0)
