@@ -301,6 +301,50 @@ class SkipCounter:
         return in_a_row, longest, total
 
 
+class RunningStats:
+    """BatchNorm's running statistics kept through a refused step. A training forward updates them in place, so
+    a batch with a NaN or an infinity (a bad pixel, an overflow) would leave NaN statistics in every later
+    evaluation and in the saved model, though the step itself is refused. Saved before each forward and put
+    back where the step is not finite, on the device (no host read; a captured step does it inside its graph):
+    three multi-tensor copies and one select per step, whatever the number of BatchNorm layers."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        self.buffers = [b for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                        for b in (m.running_mean, m.running_var) if b is not None]
+        self.saved: list[tuple[torch.Tensor, list[torch.Tensor]]] = []  # per dtype and device
+        self.current: list[tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]] = []
+        groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+        for buffer in self.buffers:
+            groups.setdefault((buffer.dtype, buffer.device), []).append(buffer)
+        for members in groups.values():
+            saved, current = (torch.empty(sum(b.numel() for b in members), dtype=members[0].dtype,
+                                          device=members[0].device) for _ in range(2))
+            self.saved.append((saved, _views(saved, members)))
+            # written through .data: the backward to come holds these buffers (BatchNorm's backward takes them,
+            # unused in training) and would refuse tensors changed in place since its forward
+            self.current.append((current, _views(current, members), [b.data for b in members]))
+
+    def save(self) -> None:
+        for (_, views), (_, _, members) in zip(self.saved, self.current, strict=True):
+            torch._foreach_copy_(views, members)
+
+    def restore_unless(self, finite: torch.Tensor) -> None:
+        """The saved statistics back where ``finite`` is 0 (NaN-proof: a select, not arithmetic)."""
+        keep = finite.view(()).bool()
+        for (saved, _), (current, views, members) in zip(self.saved, self.current, strict=True):
+            torch._foreach_copy_(views, members)
+            current.copy_(torch.where(keep, current, saved))
+            torch._foreach_copy_(members, views)
+
+
+def _views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    views, offset = [], 0
+    for tensor in like:
+        views.append(flat[offset:offset + tensor.numel()].view(tensor.shape))
+        offset += tensor.numel()
+    return views
+
+
 class PendingActivations:
     """Streaming mode's A(x), kept on the training device and brought to the host together: one host
     synchronisation per ``store.send_every`` steps instead of one per step. Ready at every
@@ -378,6 +422,7 @@ class Trainer:
         # a fused SGD skips a non-finite step on the device; GradScaler (fp16) sets the same flag itself
         self.skips_on_device = bool(self.optimizer.defaults.get("fused")) and self.precision.scaler is None
         self._skips: SkipCounter | None = None
+        self.running_stats = RunningStats(net)
         self.captured = None
         if cfg.train.cuda_graph:
             from pipeline.cuda_graph import CapturedStep  # imports this module
@@ -439,6 +484,7 @@ class Trainer:
         (the network itself, not its DDP wrapper; finite on this process): what a CUDA graph of several
         processes captures (``pipeline.cuda_graph``), which reduces the gradients and the flag itself."""
         cfg = self.cfg
+        self.running_stats.save()
         with self.precision.autocast(autocast_cache):
             out = self.task.forward(self.model if collective else self.net, batch)
         ratio = budget_ratio(out.backbone.gates, out.table)
@@ -451,6 +497,7 @@ class Trainer:
                            members=members)
         checked = torch.cat([terms.total.detach().view(1), acts.detach().flatten()])
         finite = self.world.finite_flag(checked) if collective else finite_flag(checked)
+        self.running_stats.restore_unless(finite)
         return out, terms, ratio, acts, finite
 
     def apply(self, loss: torch.Tensor) -> None:

@@ -227,7 +227,7 @@ def _train_one_process(rank, size, init_file, mode, out):
             losses.append([float(terms.total.detach()), float(terms.task.detach()), float(terms.budget.detach())])
         trainer.check_skips()
         torch.save({"weights": [p.detach().clone() for p in net.parameters()], "skipped": trainer.skipped_total,
-                    "losses": losses,
+                    "losses": losses, "statistics_finite": all(torch.isfinite(b).all() for b in net.buffers()),
                     "grads_are_views": mode != "captured" or all(p.grad._base is trainer.captured.flat_grads
                                                                  for p in net.parameters())}, out)
     finally:
@@ -256,6 +256,7 @@ def test_several_processes_capture_two_graphs_and_train_as_ddp(tmp_path):
     captured = _train_processes(tmp_path, "captured")
     assert [r["skipped"] for r in ddp] == [r["skipped"] for r in captured] == [1, 1]
     assert all(r["grads_are_views"] for r in captured)
+    assert all(r["statistics_finite"] for r in captured)  # rank 1's NaN batch left its BatchNorm statistics alone
     for a, b in zip(captured[0]["weights"], captured[1]["weights"], strict=True):
         assert torch.equal(a, b)  # one mean gradient, one update: the processes never drift apart
     for rank in (0, 1):  # each process's losses, step by step (NaN at the skipped step of rank 1)

@@ -148,6 +148,37 @@ def test_fused_steps_skip_non_finite_steps_without_reading_the_device(monkeypatc
     assert trainer.skipped_total == 2 and trainer.skipped_in_a_row == 0
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_refused_step_leaves_the_batchnorm_statistics_as_they_were(monkeypatch, fused):
+    """A batch with a NaN pixel: the step is refused (on the host, or by the fused SGD on the device) and its
+    forward's BatchNorm running statistics are put back, so evaluations and the saved model stay finite."""
+    import torch
+
+    from pipeline.loop import Trainer
+    from pipeline.tasks import SegmentationTask
+
+    cfg = resolve("DivDR-A", None, ["model_size=micro", "train.crop=[64,64]", "train.steps=4"])
+    if fused:
+        trainer = _fused_trainer(monkeypatch, cfg)
+    else:
+        torch.manual_seed(0)
+        task = SegmentationTask(cfg, Path("."))
+        trainer = Trainer(cfg, task, task.build_model())
+    assert trainer.skips_on_device is fused
+    good, bad, after = _batches(cfg, 3)
+    bad["image"][0, 0, 0, 0] = float("nan")
+    trainer.run_step(good)
+    before = {name: b.clone() for name, b in trainer.net.named_buffers() if "running" in name}
+    assert len(before) > 40  # every BatchNorm's mean and variance
+    trainer.run_step(bad)
+    trainer.check_skips()
+    assert trainer.skipped_total == 1
+    assert all(torch.equal(b, before[name]) for name, b in trainer.net.named_buffers() if name in before)
+    trainer.run_step(after)  # and the next finite step updates them again
+    assert all(torch.isfinite(b).all() and not torch.equal(b, before[name])
+               for name, b in trainer.net.named_buffers() if name in before)
+
+
 def test_fused_steps_stop_a_run_that_stays_non_finite(monkeypatch):
     from pipeline.loop import MAX_SKIPPED_STEPS
 
