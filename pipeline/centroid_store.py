@@ -133,19 +133,20 @@ class CentroidStoreImpl:
         """The step whose K-means is due next, or None once the schedule is exhausted."""
         return self.triggers[self.version] if self.version < len(self.triggers) else None
 
-    def due(self) -> bool:
+    def _past_trigger(self) -> bool:
+        """Not clustering, and every rank past the next trigger (so what it sent up to there has arrived)."""
         trigger = self.next_trigger()
-        return (not self.running and trigger is not None and min(self.watermark) >= trigger - 1
-                and int(self.seen.sum()) >= self.k)
+        return not self.running and trigger is not None and min(self.watermark) >= trigger - 1
+
+    def due(self) -> bool:
+        return self._past_trigger() and int(self.seen.sum()) >= self.k
 
     def starved(self) -> bool:
-        """Every rank is past the next trigger (so what it sent up to there has arrived, the watermark's own
-        assumption), yet fewer than K samples have a finite A(x) (their steps were non-finite and refused): that
-        version cannot be clustered until later steps bring more, so nobody should wait for it now. Were a
-        rank's calls ever handled out of order, the cost is a switch tried again at the next step."""
-        trigger = self.next_trigger()
-        return (not self.running and trigger is not None and min(self.watermark) >= trigger - 1
-                and int(self.seen.sum()) < self.k)
+        """Every rank is past the next trigger, yet fewer than K samples have a finite A(x) (their steps were
+        non-finite and refused): that version cannot be clustered until later steps bring more, so nobody should
+        wait for it now. Were a rank's calls ever handled out of order (the watermark's own assumption), the
+        cost is a switch tried again at the next step."""
+        return self._past_trigger() and int(self.seen.sum()) < self.k
 
     # ---- clustering ----------------------------------------------------------------------------
 

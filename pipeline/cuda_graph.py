@@ -108,14 +108,13 @@ class CapturedStep:
         self.outputs: tuple | None = None  # what the graph writes, the same tensors at every replay
         self.replay: Callable[[], None] | None = None
         # several processes: the gradients as views of one buffer reduced between two graphs (module docstring)
-        self.world = trainer.world
-        self.flat_grads = flat_gradients(trainer.net) if self.world.size > 1 else None
+        self.flat_grads = flat_gradients(trainer.net) if trainer.world.size > 1 else None
         self.finite = torch.ones(1, device=device)  # every process's flag, reduced (several processes)
         self.replay_update: Callable[[], None] | None = None
-        if self.world.size > 1:
+        if trainer.world.size > 1:
             with torch.no_grad():
                 for tensor in (*trainer.net.parameters(), *trainer.net.buffers()):
-                    self.world.broadcast_(tensor)  # rank 0's start, as DDP's constructor
+                    trainer.world.broadcast_(tensor)  # rank 0's start, as DDP's constructor
 
     def run(self, batch: dict[str, Any]) -> StepResult:
         trainer, index = self.trainer, self.trainer.step
@@ -149,25 +148,23 @@ class CapturedStep:
     def _step(self, batch: dict[str, Any]) -> tuple:
         """What is captured: the step computed from the buffers, and its update (no host read). Several
         processes: up to the gradients of this process's share of the mean loss (the update is ``_update``)."""
-        trainer = self.trainer
-        if self.flat_grads is None:
-            out, terms, ratio, acts, finite = trainer.compute(batch, self.progress, self.centres, self.sigma2,
-                                                              clustering_on=self.eq2_on, autocast_cache=False)
-            trainer.apply_unless(finite, terms.total)
-            return out, terms, ratio, acts
+        trainer, split = self.trainer, self.flat_grads is not None
         out, terms, ratio, acts, finite = trainer.compute(batch, self.progress, self.centres, self.sigma2,
                                                           clustering_on=self.eq2_on, autocast_cache=False,
-                                                          collective=False)
+                                                          collective=not split)
+        if not split:
+            trainer.apply_unless(finite, terms.total)
+            return out, terms, ratio, acts
         self.flat_grads.zero_()  # the .grad views: the backward accumulates into them in place
-        trainer.precision.backward(terms.total / self.world.size)
+        trainer.precision.backward(terms.total / trainer.world.size)
         self.finite.copy_(finite)
         return out, terms, ratio, acts
 
     def _reduce(self) -> None:
         """Between the two graphs: the mean gradient and whether every process was finite (two all-reduces,
         queued on the device)."""
-        self.world.all_reduce_(self.flat_grads, "sum")
-        self.world.all_reduce_(self.finite, "min")
+        self.trainer.world.all_reduce_(self.flat_grads, "sum")
+        self.trainer.world.all_reduce_(self.finite, "min")
 
     def _update(self) -> None:
         self.trainer.update_unless(self.finite)
@@ -206,16 +203,17 @@ class CapturedStep:
 def flat_gradients(net: torch.nn.Module) -> torch.Tensor:
     """One buffer holding every parameter's gradient, each ``.grad`` a view of it with its parameter's layout
     (channels_last weights included), so that one all-reduce covers them all and no copy is needed."""
-    params = [p for p in net.parameters() if p.requires_grad]
-    dtypes = {p.dtype for p in params}
+    params = {name: p for name, p in net.named_parameters() if p.requires_grad}
+    dtypes = {p.dtype for p in params.values()}
     if len(dtypes) != 1:
         raise ValueError(f"train.cuda_graph with several processes needs parameters of one dtype, got {dtypes}")
-    flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+    first = next(iter(params.values()))
+    flat = torch.zeros(sum(p.numel() for p in params.values()), dtype=first.dtype, device=first.device)
     offset = 0
-    for p in params:
+    for name, p in params.items():
         if not (p.is_contiguous() or (p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last))):
-            raise ValueError(f"train.cuda_graph with several processes: a parameter of shape {tuple(p.shape)} "
-                             f"has strides {p.stride()}, neither contiguous nor channels_last")
+            raise ValueError(f"train.cuda_graph with several processes: parameter {name} {tuple(p.shape)} has "
+                             f"strides {p.stride()}, neither contiguous nor channels_last")
         p.grad = flat[offset:offset + p.numel()].as_strided(p.shape, p.stride())
         offset += p.numel()
     return flat

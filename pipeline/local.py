@@ -82,12 +82,9 @@ class LocalCentres(Hook):
 
     def after_skip(self, trainer: Trainer, index: int) -> None:
         # at a step before a trigger, the store learns the run is past it, or K-means waits for the next send
-        if trainer.cfg.store.mode == "streaming" and index in self.pending.due_at:
-            sent = self.pending.take(index)
-            if sent is not None:
-                self.store.ingest(0, *sent)
-            else:
-                self.store.mark(0, index)
+        if trainer.cfg.store.mode == "streaming":
+            self.pending.after_skip(index, lambda *sent: self.store.ingest(0, *sent),
+                                    lambda step: self.store.mark(0, step))
 
 
 def save_checkpoint(run_dir: Path) -> Any:

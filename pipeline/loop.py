@@ -376,6 +376,15 @@ class PendingActivations:
         self.ids, self.acts = [], []
         return sent
 
+    def after_skip(self, index: int, send: Callable[..., None], mark: Callable[[int], None]) -> None:
+        """Step ``index`` was left out on the host: at a due step, ``send`` what is pending or ``mark`` the step."""
+        if index in self.due_at:
+            sent = self.take(index)
+            if sent is not None:
+                send(*sent)
+            else:
+                mark(index)
+
 
 class Hook:
     """A part of training around the step; override what is needed. Hooks run in the order given to
@@ -502,9 +511,12 @@ class Trainer:
 
     def apply(self, loss: torch.Tensor) -> None:
         """Backward, gradient clipping and the optimizer's update (the schedule steps after it)."""
+        self.backward(loss)
+        self.update()
+
+    def backward(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.precision.backward(loss)
-        self.update()
 
     def update(self) -> None:
         """Gradient clipping and the optimizer's update, from the gradients in ``.grad``."""
@@ -515,8 +527,7 @@ class Trainer:
     def apply_unless(self, finite: torch.Tensor, loss: torch.Tensor) -> None:
         """The update with no host read: a non-finite step's gradients are computed but the fused SGD
         leaves the weights and momenta as they were (``found_inf``); the skip is counted on the device."""
-        self.optimizer.zero_grad(set_to_none=True)
-        self.precision.backward(loss)
+        self.backward(loss)
         self.update_unless(finite)
 
     def update_unless(self, finite: torch.Tensor) -> None:

@@ -297,12 +297,7 @@ class StreamActivations(Hook):
             self.sender.send(*sent)
 
     def after_skip(self, trainer: Trainer, index: int) -> None:
-        if index in self.pending.due_at:
-            sent = self.pending.take(index)
-            if sent is not None:
-                self.sender.send(*sent)
-            else:
-                self.sender.mark(index)
+        self.pending.after_skip(index, self.sender.send, self.sender.mark)
 
 
 # ---- checkpoints ------------------------------------------------------------------------------

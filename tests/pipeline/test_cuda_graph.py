@@ -269,3 +269,20 @@ def test_several_processes_capture_two_graphs_and_train_as_ddp(tmp_path):
                                                                       Path(".")).build_model().parameters()])
     ddp_weights, captured_weights = (torch.cat([w.flatten() for w in r["weights"]]) for r in (ddp[0], captured[0]))
     assert (captured_weights - ddp_weights).norm() < 0.01 * (ddp_weights - start).norm()
+
+
+def test_flat_gradients_are_views_in_each_parameters_layout_and_bad_parameters_are_named():
+    from pipeline.cuda_graph import flat_gradients
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).to(memory_format=torch.channels_last)
+    flat = flat_gradients(net)
+    assert flat.numel() == sum(p.numel() for p in net.parameters())
+    assert all(p.grad._base is flat and p.grad.stride() == p.stride() for p in net.parameters())
+    net[0].weight.grad.fill_(1.0)  # written through the view: the buffer one all-reduce covers
+    assert flat.sum() == net[0].weight.numel()
+    strided = torch.nn.Linear(4, 3)
+    strided.weight = torch.nn.Parameter(torch.randn(4, 6)[:, ::2].t())  # neither contiguous nor channels_last
+    with pytest.raises(ValueError, match=r"parameter weight \(3, 4\) has strides"):
+        flat_gradients(strided)
+    with pytest.raises(ValueError, match="parameters of one dtype"):
+        flat_gradients(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).double()))
