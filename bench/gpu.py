@@ -125,9 +125,11 @@ class Step:
     eq. 2 against fixed centres in float32, backward (GradScaler for fp16), gradient clipping, SGD."""
 
     def __init__(self, model_size: str, preset: str, crop: tuple[int, int], batch: int, device: str,
-                 precision: str = "fp32", channels_last: bool = False, compile_backend: str | None = None) -> None:
+                 precision: str = "fp32", channels_last: bool = False, compile_backend: str | None = None,
+                 scale_streams: bool = False) -> None:
         import torch
 
+        from divdr.backbone import set_scale_streams
         from divdr.cells import compile_cells
         from divdr.config import get_model_config, get_preset
         from divdr.flops import cost_table, table_for
@@ -145,6 +147,7 @@ class Step:
         self.compile_seconds = self.compiled_graphs = None
         if compile_backend:
             compile_cells(self.net, backend=compile_backend)
+        set_scale_streams(self.net, scale_streams)
         self.optimizer = torch.optim.SGD(self.net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4,
                                          fused=True if device.startswith("cuda") else None)
         dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -350,6 +353,7 @@ def _trainer_row(args, settings: list[str], workers: int = 1) -> dict[str, Any]:
     import numpy as np
     import torch
 
+    from divdr.backbone import set_scale_streams
     from divdr.cells import compile_cells
     from divdr.heads import DynamicRoutingSegmenter
     from pipeline.config import resolve
@@ -362,6 +366,7 @@ def _trainer_row(args, settings: list[str], workers: int = 1) -> dict[str, Any]:
     net = DynamicRoutingSegmenter(cfg.model).to(args.device).to(memory_format=memory)
     if cfg.train.compile:  # as pipeline.tasks.as_configured does (that module needs pycocotools)
         compile_cells(net, backend=args.compile_backend)
+    set_scale_streams(net, cfg.train.scale_streams)
     world = dataclasses.replace(SingleProcess(), size=workers)  # its collectives do nothing
     trainer = Trainer(cfg, _SegmentationForward(cfg), net, world=world)
     centres = np.random.default_rng(0).random((cfg.clustering.k, cfg.model.a_dim), dtype=np.float32)
@@ -382,6 +387,81 @@ def _trainer_row(args, settings: list[str], workers: int = 1) -> dict[str, Any]:
     if args.device.startswith("cuda"):
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return row
+
+
+def gradients_after_one_step(step: Step) -> tuple[float, list[Any]]:
+    """The loss and every parameter's gradient of one forward + backward of ``step`` (no update)."""
+    step.optimizer.zero_grad(set_to_none=True)
+    loss = step.loss()
+    loss.backward()
+    return float(loss.detach()), [p.grad.float().clone() for p in step.net.parameters() if p.grad is not None]
+
+
+def compare_streams(args, precision: str, channels_last: bool) -> dict[str, Any]:
+    """One forward + backward with each layer's cells on one stream and on streams side by side, from the same
+    weights and batch: the loss and gradients should agree up to the order autograd adds them in."""
+    import torch
+
+    steps = [Step(args.model, "DivDR-A", (args.crop, args.crop), args.batch, args.device, precision=precision,
+                  channels_last=channels_last, scale_streams=streams) for streams in (False, True)]
+    (loss_one, grads_one), (loss_side, grads_side) = (gradients_after_one_step(step) for step in steps)
+    difference = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(grads_one, grads_side, strict=True)))
+    norm = torch.sqrt(sum((a ** 2).sum() for a in grads_one))
+    worst = max(float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
+                for a, b in zip(grads_one, grads_side, strict=True))
+    return {"loss_one_stream": loss_one, "loss_side_by_side": loss_side,
+            "gradient_relative_difference": float(difference / norm), "worst_parameter_relative_max": worst,
+            "gradients": len(grads_one)}
+
+
+def section_streams(args, deadline: float) -> dict[str, Any]:
+    """``train.scale_streams`` (divdr.backbone.set_scale_streams): the gradients with and without (bf16 +
+    channels_last, and fp32), then the library step and the pipeline's captured step, each with the streams off and
+    on side by side in this process, the issue's fp32 baseline beside them; last, if time is left, the pipeline's
+    compiled + captured step with the streams."""
+    import torch
+
+    cuda = args.device.startswith("cuda")
+    out: dict[str, Any] = {"model": args.model, "crop": args.crop, "batch": args.batch, "device": args.device}
+
+    def row(name: str, measure: Callable[[], dict[str, Any]], seconds_needed: float = 0.0) -> None:
+        if time.perf_counter() + seconds_needed > deadline:
+            out[name] = {"skipped": "time budget spent"}
+            return
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            out[name] = measure()
+        except Exception as error:  # one failed row must not lose the others
+            out[name] = _failure(error)
+        finally:
+            if cuda:
+                torch.cuda.empty_cache()
+        print(f"  {name}: {out[name]}", flush=True)
+
+    def library(streams: bool, precision: str = "bf16", channels_last: bool = True) -> dict[str, Any]:
+        step = Step(args.model, "DivDR-A", (args.crop, args.crop), args.batch, args.device, precision=precision,
+                    channels_last=channels_last, scale_streams=streams)
+        seconds = timed(step, args.device, args.repeats)
+        result = {"step_ms": 1000 * seconds, "images_per_s": args.batch / seconds}
+        if cuda:
+            result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            result["cuda_graph"] = _graph_row(step, args, args.batch)
+        return result
+
+    base = [f"model_size={args.model}", f"train.crop=[{args.crop},{args.crop}]", f"train.batch_size={args.batch}",
+            "train.steps=1000000", "train.precision=bf16", "train.channels_last=true",
+            *(["train.cuda_graph=true", "scaling.use_gpu=true"] if cuda else [])]
+    row("gradients_bf16_channels_last", lambda: compare_streams(args, "bf16", True))
+    row("gradients_fp32", lambda: compare_streams(args, "fp32", False))
+    row("library_bf16_channels_last", lambda: library(False))
+    row("library_bf16_channels_last_streams", lambda: library(True))
+    row("baseline_library_eager_fp32", lambda: library(False, "fp32", False))
+    row("trainer_bf16_channels_last", lambda: _trainer_row(args, base))
+    row("trainer_bf16_channels_last_streams", lambda: _trainer_row(args, [*base, "train.scale_streams=true"]))
+    row("trainer_compiled_bf16_channels_last_streams",  # its first step compiles: only with minutes left
+        lambda: _trainer_row(args, [*base, "train.scale_streams=true", "train.compile=true"]), 200.0)
+    return out
 
 
 def _graph_row(step: Step, args, batch: int) -> dict[str, Any]:
@@ -622,7 +702,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--sections", nargs="+",
                    default=["trainer", "train", "inference", "compile", "inference_compile", "ops"],
                    choices=["trainer", "train", "inference", "compile", "inference_compile", "ops", "profile",
-                            "compile_cache"])
+                            "compile_cache", "streams"])
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (--tiny: aot_eager)")
     args = p.parse_args(argv)
     started = time.perf_counter()
@@ -646,7 +726,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "inference": lambda: section_inference(args, deadline),
                 "inference_compile": lambda: section_inference(args, deadline, compiled=True),
                 "profile": lambda: section_profile(args),
-                "compile_cache": lambda: section_compile_cache(args, deadline)}
+                "compile_cache": lambda: section_compile_cache(args, deadline),
+                "streams": lambda: section_streams(args, deadline)}
     for name in args.sections:
         t = time.perf_counter()
         if t > deadline:

@@ -54,6 +54,14 @@ class DynamicBackbone(nn.Module):
         for i, spec in enumerate(self.specs):
             self._layers[spec.layer + 1].append(i)
         drop_batch_counters(convert_norm(self, config.norm))
+        self.scale_streams = False  # see set_scale_streams
+        self._side_streams: dict[torch.device, list[torch.cuda.Stream]] = {}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_side_streams": {}}  # CUDA streams do not pickle or copy: made again when needed
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__({"scale_streams": False, "_side_streams": {}, **state})  # pickled before the streams
 
     @property
     def out_channels(self) -> dict[str, int]:
@@ -71,11 +79,56 @@ class DynamicBackbone(nn.Module):
         all_weights = [previous[0].weights]
         for layer in range(self.config.layers):
             inputs = [aggregate(previous, scale, stem_out) for scale in range(len(self._layers[layer + 1]))]
-            previous = [self.cells[i](x) for i, x in zip(self._layers[layer + 1], inputs, strict=True)]
+            previous = self._run_layer(self._layers[layer + 1], inputs)
             all_weights.extend(out.weights for out in previous)
         gates = torch.stack(all_weights, dim=1)
         features = {feature_name(s): out.keep for s, out in enumerate(previous)}
         return BackboneOutput(features, gates, gates[:, self._a_slice].flatten(1))
+
+    def _run_layer(self, indices: list[int], inputs: list[torch.Tensor]) -> list[CellOutput]:
+        if not (self.scale_streams and inputs[0].is_cuda and len(inputs) > 1):
+            return [self.cells[i](x) for i, x in zip(indices, inputs, strict=True)]
+        return self._run_layer_on_streams(indices, inputs)
+
+    def _run_layer_on_streams(self, indices: list[int], inputs: list[torch.Tensor]) -> list[CellOutput]:
+        """The layer's cells side by side: the finest on the current stream, each other scale on a stream of its
+        own that first waits for the current one (the inputs are ready), and the current stream waits for all of
+        them before the next layer. A cell's kernels stay in their order; autograd runs each backward on its
+        forward's stream, so the backward overlaps the scales too. Allocations cross streams only at those
+        joins; ``record_stream`` tells the caching allocator so it never hands a block back too early."""
+        main = torch.cuda.current_stream(inputs[0].device)
+        side = self._streams_for(inputs[0].device, len(inputs) - 1)
+        outputs = [self.cells[indices[0]](inputs[0])]
+        for i, x, stream in zip(indices[1:], inputs[1:], side, strict=True):
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                out = self.cells[i](x)
+            x.record_stream(stream)
+            for tensor in (out.up, out.keep, out.down, out.weights):
+                if tensor is not None:
+                    tensor.record_stream(main)
+            outputs.append(out)
+        for stream in side:
+            main.wait_stream(stream)
+        return outputs
+
+    def _streams_for(self, device: torch.device, count: int) -> list[torch.cuda.Stream]:
+        streams = self._side_streams.setdefault(device, [])
+        while len(streams) < count:
+            streams.append(torch.cuda.Stream(device))
+        return streams[:count]
+
+
+def set_scale_streams(model: nn.Module, enabled: bool = True) -> int:
+    """Run each layer's cells (one per scale) on CUDA streams side by side, in training and evaluation; on a CPU
+    it changes nothing. The cells of a layer depend only on the previous layer, and at the sizes DR trains on
+    many of their kernels are too small to fill a GPU, so the scales overlap rather than queue. The same
+    operations run in the same order per cell: the outputs are unchanged, and the gradients too up to the order in
+    which autograd adds the gradient of a tensor used on two streams. Returns how many backbones were set."""
+    backbones = [m for m in model.modules() if isinstance(m, DynamicBackbone)]
+    for backbone in backbones:
+        backbone.scale_streams = enabled
+    return len(backbones)
 
 
 def scale_zeros(stem_out: torch.Tensor, scale: int) -> torch.Tensor:

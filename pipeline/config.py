@@ -77,6 +77,9 @@ class TrainConfig:
     # one launch per step instead of thousands (pipeline/cuda_graph.py; GPUs, segmentation, fp32 or bf16; with
     # several workers two graphs per step, the gradients all-reduced between them).
     cuda_graph: bool = False
+    # Each layer's cells (one per scale) on CUDA streams side by side, forward and backward
+    # (divdr.backbone.set_scale_streams); nothing on a CPU. Detection and instance tasks too.
+    scale_streams: bool = False
     # A model file (<run>/artifacts/model.pt) whose weights start the network, e.g. fine-tuning a network
     # trained on every image on one subset (pipeline/oracle.py --set train.init_from=...). "" = random initialisation.
     # A run resumed from its own checkpoint takes the checkpoint's weights. A relative path is taken from the

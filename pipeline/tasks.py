@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from divdr.backbone import BackboneOutput
+from divdr.backbone import set_scale_streams
 from divdr.cells import compile_cells
 from divdr.config import ConfigError
 from divdr.data.cityscapes import CityscapesSegmentation, DatasetError
@@ -51,13 +52,14 @@ from pipeline.config import ExperimentConfig, TrainConfig, is_uri
 
 def as_configured(net: torch.nn.Module, train: TrainConfig) -> torch.nn.Module:
     """A freshly built network with ``train.init_from``'s weights (before compiling wraps the cells), then
-    ``train.channels_last`` and ``train.compile`` (in place, returned)."""
+    ``train.channels_last``, ``train.compile`` and ``train.scale_streams`` (in place, returned)."""
     if train.init_from:
         model_file.load_weights(net, Path(train.init_from))
     if train.channels_last:
         net.to(memory_format=torch.channels_last)
     if train.compile:
         compile_cells(net)
+    set_scale_streams(net, train.scale_streams)
     return net
 
 
