@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from divdr.backbone import BackboneOutput
-from divdr.backbone import set_scale_streams
+from divdr.backbone import BackboneOutput, set_scale_streams
 from divdr.cells import compile_cells
 from divdr.config import ConfigError
 from divdr.data.cityscapes import CityscapesSegmentation, DatasetError
