@@ -1,10 +1,12 @@
+import copy
+import pickle
 from dataclasses import replace
 
 import pytest
 import torch
 from torch import nn
 
-from divdr.backbone import DynamicBackbone
+from divdr.backbone import DynamicBackbone, set_scale_streams
 from divdr.cells import Cell
 from divdr.config import GateConfig, ModelConfig, get_model_config
 from divdr.flops import cost_table, real_cost
@@ -247,3 +249,52 @@ def test_closed_gradient_reopens_a_closed_gate_without_changing_the_forward():
     assert gate(x).eq(0).all() and gate.project.bias.grad.abs().sum() > 0
     with pytest.raises(Exception, match=r"gate.closed_gradient must be in \[0, 1\]"):
         GateConfig(closed_gradient=2.0)
+
+
+def test_scale_streams_leave_a_cpu_forward_and_backward_unchanged():
+    torch.manual_seed(0)
+    net = DynamicRoutingSegmenter(TINY).train()
+    images = torch.randn(2, 3, 64, 64)
+    plain = net(images)
+    plain.logits.sum().backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    assert set_scale_streams(net) == 1
+    streamed = net(images)
+    streamed.logits.sum().backward()
+    assert torch.equal(streamed.logits, plain.logits)
+    assert all(torch.equal(p.grad, g) for p, g in zip(net.parameters(), grads, strict=True))
+
+
+def test_a_backbone_copies_and_pickles_without_its_streams_and_loads_from_before_them():
+    backbone = DynamicBackbone(TINY).eval()
+    set_scale_streams(backbone)
+    backbone._side_streams["cuda:0"] = [lambda: None]  # stands for a CUDA stream: neither pickles nor copies
+    for clone in (copy.deepcopy(backbone), pickle.loads(pickle.dumps(backbone))):
+        assert clone.scale_streams and clone._side_streams == {}
+    older = {k: v for k, v in backbone.__dict__.items() if k not in ("scale_streams", "_side_streams")}
+    restored = DynamicBackbone.__new__(DynamicBackbone)
+    restored.__setstate__(older)  # a model pickled before the streams existed
+    assert not restored.scale_streams
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(restored(images).gates, backbone(images).gates)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA streams need a GPU (bench/gpu.py checks them)")
+def test_scale_streams_on_a_gpu_give_the_outputs_and_gradients_of_one_stream():
+    """Up to rounding: the GPU's own reductions and bilinear backward (atomics) are not bit-reproducible, and
+    autograd may add a gradient coming from two streams in another order (Layer16 on an H200: 1.5e-4, fp32)."""
+    torch.manual_seed(0)
+    net = DynamicRoutingSegmenter(TINY).cuda().train()
+    images = torch.randn(2, 3, 64, 64, device="cuda")
+    results = []
+    for streams in (False, True):
+        set_scale_streams(net, streams)
+        net.zero_grad()
+        out = net(images)
+        out.logits.float().square().mean().backward()
+        results.append((out.logits.detach().clone(), torch.cat([p.grad.flatten() for p in net.parameters()])))
+    (logits, grads), (logits_streams, grads_streams) = results
+    torch.testing.assert_close(logits_streams, logits, rtol=1e-5, atol=1e-6)
+    assert float((grads_streams - grads).norm() / grads.norm()) < 1e-3

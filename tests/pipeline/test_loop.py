@@ -77,6 +77,18 @@ def test_compiled_channels_last_steps_match_eager(monkeypatch):
     assert fast == pytest.approx(plain, rel=1e-4)
 
 
+def test_scale_streams_are_set_on_the_network_and_train_as_without_on_a_cpu():
+    """train.scale_streams reaches the backbone through the task (detection's too); on a CPU it changes nothing."""
+    from divdr.backbone import DynamicBackbone
+
+    base = ["model_size=micro", "train.crop=[64,64]"]
+    _, plain = _steps(resolve("DivDR-A", None, base))
+    trainer, streamed = _steps(resolve("DivDR-A", None, [*base, "train.scale_streams=true"]))
+    backbones = [m for m in trainer.net.modules() if isinstance(m, DynamicBackbone)]
+    assert len(backbones) == 1 and backbones[0].scale_streams
+    assert streamed == plain
+
+
 def test_precision_is_validated_by_name():
     with pytest.raises(Exception, match=re.escape("train.precision must be 'fp32' or 'bf16' or 'fp16', got 'fp64'")):
         resolve("DR-A", None, ["train.precision=fp64"])
