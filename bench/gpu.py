@@ -553,28 +553,46 @@ def section_compile_cache(args, deadline: float) -> dict[str, Any]:
 
 
 def section_profile(args) -> dict[str, Any]:
-    """Where the GPU time of one training step goes: torch.profiler over 3 steps of the fastest eager
-    variant (bf16, channels_last), device time by kernel and by aten operation (both kinds of row)."""
-    from torch.profiler import ProfilerActivity, profile
-
+    """Where the GPU time of one training step goes: torch.profiler over 3 steps of the bf16 + channels_last
+    step launched (device time by kernel and by aten operation, both kinds of row: ``top``) and, on a GPU, of the
+    fastest step, captured in a CUDA graph with ``train.scale_streams`` (kernels only: a replay launches no aten
+    operation), with how many kernels a step runs and their summed time (over every stream: more than the step's
+    time where streams overlap)."""
     step = Step(args.model, "DivDR-A", (args.crop, args.crop), args.batch, args.device, precision="bf16",
                 channels_last=True)
-    for _ in range(3):
-        step()
-    _sync(args.device)
+    out: dict[str, Any] = {"top": _profiled(step, args.device)["top"]}
+    if args.device.startswith("cuda"):
+        del step
+        streamed = Step(args.model, "DivDR-A", (args.crop, args.crop), args.batch, args.device, precision="bf16",
+                        channels_last=True, scale_streams=True)
+        replay = graphed_step(streamed)
+        out["captured_streams"] = {"step_ms": 1000 * timed(replay, args.device, args.repeats),
+                                   **_profiled(replay, args.device, kernels_only=True)}
+    return out
+
+
+def _profiled(fn: Callable[[], Any], device: str, kernels_only: bool = False, steps: int = 3,
+              rows: int = 30) -> dict[str, Any]:
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(steps):
+        fn()
+    _sync(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            step()
-        _sync(args.device)
-    events = prof.key_averages()
-
-    def top(rows, n=30):
-        rows = sorted(rows, key=lambda e: e.self_device_time_total, reverse=True)[:n]
-        return [{"name": e.key[:120], "count": e.count, "self_device_ms_per_step": e.self_device_time_total / 3e3}
-                for e in rows]
-
-    # no total: the rows mix aten operations and the kernels they launch, so their sum counts time twice
-    return {"top": top(events)}
+        for _ in range(steps):
+            fn()
+        _sync(device)
+    events = [e for e in prof.key_averages() if not kernels_only or e.device_type == DeviceType.CUDA]
+    top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:rows]
+    # no total where the rows mix aten operations and the kernels they launch: their sum counts time twice
+    result: dict[str, Any] = {"top": [{"name": e.key[:120], "count": e.count,
+                                       "self_device_ms_per_step": e.self_device_time_total / (1e3 * steps)}
+                                      for e in top]}
+    if kernels_only:
+        result |= {"kernels_per_step": sum(e.count for e in events) / steps,
+                   "kernel_ms_per_step": sum(e.self_device_time_total for e in events) / (1e3 * steps)}
+    return result
 
 
 def _route(net, closed: float, seed: int):

@@ -37,6 +37,20 @@ def test_gpu(tmp_path):
     assert all("ms" in row for row in compiled.values()), compiled
     profiled = gpu.main(["--tiny", "--device", "cpu", "--sections", "profile"])["profile"]
     assert profiled["top"] and all(row["count"] > 0 for row in profiled["top"])
+    assert "captured_streams" not in profiled  # a CUDA graph needs a GPU
+
+
+def test_gpu_streams_section():
+    """train.scale_streams changes nothing on a CPU: the gradients of both steps are equal; 150 s of budget leave
+    out the compiled row (it asks for 200)."""
+    out = gpu.main(["--tiny", "--device", "cpu", "--sections", "streams", "--budget", "150"])["streams"]
+    for name in ("gradients_bf16_channels_last", "gradients_fp32"):
+        assert out[name]["loss_one_stream"] == out[name]["loss_side_by_side"], out[name]
+        assert out[name]["gradient_relative_difference"] == 0.0 and out[name]["gradients"] > 100
+    assert all(out[name]["step_ms"] > 0 for name in ("library_bf16_channels_last", "library_bf16_channels_last_streams",
+                                                      "baseline_library_eager_fp32", "trainer_bf16_channels_last",
+                                                      "trainer_bf16_channels_last_streams"))
+    assert out["trainer_compiled_bf16_channels_last_streams"] == {"skipped": "time budget spent"}
 
 
 @pytest.mark.slow
