@@ -126,15 +126,22 @@ def _train(trainer):
     return rows, [p.detach().clone() for p in trainer.net.parameters()]
 
 
+def _relative(a, b):
+    return float(torch.sqrt(sum(((x - y) ** 2).sum() for x, y in zip(a, b, strict=True)))
+                 / torch.sqrt(sum((x ** 2).sum() for x in a)))
+
+
 def _assert_same_training(launched, captured):
     """The same to float32 rounding, which ten SGD steps amplify: the captured step's learning rate and
-    schedule progress are float32 tensors, the launched step's Python floats."""
+    schedule progress are float32 tensors, the launched step's Python floats. How far the amplification goes
+    depends on the CPU's kernels (on an AMD EPYC a gate near its kink moved one A(x) entry by 2.4e-3 at step 9,
+    and a near-zero weight tensor by 0.8% of its norm), so A(x) and the weights are compared as whole vectors:
+    measured there 5e-4 and 8e-6; with the learning rates frozen at capture (the next test) 2e-3 to 0.19 and 1.2e-2."""
     (rows_a, weights_a), (rows_b, weights_b) = launched, captured
     for step, (a, b) in enumerate(zip(rows_a, rows_b, strict=True)):
         assert b[:4] == pytest.approx(a[:4], rel=1e-3, abs=1e-6), f"step {step}"
-        assert torch.allclose(a[4], b[4], rtol=1e-3, atol=1e-5), f"step {step}: A(x)"
-    for a, b in zip(weights_a, weights_b, strict=True):
-        assert torch.allclose(a, b, rtol=1e-3, atol=1e-5)
+        assert _relative([a[4]], [b[4]]) < 2e-3, f"step {step}: A(x)"
+    assert _relative(weights_a, weights_b) < 1e-4
 
 
 def test_the_captured_step_trains_as_the_launched_one(monkeypatch):
