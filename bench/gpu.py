@@ -312,7 +312,6 @@ def section_trainer(args, deadline: float) -> dict[str, Any]:
     """The pipeline's own step, ``pipeline.loop.Trainer.run_step`` (DivDR-A with centres, so eq. 2 is on; the
     skips read every ``train.log_every`` = 10 steps, as in training), launched and with ``train.cuda_graph``
     (GPU only): what a user's run gets, against the library step of ``train``."""
-    import torch
 
     cuda = args.device.startswith("cuda")
     base = [f"model_size={args.model}", f"train.crop=[{args.crop},{args.crop}]", f"train.batch_size={args.batch}",
@@ -329,20 +328,30 @@ def section_trainer(args, deadline: float) -> dict[str, Any]:
                     "cuda_graph_compiled_bf16_channels_last": [*fast, *captured, "train.compile=true"]}
     out: dict[str, Any] = {"model": args.model, "crop": args.crop, "batch": args.batch, "device": args.device}
     for name, options in variants.items():
-        if time.perf_counter() > deadline:
-            out[name] = {"skipped": "time budget spent"}
-            continue
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        try:
-            out[name] = _trainer_row(args, [*base, *options], workers=2 if "two_graphs" in name else 1)
-        except Exception as error:  # one failed variant must not lose the others
-            out[name] = _failure(error)
-        finally:
-            if cuda:
-                torch.cuda.empty_cache()
-        print(f"  {name}: {out[name]}", flush=True)
+        measured_row(out, name, lambda options=options, name=name: _trainer_row(
+            args, [*base, *options], workers=2 if "two_graphs" in name else 1), deadline, cuda)
     return out
+
+
+def measured_row(out: dict[str, Any], name: str, measure: Callable[[], dict[str, Any]], deadline: float,
+                 cuda: bool, seconds_needed: float = 0.0) -> None:
+    """``out[name] = measure()`` unless fewer than ``seconds_needed`` are left before ``deadline``; a failure is
+    recorded as the row (the other rows still run); on a GPU the row's own peak memory, and the cache emptied."""
+    import torch
+
+    if time.perf_counter() + seconds_needed > deadline:
+        out[name] = {"skipped": "time budget spent"}
+        return
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        out[name] = measure()
+    except Exception as error:  # one failed row must not lose the others
+        out[name] = _failure(error)
+    finally:
+        if cuda:
+            torch.cuda.empty_cache()
+    print(f"  {name}: {out[name]}", flush=True)
 
 
 def _trainer_row(args, settings: list[str], workers: int = 1) -> dict[str, Any]:
@@ -425,19 +434,7 @@ def section_streams(args, deadline: float) -> dict[str, Any]:
     out: dict[str, Any] = {"model": args.model, "crop": args.crop, "batch": args.batch, "device": args.device}
 
     def row(name: str, measure: Callable[[], dict[str, Any]], seconds_needed: float = 0.0) -> None:
-        if time.perf_counter() + seconds_needed > deadline:
-            out[name] = {"skipped": "time budget spent"}
-            return
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        try:
-            out[name] = measure()
-        except Exception as error:  # one failed row must not lose the others
-            out[name] = _failure(error)
-        finally:
-            if cuda:
-                torch.cuda.empty_cache()
-        print(f"  {name}: {out[name]}", flush=True)
+        measured_row(out, name, measure, deadline, cuda, seconds_needed)
 
     def library(streams: bool, precision: str = "bf16", channels_last: bool = True) -> dict[str, Any]:
         step = Step(args.model, "DivDR-A", (args.crop, args.crop), args.batch, args.device, precision=precision,
