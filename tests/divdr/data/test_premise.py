@@ -78,7 +78,7 @@ def _route_scores(root: Path, route: int) -> dict[int, float]:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     cfg = resolve("DR-Raw", None, ["model_size=tiny", "model.gate.enabled=false", f"model.route=[{route}]",
-                                   "train.steps=700", "train.batch_size=4", "train.crop=[96,384]",
+                                   "train.steps=1500", "train.batch_size=4", "train.crop=[96,384]",
                                    "train.scale_min=1", "train.scale_max=1", "store.enabled=false"])
     task = SegmentationTask(cfg, root)
     loader = DataLoader(task.train_dataset(), batch_size=4, shuffle=True, drop_last=True,
@@ -92,14 +92,16 @@ def _route_scores(root: Path, route: int) -> dict[int, float]:
 @pytest.mark.slow
 def test_each_regime_is_best_served_by_its_own_route(tmp_path):
     """The one-route expert property on a small sample: the 1/4 column and the 1/8 column, each trained
-    alone (no gates) on both regimes, each does better than the other on its own regime."""
+    alone (no gates) on both regimes, each does better than the other on its own regime. 1500 steps: at 700 the
+    coarse regime's margin was noise (on an AMD EPYC -0.8 points with 16 val images, +0.6 with 48, -7 with 256
+    training images); at 1500 it is +13 to +16 points, the fine regime's +21 to +24 (the full study: +10 / +22)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     root = tmp_path / "premise"
-    generate(replace(PREMISE_STUDY, n_train=64, n_val=16), root)
+    generate(replace(PREMISE_STUDY, n_train=64, n_val=48), root)
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         scores = dict(zip((0, 1), pool.map(_route_scores, (root, root), (0, 1)), strict=True))
     fine, coarse = 0, 1
     assert scores[0][fine] > scores[1][fine] and scores[1][coarse] > scores[0][coarse], scores
-    assert load_split(Path(root), "val")[2].tolist().count(fine) == 8
+    assert load_split(Path(root), "val")[2].tolist().count(fine) == 24
