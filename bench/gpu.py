@@ -357,6 +357,21 @@ def measured_row(out: dict[str, Any], name: str, measure: Callable[[], dict[str,
 def _trainer_row(args, settings: list[str], workers: int = 1) -> dict[str, Any]:
     """Time ``Trainer.run_step`` with ``settings`` after its warm-up steps (and its capture, where there is one).
     ``workers`` > 1: the step as one of that many processes, whose communication is left out (one process)."""
+    import torch
+
+    start = time.perf_counter()
+    trainer, batch = _trainer_ready(args, settings, workers)
+    first = time.perf_counter() - start
+    seconds = timed(lambda: trainer.run_step(batch), args.device, args.repeats, warmup=1)
+    row = {"step_ms": 1000 * seconds, "images_per_s": args.batch / seconds, "first_steps_s": first,
+           "skipped_steps": trainer.skipped_total}
+    if args.device.startswith("cuda"):
+        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return row
+
+
+def _trainer_ready(args, settings: list[str], workers: int = 1) -> tuple[Any, dict[str, Any]]:
+    """A ``Trainer`` with ``settings`` and a batch, its warm-up steps (and its capture, where there is one) run."""
     import dataclasses
 
     import numpy as np
@@ -385,17 +400,10 @@ def _trainer_row(args, settings: list[str], workers: int = 1) -> dict[str, Any]:
              .contiguous(memory_format=memory),
              "label": torch.randint(0, cfg.model.num_classes, (args.batch, args.crop, args.crop),
                                     generator=g).to(args.device), "sample_id": list(range(args.batch))}
-    start = time.perf_counter()
     for _ in range(WARMUP_STEPS + 1):  # warm-up steps, and the capture where there is one
         trainer.run_step(batch)
     _sync(args.device)
-    first = time.perf_counter() - start
-    seconds = timed(lambda: trainer.run_step(batch), args.device, args.repeats, warmup=1)
-    row = {"step_ms": 1000 * seconds, "images_per_s": args.batch / seconds, "first_steps_s": first,
-           "skipped_steps": trainer.skipped_total}
-    if args.device.startswith("cuda"):
-        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    return row
+    return trainer, batch
 
 
 def gradients_after_one_step(step: Step) -> tuple[float, list[Any]]:
@@ -459,6 +467,69 @@ def section_streams(args, deadline: float) -> dict[str, Any]:
     row("trainer_compiled_bf16_channels_last_streams",  # its first step compiles: only with minutes left
         lambda: _trainer_row(args, [*base, "train.scale_streams=true", "train.compile=true"]), 200.0)
     return out
+
+
+def section_eval_streams(args, deadline: float) -> dict[str, Any]:
+    """``train.scale_streams`` at evaluation, where cells skip closed paths per image (host reads of the gates,
+    gathers and scatters on the side streams): Layer16 on the ``--image`` size, its gates' biases drawn so that
+    paths open for some images and not others, batch 1 and 8, the streams off and on. The logits should be the
+    same bit for bit (the same kernels in the same order per cell); the time is each one's median."""
+    import torch
+
+    from divdr.backbone import set_scale_streams
+    from divdr.config import get_model_config
+    from divdr.heads import DynamicRoutingSegmenter
+
+    torch.manual_seed(0)
+    net = DynamicRoutingSegmenter(get_model_config(args.model, num_classes=19)).to(args.device).eval()
+    g = torch.Generator().manual_seed(0)
+    # images of different contrast and brightness, so that the gates see different inputs
+    images = (torch.randn(8, 3, *args.image, generator=g) * torch.linspace(0.2, 3.0, 8).view(-1, 1, 1, 1)
+              + torch.linspace(-1.0, 1.0, 8).view(-1, 1, 1, 1)).to(args.device)
+    _open_for_half_the_images(net, images)
+    out: dict[str, Any] = {"model": args.model, "image": list(args.image), "device": args.device}
+    for batch in (1, 8):
+        image = images[:batch]
+
+        def measure(streams: bool, image=image) -> tuple[float, Any]:
+            set_scale_streams(net, streams)
+            with torch.no_grad():
+                result = net(image)
+                return timed(lambda: net(image), args.device, args.repeats), result
+
+        def row(image=image, measure=measure) -> dict[str, Any]:
+            (one_s, one), (side_s, side) = measure(False), measure(True)
+            set_scale_streams(net, False)
+            weights = one.backbone.gates
+            open_paths = weights > 1e-4
+            # cells whose paths differ between the images: the per-image gathers and scatters
+            mixed = (open_paths.any(0) & ~open_paths.all(0)).any(-1).float().mean()
+            return {"one_stream_ms": 1000 * one_s, "side_by_side_ms": 1000 * side_s,
+                    "logits_max_abs_difference": float((one.logits - side.logits).abs().max()),
+                    "gates_equal": bool(torch.equal(one.backbone.gates, side.backbone.gates)),
+                    "open_path_fraction": float(open_paths.float().mean()),
+                    "cells_mixed_across_images": float(mixed)}
+
+        measured_row(out, f"batch{batch}", row, deadline, args.device.startswith("cuda"))
+    return out
+
+
+def _open_for_half_the_images(net, images) -> None:
+    """Every soft gate's biases moved so that each path's gate logit is 0 at its median over ``images``: each
+    path opens for about half of them (measured with every gate as it was; later cells then see a little else)."""
+    import torch
+
+    from divdr.cells import Cell
+
+    logits: dict[Any, Any] = {}
+    hooks = [cell.gate.project.register_forward_hook(lambda m, i, o: logits.__setitem__(m, o.flatten(1)))
+             for cell in net.modules() if isinstance(cell, Cell) and hasattr(cell.gate, "project")]
+    with torch.no_grad():
+        net(images)
+        for hook in hooks:
+            hook.remove()
+        for project, value in logits.items():
+            project.bias -= value.median(dim=0).values - 1e-3
 
 
 def _graph_row(step: Step, args, batch: int) -> dict[str, Any]:
@@ -549,23 +620,59 @@ def section_compile_cache(args, deadline: float) -> dict[str, Any]:
     return out
 
 
-def section_profile(args) -> dict[str, Any]:
+def section_profile(args, deadline: float) -> dict[str, Any]:
     """Where the GPU time of one training step goes: torch.profiler over 3 steps of the bf16 + channels_last
-    step launched (device time by kernel and by aten operation, both kinds of row: ``top``) and, on a GPU, of the
-    fastest step, captured in a CUDA graph with ``train.scale_streams`` (kernels only: a replay launches no aten
-    operation), with how many kernels a step runs and their summed time (over every stream: more than the step's
-    time where streams overlap)."""
+    step launched (device time by kernel and by aten operation, both kinds of row: ``top``) and, on a GPU, of
+    the step captured in a CUDA graph (kernels only: a replay launches no aten operation) - the library's step
+    (``captured``), with ``train.scale_streams`` (``captured_streams``) and the pipeline's
+    ``Trainer.run_step`` (``pipeline_captured``) - each with the step's time, how many kernels it runs and their
+    summed time (over every stream: more than the step's time where streams overlap; less where the GPU idles
+    between kernels), that time by kind of kernel, and every kernel (``kernels``, for diffs between rows)."""
     step = Step(args.model, "DivDR-A", (args.crop, args.crop), args.batch, args.device, precision="bf16",
                 channels_last=True)
     out: dict[str, Any] = {"top": _profiled(step, args.device)["top"]}
-    if args.device.startswith("cuda"):
-        del step
-        streamed = Step(args.model, "DivDR-A", (args.crop, args.crop), args.batch, args.device, precision="bf16",
-                        channels_last=True, scale_streams=True)
-        replay = graphed_step(streamed)
-        out["captured_streams"] = {"step_ms": 1000 * timed(replay, args.device, args.repeats),
-                                   **_profiled(replay, args.device, kernels_only=True)}
+    del step
+    if not args.device.startswith("cuda"):
+        return out
+
+    def captured(streams: bool) -> dict[str, Any]:
+        step = Step(args.model, "DivDR-A", (args.crop, args.crop), args.batch, args.device, precision="bf16",
+                    channels_last=True, scale_streams=streams)
+        replay = graphed_step(step)
+        return {"step_ms": 1000 * timed(replay, args.device, args.repeats),
+                **_profiled(replay, args.device, kernels_only=True)}
+
+    def pipeline_captured() -> dict[str, Any]:
+        settings = [f"model_size={args.model}", f"train.crop=[{args.crop},{args.crop}]",
+                    f"train.batch_size={args.batch}", "train.steps=1000000", "train.precision=bf16",
+                    "train.channels_last=true", "train.cuda_graph=true", "scaling.use_gpu=true"]
+        trainer, batch = _trainer_ready(args, settings)
+        replay = lambda: trainer.run_step(batch)  # noqa: E731 - a replay once captured
+        return {"step_ms": 1000 * timed(replay, args.device, args.repeats),
+                **_profiled(replay, args.device, kernels_only=True)}
+
+    measured_row(out, "captured", lambda: captured(False), deadline, True)
+    measured_row(out, "captured_streams", lambda: captured(True), deadline, True)
+    measured_row(out, "pipeline_captured", pipeline_captured, deadline, True)
     return out
+
+
+# Kinds of CUDA kernel, by a fragment of their names (the first that matches; lower case)
+KERNEL_KINDS = (("batch_norm", ("batch_norm", "bn_fw", "bn_bw")),
+                ("upsample", ("upsample",)),
+                ("layout_transform", ("nchwtonhwc", "nhwctonchw", "transpose")),
+                ("convolution", ("conv", "wgrad", "dgrad", "fprop", "xmma", "implicit")),
+                ("matmul", ("gemm", "cutlass", "cublas", "sm90", "sm80")),
+                ("optimizer", ("multi_tensor", "fused_sgd", "foreach")),
+                ("copy_or_cast", ("copy",)),
+                ("reduction", ("reduce",)),
+                ("elementwise", ("elementwise",)),
+                ("memset_memcpy", ("memset", "memcpy")))
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, fragments in KERNEL_KINDS if any(f in lowered for f in fragments)), "other")
 
 
 def _profiled(fn: Callable[[], Any], device: str, kernels_only: bool = False, steps: int = 3,
@@ -581,14 +688,24 @@ def _profiled(fn: Callable[[], Any], device: str, kernels_only: bool = False, st
             fn()
         _sync(device)
     events = [e for e in prof.key_averages() if not kernels_only or e.device_type == DeviceType.CUDA]
-    top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:rows]
+    ranked = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)
+
+    def listed(chosen) -> list[dict[str, Any]]:
+        return [{"name": e.key[:120], "count": e.count, "self_device_ms_per_step": e.self_device_time_total /
+                 (1e3 * steps)} for e in chosen]
+
     # no total where the rows mix aten operations and the kernels they launch: their sum counts time twice
-    result: dict[str, Any] = {"top": [{"name": e.key[:120], "count": e.count,
-                                       "self_device_ms_per_step": e.self_device_time_total / (1e3 * steps)}
-                                      for e in top]}
+    result: dict[str, Any] = {"top": listed(ranked[:rows])}
     if kernels_only:
+        kinds: dict[str, dict[str, float]] = {}
+        for e in events:
+            kind = kinds.setdefault(kernel_kind(e.key), {"kernels_per_step": 0.0, "ms_per_step": 0.0})
+            kind["kernels_per_step"] += e.count / steps
+            kind["ms_per_step"] += e.self_device_time_total / (1e3 * steps)
         result |= {"kernels_per_step": sum(e.count for e in events) / steps,
-                   "kernel_ms_per_step": sum(e.self_device_time_total for e in events) / (1e3 * steps)}
+                   "kernel_ms_per_step": sum(e.self_device_time_total for e in events) / (1e3 * steps),
+                   "by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1]["ms_per_step"])),
+                   "kernels": listed(ranked)}
     return result
 
 
@@ -717,7 +834,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--sections", nargs="+",
                    default=["trainer", "train", "inference", "compile", "inference_compile", "ops"],
                    choices=["trainer", "train", "inference", "compile", "inference_compile", "ops", "profile",
-                            "compile_cache", "streams"])
+                            "compile_cache", "streams", "eval_streams"])
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (--tiny: aot_eager)")
     args = p.parse_args(argv)
     started = time.perf_counter()
@@ -740,9 +857,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "compile": lambda: section_train(args, deadline, compiled=True),
                 "inference": lambda: section_inference(args, deadline),
                 "inference_compile": lambda: section_inference(args, deadline, compiled=True),
-                "profile": lambda: section_profile(args),
+                "profile": lambda: section_profile(args, deadline),
                 "compile_cache": lambda: section_compile_cache(args, deadline),
-                "streams": lambda: section_streams(args, deadline)}
+                "streams": lambda: section_streams(args, deadline),
+                "eval_streams": lambda: section_eval_streams(args, deadline)}
     for name in args.sections:
         t = time.perf_counter()
         if t > deadline:

@@ -53,8 +53,7 @@ def gate_input(x: torch.Tensor, small_gate: bool, input_norm: bool = False) -> t
     """What the gate looks at: the cell input, bilinearly down-sampled by 4 for the small gate, and
     with ``input_norm`` normalised per image and channel (GateConfig.input_norm)."""
     if small_gate:
-        size = (max(1, x.shape[-2] // SMALL_GATE_FACTOR), max(1, x.shape[-1] // SMALL_GATE_FACTOR))
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        x = bilinear_down(x, SMALL_GATE_FACTOR)
     if input_norm:
         if x.shape[-2] * x.shape[-1] == 1:
             # a 1x1 map (a coarse cell of a small crop) normalises to exactly 0. aten's kernel returns
@@ -64,6 +63,23 @@ def gate_input(x: torch.Tensor, small_gate: bool, input_norm: bool = False) -> t
         # aten's instance norm directly: F.instance_norm refuses a 1x1 map
         x = torch.instance_norm(x, None, None, None, None, True, 0.0, INPUT_NORM_EPS, False)
     return x
+
+
+def bilinear_down(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """``F.interpolate(x, size=(h // factor, w // factor), mode="bilinear", align_corners=False)``.
+
+    Where ``factor`` (even) divides both sides, that bilinear sample lands halfway between two pixels in each
+    direction (output pixel i at source coordinate factor * i + factor / 2 - 0.5): it is the mean of a 2x2
+    window, an average pool, computed in ``x``'s own dtype with no atomics in its backward. Under CUDA autocast
+    the interpolation instead cast a bf16 cell input to float32 whole (twice its bytes) and its backward added
+    into a float32 map of the input's size with atomics, for every gate of every step (issue #20). Other sizes
+    interpolate, as before."""
+    height, width = x.shape[-2:]
+    if factor % 2 == 0 and height % factor == 0 and width % factor == 0:
+        start = factor // 2 - 1
+        return F.avg_pool2d(x[..., start:, start:], kernel_size=2, stride=factor)
+    size = (max(1, height // factor), max(1, width // factor))
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 class Gate(nn.Module):
