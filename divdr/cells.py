@@ -155,7 +155,7 @@ class Cell(nn.Module):
         keep = torch.addcmul(per_path[KEEP] * activated, passthrough.view(-1, 1, 1, 1), x)
         up, down = None, None
         if self.up is not None:
-            up = per_path[UP] * self.up.project(activated) if self._route_open[UP] else None
+            up = self.up.project(activated, per_path[UP]) if self._route_open[UP] else None
         if self.down is not None:
             down = per_path[DOWN] * self.down.project(activated) if self._route_open[DOWN] else None
         return CellOutput(up, keep, down, weights)

@@ -15,7 +15,7 @@ the training loop sets it with ``set_temperature`` or ``anneal_temperature``, ne
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,7 +25,7 @@ from torch import nn
 
 from divdr.config import ConfigError, GateConfig, TemperatureConfig
 from divdr.costs import Convention, conv, conv_bn_relu
-from divdr.ops import conv_bn, kaiming_init
+from divdr.ops import bilinear, conv_bn, kaiming_init
 
 SMALL_GATE_FACTOR = 4  # "small gate": the gate sees the input bilinearly down-sampled by 4
 
@@ -53,7 +53,11 @@ def gate_input(x: torch.Tensor, small_gate: bool, input_norm: bool = False) -> t
     """What the gate looks at: the cell input, bilinearly down-sampled by 4 for the small gate, and
     with ``input_norm`` normalised per image and channel (GateConfig.input_norm)."""
     if small_gate:
-        x = bilinear_down(x, SMALL_GATE_FACTOR)
+        # in x's own dtype (divdr.ops.bilinear): CUDA autocast would copy a bf16 cell input whole to float32
+        # first, and back in the backward (~4 ms of a Layer16 step on an H200). The gate's convolution runs in
+        # bf16 either way, and a bilinear resize rounds once, so the gate sees the same values.
+        size = (max(1, x.shape[-2] // SMALL_GATE_FACTOR), max(1, x.shape[-1] // SMALL_GATE_FACTOR))
+        x = bilinear(x, size=size)
     if input_norm:
         if x.shape[-2] * x.shape[-1] == 1:
             # a 1x1 map (a coarse cell of a small crop) normalises to exactly 0. aten's kernel returns
@@ -63,23 +67,6 @@ def gate_input(x: torch.Tensor, small_gate: bool, input_norm: bool = False) -> t
         # aten's instance norm directly: F.instance_norm refuses a 1x1 map
         x = torch.instance_norm(x, None, None, None, None, True, 0.0, INPUT_NORM_EPS, False)
     return x
-
-
-def bilinear_down(x: torch.Tensor, factor: int) -> torch.Tensor:
-    """``F.interpolate(x, size=(h // factor, w // factor), mode="bilinear", align_corners=False)``.
-
-    Where ``factor`` (even) divides both sides, that bilinear sample lands halfway between two pixels in each
-    direction (output pixel i at source coordinate factor * i + factor / 2 - 0.5): it is the mean of a 2x2
-    window, an average pool, computed in ``x``'s own dtype with no atomics in its backward. Under CUDA autocast
-    the interpolation instead cast a bf16 cell input to float32 whole (twice its bytes) and its backward added
-    into a float32 map of the input's size with atomics, for every gate of every step (issue #20). Other sizes
-    interpolate, as before."""
-    height, width = x.shape[-2:]
-    if factor % 2 == 0 and height % factor == 0 and width % factor == 0:
-        start = factor // 2 - 1
-        return F.avg_pool2d(x[..., start:, start:], kernel_size=2, stride=factor)
-    size = (max(1, height // factor), max(1, width // factor))
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 class Gate(nn.Module):
@@ -190,19 +177,25 @@ def temperature_schedule(progress: float, config: TemperatureConfig) -> float:
     return config.start * (config.final / config.start) ** t
 
 
-def set_temperature(model: nn.Module, tau: float) -> int:
-    """Set tau of every gate of ``model`` that has a temperature (Gumbel gates; a DDP wrapper works too);
-    returns how many were set, 0 for a soft-gate model (then this is a no-op)."""
+def tempered_gates(model: nn.Module) -> list[nn.Module]:
+    """The gates of ``model`` that have a temperature (Gumbel gates; a DDP wrapper works too); none for soft gates."""
+    return [m for m in model.modules() if isinstance(m, Gate) and hasattr(m, "tau")]
+
+
+def set_temperature(model: nn.Module | Sequence[nn.Module], tau: float) -> int:
+    """Set tau of every gate of ``model`` that has a temperature, or of the gates given (``tempered_gates``, found
+    once: walking Layer16's ~2,000 modules at every step cost milliseconds of host time while a captured step's GPU
+    waited); returns how many were set, 0 for a soft-gate model (then this is a no-op)."""
     if not tau > 0:
         raise ValueError(f"temperature must be > 0, got {tau}")
-    gates = [m for m in model.modules() if isinstance(m, Gate) and hasattr(m, "tau")]
+    gates = tempered_gates(model) if isinstance(model, nn.Module) else model
     for gate in gates:
         gate.tau.fill_(tau)
     return len(gates)
 
 
-def anneal_temperature(model: nn.Module, progress: float, config: TemperatureConfig) -> float:
-    """One call per training step: set tau from the schedule; returns it (for logging)."""
+def anneal_temperature(model: nn.Module | Sequence[nn.Module], progress: float, config: TemperatureConfig) -> float:
+    """One call per training step: set tau from the schedule (``model``: as ``set_temperature``); returns it."""
     tau = temperature_schedule(progress, config)
     set_temperature(model, tau)
     return tau

@@ -35,10 +35,15 @@ class NaiveDecoder(nn.Module):
             pred = self.lateral[scale](x)
             if scale > 0:  # to the finer map's size: Layer17's 1/64 map is ceil(H/64), not H/64
                 pred = bilinear(pred, size=features[feature_name(scale - 1)].shape[-2:])
-        # float32 from here: the losses (cross-entropy's log-softmax) run in float32 under autocast anyway, so
-        # the 16x larger map is written once in float32 rather than in bf16 and cast; and the backward adds
-        # into the small logits with float32 atomics (bf16 ones took 4 ms per Layer16 step on an H100)
-        return bilinear(self.predictor(pred).float(), scale_factor=4)
+        logits = self.predictor(pred)
+        if logits.dtype in (torch.bfloat16, torch.float16):
+            # float32 from here: the losses (cross-entropy's log-softmax) run in float32 under autocast anyway,
+            # so the 16x larger map is written once in float32 rather than in bf16 and cast; and the backward adds
+            # into the small logits with float32 atomics (-2.2 ms per Layer16 step on an H200)
+            logits = logits.float()
+        # resized from a contiguous (NCHW) map, also under channels_last: the cross-entropy's log-softmax over the
+        # classes needs the full-size logits contiguous and copied the 16x larger map otherwise
+        return bilinear(logits.contiguous(), scale_factor=4)
 
 
 @dataclass
@@ -65,7 +70,9 @@ class DynamicRoutingSegmenter(nn.Module):
         height, width = images.shape[-2:]
         padded = F.pad(images, (0, padded_size(width) - width, 0, padded_size(height) - height))
         out = self.backbone(padded)
-        logits = self.decoder(out.features)[..., :height, :width]
+        logits = self.decoder(out.features)
+        if logits.shape[-2:] != (height, width):  # a crop even of the whole map costs a copy in the backward
+            logits = logits[..., :height, :width]
         return SegmentationOutput(logits, out)
 
 

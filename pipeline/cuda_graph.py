@@ -43,7 +43,6 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
-from divdr.gates import anneal_temperature
 from pipeline.loop import Hook, StepResult, Trainer
 
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (torch.cuda.graph's documented requirement)
@@ -118,8 +117,7 @@ class CapturedStep:
 
     def run(self, batch: dict[str, Any]) -> StepResult:
         trainer, index = self.trainer, self.trainer.step
-        trainer.model.train()
-        tau = anneal_temperature(trainer.net, trainer.progress, trainer.cfg.model.gate.temperature)
+        tau = trainer.begin_step()
         self._write_schedule()
         if self.replay is None and self.warmed_up < WARMUP_STEPS:
             with self.backend.warmup():

@@ -215,48 +215,6 @@ def test_a_bf16_training_forward_stays_in_bf16_where_autocast_resizes_in_float32
     assert dtypes == {torch.bfloat16} and logits.dtype == torch.float32
 
 
-@pytest.mark.parametrize("size", [(16, 32), (24, 24), (4, 8), (10, 12), (7, 9), (3, 3)])
-def test_the_small_gate_down_sampling_is_the_bilinear_one(size):
-    """``bilinear_down`` is an average pool where 4 divides the map and interpolates elsewhere: either way the
-    values and the input's gradient are F.interpolate's, in either memory format."""
-    import torch.nn.functional as F
-
-    from divdr.gates import bilinear_down
-
-    x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
-    target = (max(1, size[0] // 4), max(1, size[1] // 4))
-    reference = F.interpolate(x, size=target, mode="bilinear", align_corners=False)
-    grad_out = torch.randn_like(reference)
-    (expected,) = torch.autograd.grad(reference, x, grad_out)
-    for memory in (torch.contiguous_format, torch.channels_last):
-        xm = x.detach().contiguous(memory_format=memory).requires_grad_()
-        got = bilinear_down(xm, 4)
-        (grad,) = torch.autograd.grad(got, xm, grad_out)
-        torch.testing.assert_close(got, reference, rtol=0, atol=1e-15)
-        torch.testing.assert_close(grad, expected, rtol=0, atol=1e-15)
-
-
-def test_the_small_gate_pools_under_autocast_without_a_float32_copy(monkeypatch):
-    """Where the map divides by 4 the gate's input never goes through F.interpolate (CUDA autocast runs it in
-    float32: a float32 copy of every cell input, atomics in its backward)."""
-    import divdr.gates
-
-    calls = []
-    real = divdr.gates.F
-
-    class Counting:  # the gates' own F only (the decoder and up paths resize with F.interpolate on purpose)
-        def __getattr__(self, name):
-            if name == "interpolate":
-                return lambda *a, **k: calls.append(1) or real.interpolate(*a, **k)
-            return getattr(real, name)
-
-    monkeypatch.setattr(divdr.gates, "F", Counting())
-    torch.manual_seed(0)
-    net = DynamicRoutingSegmenter(TINY).train()
-    net(torch.randn(2, 3, 128, 128))  # 1/4 .. 1/32 maps: 32 .. 4, all divisible by 4
-    assert not calls
-
-
 def test_gate_input_norm_of_a_one_pixel_map_is_exactly_zero_with_no_gradient():
     """A coarse cell of a small crop sees a 1x1 map: normalised, it is 0 whatever the input (aten's kernel
     gave 1e-14 noise whose sign decided which of the gate's ReLUs passed a gradient, CPU by CPU)."""
