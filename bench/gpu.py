@@ -469,69 +469,6 @@ def section_streams(args, deadline: float) -> dict[str, Any]:
     return out
 
 
-def section_eval_streams(args, deadline: float) -> dict[str, Any]:
-    """``train.scale_streams`` at evaluation, where cells skip closed paths per image (host reads of the gates,
-    gathers and scatters on the side streams): Layer16 on the ``--image`` size, its gates' biases drawn so that
-    paths open for some images and not others, batch 1 and 8, the streams off and on. The logits should be the
-    same bit for bit (the same kernels in the same order per cell); the time is each one's median."""
-    import torch
-
-    from divdr.backbone import set_scale_streams
-    from divdr.config import get_model_config
-    from divdr.heads import DynamicRoutingSegmenter
-
-    torch.manual_seed(0)
-    net = DynamicRoutingSegmenter(get_model_config(args.model, num_classes=19)).to(args.device).eval()
-    g = torch.Generator().manual_seed(0)
-    # images of different contrast and brightness, so that the gates see different inputs
-    images = (torch.randn(8, 3, *args.image, generator=g) * torch.linspace(0.2, 3.0, 8).view(-1, 1, 1, 1)
-              + torch.linspace(-1.0, 1.0, 8).view(-1, 1, 1, 1)).to(args.device)
-    _open_for_half_the_images(net, images)
-    out: dict[str, Any] = {"model": args.model, "image": list(args.image), "device": args.device}
-    for batch in (1, 8):
-        image = images[:batch]
-
-        def measure(streams: bool, image=image) -> tuple[float, Any]:
-            set_scale_streams(net, streams)
-            with torch.no_grad():
-                result = net(image)
-                return timed(lambda: net(image), args.device, args.repeats), result
-
-        def row(image=image, measure=measure) -> dict[str, Any]:
-            (one_s, one), (side_s, side) = measure(False), measure(True)
-            set_scale_streams(net, False)
-            weights = one.backbone.gates
-            open_paths = weights > 1e-4
-            # cells whose paths differ between the images: the per-image gathers and scatters
-            mixed = (open_paths.any(0) & ~open_paths.all(0)).any(-1).float().mean()
-            return {"one_stream_ms": 1000 * one_s, "side_by_side_ms": 1000 * side_s,
-                    "logits_max_abs_difference": float((one.logits - side.logits).abs().max()),
-                    "gates_equal": bool(torch.equal(one.backbone.gates, side.backbone.gates)),
-                    "open_path_fraction": float(open_paths.float().mean()),
-                    "cells_mixed_across_images": float(mixed)}
-
-        measured_row(out, f"batch{batch}", row, deadline, args.device.startswith("cuda"))
-    return out
-
-
-def _open_for_half_the_images(net, images) -> None:
-    """Every soft gate's biases moved so that each path's gate logit is 0 at its median over ``images``: each
-    path opens for about half of them (measured with every gate as it was; later cells then see a little else)."""
-    import torch
-
-    from divdr.cells import Cell
-
-    logits: dict[Any, Any] = {}
-    hooks = [cell.gate.project.register_forward_hook(lambda m, i, o: logits.__setitem__(m, o.flatten(1)))
-             for cell in net.modules() if isinstance(cell, Cell) and hasattr(cell.gate, "project")]
-    with torch.no_grad():
-        net(images)
-        for hook in hooks:
-            hook.remove()
-        for project, value in logits.items():
-            project.bias -= value.median(dim=0).values - 1e-3
-
-
 def _graph_row(step: Step, args, batch: int) -> dict[str, Any]:
     """The same step captured in a CUDA graph and replayed; its own error, so the eager row stays."""
     import torch
@@ -834,7 +771,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--sections", nargs="+",
                    default=["trainer", "train", "inference", "compile", "inference_compile", "ops"],
                    choices=["trainer", "train", "inference", "compile", "inference_compile", "ops", "profile",
-                            "compile_cache", "streams", "eval_streams"])
+                            "compile_cache", "streams"])
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (--tiny: aot_eager)")
     args = p.parse_args(argv)
     started = time.perf_counter()
@@ -859,8 +796,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "inference_compile": lambda: section_inference(args, deadline, compiled=True),
                 "profile": lambda: section_profile(args, deadline),
                 "compile_cache": lambda: section_compile_cache(args, deadline),
-                "streams": lambda: section_streams(args, deadline),
-                "eval_streams": lambda: section_eval_streams(args, deadline)}
+                "streams": lambda: section_streams(args, deadline)}
     for name in args.sections:
         t = time.perf_counter()
         if t > deadline:

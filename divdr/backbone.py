@@ -86,7 +86,9 @@ class DynamicBackbone(nn.Module):
         return BackboneOutput(features, gates, gates[:, self._a_slice].flatten(1))
 
     def _run_layer(self, indices: list[int], inputs: list[torch.Tensor]) -> list[CellOutput]:
-        if not (self.scale_streams and inputs[0].is_cuda and len(inputs) > 1):
+        # training only: at evaluation each cell reads its gates on the host (per-image skipping), and on the
+        # streams a Layer16 forward at batch 1 took 18% longer on an H200 (batch 8: 5% less; docs/benchmarks.md)
+        if not (self.scale_streams and self.training and inputs[0].is_cuda and len(inputs) > 1):
             return [self.cells[i](x) for i, x in zip(indices, inputs, strict=True)]
         return self._run_layer_on_streams(indices, inputs)
 
@@ -120,11 +122,12 @@ class DynamicBackbone(nn.Module):
 
 
 def set_scale_streams(model: nn.Module, enabled: bool = True) -> int:
-    """Run each layer's cells (one per scale) on CUDA streams side by side, in training and evaluation; on a CPU
-    it changes nothing. The cells of a layer depend only on the previous layer, and at the sizes DR trains on
-    many of their kernels are too small to fill a GPU, so the scales overlap rather than queue. The same
-    operations run in the same order per cell: the outputs are unchanged, and the gradients too up to the order in
-    which autograd adds the gradient of a tensor used on two streams. Returns how many backbones were set."""
+    """Run each layer's cells (one per scale) on CUDA streams side by side in training (forward and backward); in
+    evaluation, and on a CPU, it changes nothing. The cells of a layer depend only on the previous layer, and at
+    the sizes DR trains on many of their kernels are too small to fill a GPU, so the scales overlap rather than
+    queue. The same operations run in the same order per cell: the outputs are unchanged, and the gradients too up
+    to the order in which autograd adds the gradient of a tensor used on two streams. Returns how many backbones
+    were set."""
     backbones = [m for m in model.modules() if isinstance(m, DynamicBackbone)]
     for backbone in backbones:
         backbone.scale_streams = enabled

@@ -96,8 +96,10 @@ def test_channels_last_gives_the_same_outputs():
     nhwc.load_state_dict(net.state_dict())
     nhwc.to(memory_format=torch.channels_last)
     images = torch.randn(2, 3, 64, 64)
-    assert torch.allclose(net(images).logits, nhwc(images.contiguous(memory_format=torch.channels_last)).logits,
-                          atol=1e-5)
+    logits = nhwc(images.contiguous(memory_format=torch.channels_last)).logits
+    assert torch.allclose(net(images).logits, logits, atol=1e-5)
+    # the full-size logits come out contiguous: the cross-entropy's log-softmax copied a channels_last map whole
+    assert logits.is_contiguous()
 
 
 # One cell compiled with inductor, its compile cache written; run in a child process with its own, empty, inductor

@@ -19,7 +19,10 @@ from pipeline.tasks import SegmentationTask
 
 STEPS = 10
 CAPTURED = ["train.cuda_graph=true", "scaling.use_gpu=true"]  # the network stays on the CPU here
-SETTINGS = ["model_size=micro", "train.crop=[64,64]", f"train.steps={STEPS}", "train.log_every=5",
+# train.lr 0.01, not the default 0.05: at 0.05 ten SGD steps of this micro net amplify float32 rounding chaotically
+# (A(x) of two runs that differ only in rounding: 7e-6 apart at step 2, 5e-2 at step 9, past what a bug gives),
+# at 0.01 they stay 3e-7 apart while the learning rate frozen at capture still moves A(x) by 5e-3
+SETTINGS = ["model_size=micro", "train.crop=[64,64]", f"train.steps={STEPS}", "train.log_every=5", "train.lr=0.01",
             "budget.start_fraction=0.2", "budget.warmup_fraction=0.5", "clustering.warmup_fraction=0.5"]
 
 
@@ -132,16 +135,15 @@ def _relative(a, b):
 
 
 def _assert_same_training(launched, captured):
-    """The same to float32 rounding, which ten SGD steps amplify: the captured step's learning rate and
-    schedule progress are float32 tensors, the launched step's Python floats. How far the amplification goes
-    depends on the CPU's kernels (on an AMD EPYC a gate near its kink moved one A(x) entry by 2.4e-3 at step 9,
-    and a near-zero weight tensor by 0.8% of its norm), so A(x) and the weights are compared as whole vectors:
-    measured there 5e-4 and 8e-6; with the learning rates frozen at capture (the next test) 2e-3 to 0.19 and 1.2e-2."""
+    """The same to float32 rounding: the captured step's learning rate and schedule progress are float32
+    tensors, the launched step's Python floats. Measured on an AMD EPYC (train.lr 0.01, SETTINGS): losses 5e-6
+    apart, A(x) 3e-7, the weights 3e-8; with the learning rates frozen at capture (the next test) 1e-2, 5e-3 and
+    1e-3."""
     (rows_a, weights_a), (rows_b, weights_b) = launched, captured
     for step, (a, b) in enumerate(zip(rows_a, rows_b, strict=True)):
-        assert b[:4] == pytest.approx(a[:4], rel=1e-3, abs=1e-6), f"step {step}"
-        assert _relative([a[4]], [b[4]]) < 2e-3, f"step {step}: A(x)"
-    assert _relative(weights_a, weights_b) < 1e-4
+        assert b[:4] == pytest.approx(a[:4], rel=2e-4, abs=1e-6), f"step {step}"
+        assert _relative([a[4]], [b[4]]) < 1e-4, f"step {step}: A(x)"
+    assert _relative(weights_a, weights_b) < 1e-5
 
 
 def test_the_captured_step_trains_as_the_launched_one(monkeypatch):

@@ -89,6 +89,38 @@ def test_scale_streams_are_set_on_the_network_and_train_as_without_on_a_cpu():
     assert streamed == plain
 
 
+@pytest.mark.parametrize("kind", ["soft", "gumbel"])
+def test_a_step_walks_the_modules_only_after_an_evaluation(monkeypatch, kind):
+    """Host work before a step is what a replayed CUDA graph waits on: ``model.train()`` and the temperature's
+    search for gates visit Layer16's ~2,000 modules (10 ms a step on this machine, the pipeline's captured step's
+    gap to the library's on an H200). They now run once; the gates' tau still follows the schedule at every step,
+    and a network an evaluation left in eval mode trains in training mode again."""
+    import torch
+
+    from divdr.gates import temperature_schedule
+
+    cfg = resolve("DR-A", None, ["model_size=micro", "train.crop=[64,64]", f"model.gate.kind={kind}",
+                                 "train.steps=4", "model.gate.temperature.pretrain_fraction=0.0"])
+    trainer = _fused_trainer(monkeypatch, cfg)
+    walks = []
+    real_modules, real_train = torch.nn.Module.modules, torch.nn.Module.train
+    monkeypatch.setattr(torch.nn.Module, "modules", lambda self: walks.append("modules") or real_modules(self))
+    monkeypatch.setattr(torch.nn.Module, "train",
+                        lambda self, mode=True: walks.append("train") or real_train(self, mode))
+    batches = _batches(cfg, 4)
+    for batch in batches[:2]:
+        result = trainer.run_step(batch)
+        expected_tau = temperature_schedule(trainer.progress - 1 / cfg.train.steps, cfg.model.gate.temperature)
+        assert result.tau == expected_tau
+        for gate in trainer.tempered:
+            assert float(gate.tau) == pytest.approx(expected_tau)
+    assert not walks and (len(trainer.tempered) > 0) == (kind == "gumbel")
+    trainer.net.eval()  # as an evaluation leaves it
+    trainer.run_step(batches[2])
+    assert "train" in walks
+    assert trainer.net.training and all(m.training for m in real_modules(trainer.net))
+
+
 def test_precision_is_validated_by_name():
     with pytest.raises(Exception, match=re.escape("train.precision must be 'fp32' or 'bf16' or 'fp16', got 'fp64'")):
         resolve("DR-A", None, ["train.precision=fp64"])
