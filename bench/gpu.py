@@ -559,7 +559,8 @@ def section_compile_cache(args, deadline: float) -> dict[str, Any]:
 
 def section_profile(args, deadline: float) -> dict[str, Any]:
     """Where the GPU time of one training step goes: torch.profiler over 3 steps of the bf16 + channels_last
-    step launched (device time by kernel and by aten operation, both kinds of row: ``top``) and, on a GPU, of
+    step launched (device time by kernel and by aten operation, both kinds of row: ``top``; where its copies,
+    products and fills come from: ``sources``) and, on a GPU, of
     the step captured in a CUDA graph (kernels only: a replay launches no aten operation) - the library's step
     (``captured``), with ``train.scale_streams`` (``captured_streams``) and the pipeline's
     ``Trainer.run_step`` (``pipeline_captured``) - each with the step's time, how many kernels it runs and their
@@ -567,7 +568,7 @@ def section_profile(args, deadline: float) -> dict[str, Any]:
     between kernels), that time by kind of kernel, and every kernel (``kernels``, for diffs between rows)."""
     step = Step(args.model, "DivDR-A", (args.crop, args.crop), args.batch, args.device, precision="bf16",
                 channels_last=True)
-    out: dict[str, Any] = {"top": _profiled(step, args.device)["top"]}
+    out: dict[str, Any] = {"top": _profiled(step, args.device)["top"], "sources": operation_sources(step, args.device)}
     del step
     if not args.device.startswith("cuda"):
         return out
@@ -592,6 +593,33 @@ def section_profile(args, deadline: float) -> dict[str, Any]:
     measured_row(out, "captured_streams", lambda: captured(True), deadline, True)
     measured_row(out, "pipeline_captured", pipeline_captured, deadline, True)
     return out
+
+
+def operation_sources(fn: Callable[[], Any], device: str, rows: int = 40,
+                      names: tuple[str, ...] = ("aten::copy_", "aten::mul", "aten::add_", "aten::add", "aten::fill_",
+                                                "aten::zero_")) -> list[dict[str, Any]]:
+    """Where one run of ``fn``'s copies, products, sums and fills come from: their device time grouped by the chain
+    of operations above each (up to 4, in the backward the autograd node), most time first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        _sync(device)
+    table: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
+    for event in prof.events():
+        if event.name not in names:
+            continue
+        chain, parent = [], event.cpu_parent
+        while parent is not None and len(chain) < 4:
+            chain.append(parent.name[:60])
+            parent = parent.cpu_parent
+        entry = table[" <- ".join([event.name, *chain])]
+        entry[0] += 1
+        entry[1] += event.device_time_total / 1e3
+    ranked = sorted(table.items(), key=lambda kv: -kv[1][1])[:rows]
+    return [{"chain": chain, "count": int(count), "device_ms": ms} for chain, (count, ms) in ranked]
 
 
 # Kinds of CUDA kernel, by a fragment of their names (the first that matches; lower case)

@@ -189,14 +189,14 @@ class Cell(nn.Module):
                 if not on:
                     continue
                 if len(on) == len(computed):  # open for every image computed
-                    y = scale[:, slot].view(-1, 1, 1, 1) * transform(h)
+                    y = self._weighted(slot, transform, h, scale[:, slot])
                     rows = cell_idx
                 elif len(on) >= self.dense_fraction * len(computed):  # most of them: closed ones weighted 0
-                    y = torch.where(path_active(wa[:, slot]), scale[:, slot], 0.0).view(-1, 1, 1, 1) * transform(h)
+                    y = self._weighted(slot, transform, h, torch.where(path_active(wa[:, slot]), scale[:, slot], 0.0))
                     rows = cell_idx
                 else:
                     on_idx = torch.tensor(on, device=x.device)
-                    y = scale[on_idx, slot].view(-1, 1, 1, 1) * transform(h[on_idx])
+                    y = self._weighted(slot, transform, h[on_idx], scale[on_idx, slot])
                     rows = on_idx if whole else cell_idx[on_idx]
                 out[slot] = y if rows is None else y.new_zeros((batch, *y.shape[1:])).index_copy_(0, rows, y)
         # Images whose cell is dropped pass their input through unchanged; with a fast-forward
@@ -214,6 +214,17 @@ class Cell(nn.Module):
         if out[KEEP] is None:
             out[KEEP] = torch.zeros_like(x)
         return CellOutput(out.get(UP), out[KEEP], out.get(DOWN), weights)
+
+
+    @staticmethod
+    def _weighted(slot: int, transform: nn.Module, h: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Path ``slot`` (its ``transform``) of the cell operation's output ``h`` times the per-image ``weights``
+        [B]; the up path's weight goes before its resize, as in training (``_forward_all_paths``), so skipping
+        inference computes what the training forward does, in the same order."""
+        weights = weights.view(-1, 1, 1, 1)
+        if slot == UP:
+            return transform(h, weights)
+        return weights * transform(h)
 
 
 # Distinct cells a compiled training forward is specialised for (width, paths, route): Layer16 has about

@@ -104,7 +104,7 @@ class StaticCell(nn.Module):
         keep = self.weights[KEEP] * activated if self.keep_open else None
         up = None
         if self.up is not None:
-            up = self.weights[UP] * bilinear(self.up(activated), scale_factor=2)
+            up = bilinear(self.weights[UP] * self.up(activated), scale_factor=2)  # weighted before, as the cell
         down = self.weights[DOWN] * self.down(activated) if self.down is not None else None
         return CellOutput(up, keep, down, self.route_row)
 

@@ -121,8 +121,8 @@ class UpTransform(nn.Module):
         self.conv = nn.Sequential(nn.ReLU(), conv_bn(channels, channels // 2, 1))
         kaiming_init(self.conv)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.project(self.conv[0](x))
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        return self.project(self.conv[0](x), weight)
 
     def project(self, activated: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """``weight`` ([B, 1, 1, 1], optional): the path's per-image weight, applied before the resize rather than

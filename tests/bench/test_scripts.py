@@ -37,7 +37,33 @@ def test_gpu(tmp_path):
     assert all("ms" in row for row in compiled.values()), compiled
     profiled = gpu.main(["--tiny", "--device", "cpu", "--sections", "profile"])["profile"]
     assert profiled["top"] and all(row["count"] > 0 for row in profiled["top"])
-    assert "captured_streams" not in profiled  # a CUDA graph needs a GPU
+    # the backward's products come from autograd nodes; the forward's casts from the operation that cast
+    chains = [row["chain"] for row in profiled["sources"]]
+    assert any(c.startswith("aten::mul <- MulBackward0") for c in chains), chains
+    assert all(row["count"] > 0 for row in profiled["sources"])
+    assert "captured" not in profiled and "captured_streams" not in profiled  # a CUDA graph needs a GPU
+
+
+def test_gpu_ab_puts_the_code_before_each_change_back():
+    """bench/gpu_ab.py's "before" functions give what the current code gives (float32, the same network), so
+    its rows differ in speed only; its sections run (tiny sizes, one round)."""
+    import torch
+
+    from bench import gpu_ab
+    from divdr.config import get_model_config
+    from divdr.heads import DynamicRoutingSegmenter
+
+    torch.manual_seed(0)
+    net = DynamicRoutingSegmenter(get_model_config("micro", num_classes=5)).train()
+    images = torch.randn(2, 3, 64, 64)
+    reference = net(images).logits
+    for name, before in gpu_ab.before_contexts().items():
+        with before():
+            torch.testing.assert_close(net(images).logits, reference, rtol=1e-5, atol=1e-6, msg=name)
+    out = gpu_ab.main(["--tiny", "--device", "cpu", "--rounds", "1"])
+    assert set(out["changes"]) == {"gate_resize", "logits", "up_weight", "trainer_host"}
+    assert all(row["before_ms"] > 0 and row["after_ms"] > 0 for row in out["changes"].values())
+    assert len(out["upsample"]) == 4 and out["per_image_product"]["map_plus_map_us"] > 0
 
 
 def test_gpu_streams_section():
