@@ -29,7 +29,9 @@ def forward_skipping_before(self: Cell, x: torch.Tensor, weights: torch.Tensor,
             on = path_active(weights[cell_idx, slot])
             if not bool(on.any()):
                 continue
-            y = weights[cell_idx[on], slot].view(-1, 1, 1, 1) * transform(h[on])
+            # a path weighted as the cell weights it now (the up path before its resize, since 2026-11-28): this
+            # reference is about which images are gathered and scattered, not the order of a product
+            y = Cell._weighted(slot, transform, h[on], weights[cell_idx[on], slot])
             if out[slot] is None:
                 out[slot] = y.new_zeros((x.shape[0], *y.shape[1:]))
             out[slot] = out[slot].index_add(0, cell_idx[on], y)
