@@ -215,7 +215,6 @@ class Cell(nn.Module):
             out[KEEP] = torch.zeros_like(x)
         return CellOutput(out.get(UP), out[KEEP], out.get(DOWN), weights)
 
-
     @staticmethod
     def _weighted(slot: int, transform: nn.Module, h: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Path ``slot`` (its ``transform``) of the cell operation's output ``h`` times the per-image ``weights``

@@ -54,8 +54,9 @@ def gate_input(x: torch.Tensor, small_gate: bool, input_norm: bool = False) -> t
     with ``input_norm`` normalised per image and channel (GateConfig.input_norm)."""
     if small_gate:
         # in x's own dtype (divdr.ops.bilinear): CUDA autocast would copy a bf16 cell input whole to float32
-        # first, and back in the backward (~4 ms of a Layer16 step on an H200). The gate's convolution runs in
-        # bf16 either way, and a bilinear resize rounds once, so the gate sees the same values.
+        # first, and back in the backward (with the logits' contiguous resize, 91.5 -> 87.1 ms of a Layer16 step on
+        # an H200). The gate's convolution runs in bf16 either way, and a bilinear resize rounds once, so the gate
+        # sees the same values.
         size = (max(1, x.shape[-2] // SMALL_GATE_FACTOR), max(1, x.shape[-1] // SMALL_GATE_FACTOR))
         x = bilinear(x, size=size)
     if input_norm:
