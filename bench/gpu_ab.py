@@ -1,6 +1,7 @@
 """Each speed change of 2026-11-28 (issue #20) against the code before it, side by side on one GPU.
 
     python bench/gpu_ab.py --json bench/results/gpu_ab.json     # a GPU: Layer16, 768x768, batch 8 (~2 minutes)
+    python bench/gpu_ab.py --device cpu --model small --crop 256 --batch 2 --repeats 5   # this CPU
     python bench/gpu_ab.py --tiny                               # seconds on a CPU: checks the script works
 
 The code before each change is put back for its "before" rows by replacing one function (defined here, as it
@@ -156,6 +157,12 @@ def kernel_us(fn: Callable[[], Any], device: str, calls: int = 10) -> float:
     return 1e3 * gpu._profiled(fn, device, kernels_only=True, steps=calls)["kernel_ms_per_step"]
 
 
+def _channels(args) -> int:
+    from divdr.config import get_model_config
+
+    return get_model_config(args.model, num_classes=19).channels
+
+
 def section_upsample(args) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
@@ -168,7 +175,8 @@ def section_upsample(args) -> dict[str, Any]:
 
     variants = {"interpolate": resize, "interpolate_float32": lambda x, f: resize(x.float(), f).to(x.dtype),
                 "interpolate_nchw": nchw}
-    c, size = (8, 12) if args.tiny else (64, 96)  # Layer16 at 768: the up paths' inputs 64 x 96^2 .. 256 x 24^2
+    # the up paths' inputs (scales 1-3: C x (crop/8)^2 .. 4C x (crop/32)^2; Layer16 at 768: 64 x 96^2 .. 256 x 24^2)
+    c, size = _channels(args), args.crop // 8
     shapes = [((args.batch, c * 2**k, size // 2**k, size // 2**k), 2, torch.bfloat16) for k in range(3)]
     shapes.append(((args.batch, 19, 2 * size, 2 * size), 4, torch.float32))  # the logits at 1/4
     out: dict[str, Any] = {}
@@ -194,7 +202,7 @@ def section_upsample(args) -> dict[str, Any]:
 def section_per_image_product(args) -> dict[str, Any]:
     import torch
 
-    c, size = (8, 24) if args.tiny else (64, 192)
+    c, size = _channels(args), args.crop // 4  # a map at 1/4, the finest scale
     maps = torch.randn(args.batch, c, size, size, device=args.device, dtype=torch.bfloat16)
     maps = maps.contiguous(memory_format=torch.channels_last)
     weights = torch.rand(args.batch, 1, 1, 1, device=args.device, dtype=torch.bfloat16)
@@ -208,6 +216,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--rounds", type=int, default=2, help="interleaved before/after rounds per change")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--budget", type=float, default=280.0, help="seconds; changes past it are skipped")
+    p.add_argument("--model", default="layer16")
+    p.add_argument("--crop", type=int, default=768)
+    p.add_argument("--batch", type=int, default=8)
     args = p.parse_args(argv)
     started = time.perf_counter()
     import torch
@@ -215,9 +226,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device == "cpu":
         cap_threads(args.threads)
-    args.model, args.crop, args.batch = ("micro", 64, 2) if args.tiny else ("layer16", 768, 8)
     if args.tiny:
-        args.repeats = 2
+        args.model, args.crop, args.batch, args.repeats = "micro", 64, 2, 2
     args.compile_backend = "inductor"  # what bench/gpu.py's trainer rows read; nothing is compiled here
     result: dict[str, Any] = {"benchmark": "gpu_ab", "torch": torch.__version__, "device": args.device,
                               "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda")
