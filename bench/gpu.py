@@ -308,18 +308,31 @@ class _SegmentationForward:
                                table=table_for(self.on_device, self.table, out.backbone.gates))
 
 
+FAST = ["train.precision=bf16", "train.channels_last=true"]
+CAPTURED = ["train.cuda_graph=true", "scaling.use_gpu=true"]
+
+
+def trainer_settings(args, *options: str) -> list[str]:
+    """The pipeline's settings for ``args``' network, crop and batch (a run long enough never to end), then
+    ``options`` (``FAST``, ``CAPTURED``, ...)."""
+    return [f"model_size={args.model}", f"train.crop=[{args.crop},{args.crop}]", f"train.batch_size={args.batch}",
+            "train.steps=1000000", *options]
+
+
+def fastest_trainer_settings(args, *options: str) -> list[str]:
+    """bf16 + channels_last, captured in a CUDA graph where ``args.device`` is one."""
+    return trainer_settings(args, *FAST, *(CAPTURED if args.device.startswith("cuda") else []), *options)
+
+
 def section_trainer(args, deadline: float) -> dict[str, Any]:
     """The pipeline's own step, ``pipeline.loop.Trainer.run_step`` (DivDR-A with centres, so eq. 2 is on; the
     skips read every ``train.log_every`` = 10 steps, as in training), launched and with ``train.cuda_graph``
     (GPU only): what a user's run gets, against the library step of ``train``."""
 
     cuda = args.device.startswith("cuda")
-    base = [f"model_size={args.model}", f"train.crop=[{args.crop},{args.crop}]", f"train.batch_size={args.batch}",
-            "train.steps=1000000"]
-    fast = ["train.precision=bf16", "train.channels_last=true"]
+    fast, captured = FAST, CAPTURED
     variants = {"launched_bf16_channels_last": fast, "launched_fp32": []}
     if cuda:
-        captured = ["train.cuda_graph=true", "scaling.use_gpu=true"]
         variants = {"cuda_graph_bf16_channels_last": [*fast, *captured], **variants, "cuda_graph_fp32": captured,
                     # the two graphs of several workers (pipeline/cuda_graph.py), on one process: the all-reduces
                     # between them left out, the rest as a worker of two runs it
@@ -329,7 +342,7 @@ def section_trainer(args, deadline: float) -> dict[str, Any]:
     out: dict[str, Any] = {"model": args.model, "crop": args.crop, "batch": args.batch, "device": args.device}
     for name, options in variants.items():
         measured_row(out, name, lambda options=options, name=name: _trainer_row(
-            args, [*base, *options], workers=2 if "two_graphs" in name else 1), deadline, cuda)
+            args, trainer_settings(args, *options), workers=2 if "two_graphs" in name else 1), deadline, cuda)
     return out
 
 
@@ -454,9 +467,7 @@ def section_streams(args, deadline: float) -> dict[str, Any]:
             result["cuda_graph"] = _graph_row(step, args, args.batch)
         return result
 
-    base = [f"model_size={args.model}", f"train.crop=[{args.crop},{args.crop}]", f"train.batch_size={args.batch}",
-            "train.steps=1000000", "train.precision=bf16", "train.channels_last=true",
-            *(["train.cuda_graph=true", "scaling.use_gpu=true"] if cuda else [])]
+    base = fastest_trainer_settings(args)
     row("gradients_bf16_channels_last", lambda: compare_streams(args, "bf16", True))
     row("gradients_fp32", lambda: compare_streams(args, "fp32", False))
     row("library_bf16_channels_last", lambda: library(False))
@@ -581,10 +592,7 @@ def section_profile(args, deadline: float) -> dict[str, Any]:
                 **_profiled(replay, args.device, kernels_only=True)}
 
     def pipeline_captured() -> dict[str, Any]:
-        settings = [f"model_size={args.model}", f"train.crop=[{args.crop},{args.crop}]",
-                    f"train.batch_size={args.batch}", "train.steps=1000000", "train.precision=bf16",
-                    "train.channels_last=true", "train.cuda_graph=true", "scaling.use_gpu=true"]
-        trainer, batch = _trainer_ready(args, settings)
+        trainer, batch = _trainer_ready(args, fastest_trainer_settings(args))
         replay = lambda: trainer.run_step(batch)  # noqa: E731 - a replay once captured
         return {"step_ms": 1000 * timed(replay, args.device, args.repeats),
                 **_profiled(replay, args.device, kernels_only=True)}

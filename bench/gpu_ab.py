@@ -93,14 +93,14 @@ def before_contexts() -> dict[str, Callable[[], contextlib.AbstractContextManage
             "up_weight": lambda: replaced(divdr.ops.UpTransform, "project", up_projection_as_before)}
 
 
-def library_step_ms(args, streams: bool = False) -> float:
+def library_step_ms(args) -> float:
     """Milliseconds of the library's captured step (launched on a CPU), built afresh."""
     import torch
 
     from bench import gpu
 
     step = gpu.Step(args.model, "DivDR-A", (args.crop, args.crop), args.batch, args.device, precision="bf16",
-                    channels_last=True, scale_streams=streams)
+                    channels_last=True)
     run = gpu.graphed_step(step) if args.device.startswith("cuda") else step
     seconds = gpu.timed(run, args.device, args.repeats)
     del step, run
@@ -112,11 +112,7 @@ def library_step_ms(args, streams: bool = False) -> float:
 def trainer_step_ms(args) -> float:
     from bench import gpu
 
-    settings = [f"model_size={args.model}", f"train.crop=[{args.crop},{args.crop}]",
-                f"train.batch_size={args.batch}", "train.steps=1000000", "train.precision=bf16",
-                "train.channels_last=true",
-                *(["train.cuda_graph=true", "scaling.use_gpu=true"] if args.device.startswith("cuda") else [])]
-    return gpu._trainer_row(args, settings)["step_ms"]
+    return gpu._trainer_row(args, gpu.fastest_trainer_settings(args))["step_ms"]
 
 
 def section_changes(args, deadline: float) -> dict[str, Any]:
