@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from divdr import fused
 from divdr.config import GateConfig
 from divdr.gates import build_gate, has_skip_branch
 from divdr.ops import DownTransform, SepConv3x3x2, UpTransform
@@ -152,12 +153,13 @@ class Cell(nn.Module):
             passthrough = (own.sum(dim=-1) <= ACTIVE_THRESHOLD).to(x.dtype)
         else:
             passthrough = skip
-        keep = torch.addcmul(per_path[KEEP] * activated, passthrough.view(-1, 1, 1, 1), x)
+        # one kernel for both terms on a GPU with divdr.fused's kernels on (else the aten products)
+        keep = fused.scaled_sum(activated, per_path[KEEP], x, passthrough.view(-1, 1, 1, 1))
         up, down = None, None
         if self.up is not None:
             up = self.up.project(activated, per_path[UP]) if self._route_open[UP] else None
         if self.down is not None:
-            down = per_path[DOWN] * self.down.project(activated) if self._route_open[DOWN] else None
+            down = fused.scaled_sum(self.down.project(activated), per_path[DOWN]) if self._route_open[DOWN] else None
         return CellOutput(up, keep, down, weights)
 
     def _forward_skipping(self, x: torch.Tensor, weights: torch.Tensor,
@@ -223,7 +225,7 @@ class Cell(nn.Module):
         weights = weights.view(-1, 1, 1, 1)
         if slot == UP:
             return transform(h, weights)
-        return weights * transform(h)
+        return fused.scaled_sum(transform(h), weights)
 
 
 # Distinct cells a compiled training forward is specialised for (width, paths, route): Layer16 has about

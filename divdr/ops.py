@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from divdr import fused
+
 
 def conv_bn(in_ch: int, out_ch: int, kernel: int = 1, stride: int = 1, groups: int = 1,
             relu: bool = True, bn: bool = True) -> nn.Sequential:
@@ -106,8 +108,12 @@ def bilinear(x: torch.Tensor, size: tuple[int, int] | None = None, scale_factor:
     next cell's residual) to float32, so a bf16 step moved twice the bytes and cast each tensor back
     (measured on an H100: after the convolutions' backward, float32 adds, multiplies and casts took the most
     device time). A
-    bilinear blend of bf16 values is as exact as bf16 itself, so autocast is switched off around it."""
+    bilinear blend of bf16 values is as exact as bf16 itself, so autocast is switched off around it.
+    With ``divdr.fused.set_fused_kernels`` a CUDA tensor is resized by a Triton kernel (the same values)."""
     with torch.autocast(x.device.type, enabled=False):
+        resized = fused.resize(x, size, scale_factor)
+        if resized is not None:
+            return resized
         return F.interpolate(x, size=size, scale_factor=scale_factor, mode="bilinear", align_corners=False)
 
 
@@ -129,7 +135,7 @@ class UpTransform(nn.Module):
         after it (the same, as the resize is linear): on a quarter of the pixels, and a per-image product is a
         slow broadcasting kernel on a GPU (2.5x an add of the same size, measured on an H200)."""
         projected = self.conv[1](activated)
-        return bilinear(projected if weight is None else weight * projected, scale_factor=2)
+        return bilinear(projected if weight is None else fused.scaled_sum(projected, weight), scale_factor=2)
 
 
 class DownTransform(nn.Module):

@@ -43,6 +43,7 @@ from divdr.detection_eval import (
 )
 from divdr.evaluation import InferenceResult, merge_results, run_inference
 from divdr.flops import CostTable, cost_table, table_for
+from divdr.fused import set_fused_kernels
 from divdr.heads import DynamicRoutingSegmenter
 from divdr.losses import correctness
 from pipeline import model_file
@@ -51,7 +52,8 @@ from pipeline.config import ExperimentConfig, TrainConfig, is_uri
 
 def as_configured(net: torch.nn.Module, train: TrainConfig) -> torch.nn.Module:
     """A freshly built network with ``train.init_from``'s weights (before compiling wraps the cells), then
-    ``train.channels_last``, ``train.compile`` and ``train.scale_streams`` (in place, returned)."""
+    ``train.channels_last``, ``train.compile`` and ``train.scale_streams`` (in place, returned). Also switches
+    ``train.fused_kernels`` for the process (divdr.fused: a switch of the process, not of a network)."""
     if train.init_from:
         model_file.load_weights(net, Path(train.init_from))
     if train.channels_last:
@@ -59,6 +61,7 @@ def as_configured(net: torch.nn.Module, train: TrainConfig) -> torch.nn.Module:
     if train.compile:
         compile_cells(net)
     set_scale_streams(net, train.scale_streams)
+    set_fused_kernels(train.fused_kernels)
     return net
 
 

@@ -1,0 +1,221 @@
+"""Fused GPU kernels for the bilinear resizes and the per-image path weighting (``train.fused_kernels``).
+
+Off by default. When on (``set_fused_kernels(True)``), ``divdr.ops.bilinear`` and the cells' weighted paths run
+the Triton kernels of ``divdr.triton_kernels`` for CUDA tensors, with autograd functions of their own; everything
+else, and every call they do not cover (CPU tensors, sizes past int32 offsets, up-sampling by more than 4, maps
+whose images are not dense blocks, mixed dtypes, inside ``torch.compile``, which fuses on its own), runs the aten
+operations it always did. The outputs are those of the aten operations up to float32 rounding: the kernels
+compute in float32 and round once (a weighted sum of two bf16 maps is rounded once, not after each product;
+the weights' gradients are summed in float32). See docs/benchmarks.md for what they measured.
+
+A process-wide switch, like ``torch.backends.cudnn.benchmark``: the kernels change no parameter or buffer, so a
+network trained with them is the same network without them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+_enabled = False
+
+BLOCK = 1024  # elements per program: 4 warps, 8 per thread
+MAX_ELEMENTS = 2**31  # the kernels index in int32
+MAX_UP_FACTOR = 4  # beyond, the backward's gather window (ceil(2 * factor) + 1 taps per axis) grows too large
+
+
+def set_fused_kernels(enabled: bool = True) -> None:
+    """Use the fused kernels from now on in this process (CUDA tensors only); raises if triton is missing."""
+    global _enabled
+    if enabled:
+        problem = unavailable()
+        if problem:
+            raise RuntimeError(f"fused kernels (train.fused_kernels) need triton: {problem}")
+    _enabled = bool(enabled)
+
+
+def fused_kernels_enabled() -> bool:
+    return _enabled
+
+
+@functools.cache
+def unavailable() -> str | None:
+    """Why the kernels cannot run here (None: they can)."""
+    try:
+        import divdr.triton_kernels  # noqa: F401
+    except ImportError as error:
+        return f"{error} (torch's CUDA wheels bring triton along; otherwise pip install triton)"
+    return None
+
+
+def _interpreting() -> bool:
+    # triton's interpreter runs the kernels on CPU tensors (the tests); read when the kernels module is imported
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _applies(x: torch.Tensor) -> bool:
+    return (_enabled and (x.is_cuda or _interpreting()) and not torch.compiler.is_compiling()
+            and 0 < x.numel() < MAX_ELEMENTS)
+
+
+def _kernels():
+    import divdr.triton_kernels as kernels
+
+    return kernels
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout the kernels write in: channels_last where ``x`` is (strictly), else contiguous, as
+    F.interpolate's ``suggest_memory_format``."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+# ---- bilinear resize ---------------------------------------------------------------------------------------
+
+def resize(x: torch.Tensor, size: tuple[int, int] | None, scale_factor: float | None) -> torch.Tensor | None:
+    """``F.interpolate(x, size, scale_factor, mode="bilinear", align_corners=False)`` with the fused kernels, or
+    None where they do not apply (the caller runs F.interpolate)."""
+    if not _applies(x) or x.dim() != 4:
+        return None
+    in_h, in_w = x.shape[-2:]
+    if size is not None:
+        out_h, out_w = int(size[0]), int(size[1])
+        ratio_h, ratio_w = in_h / out_h, in_w / out_w
+    elif scale_factor is not None:
+        # F.interpolate's output size, and aten's coordinates with the scale passed on: 1 / scale_factor
+        out_h, out_w = math.floor(in_h * scale_factor), math.floor(in_w * scale_factor)
+        ratio_h = ratio_w = 1.0 / scale_factor
+    else:
+        return None
+    if min(out_h, out_w) < 1 or max(1 / ratio_h, 1 / ratio_w) > MAX_UP_FACTOR:
+        return None
+    if x.shape[0] * x.shape[1] * out_h * out_w >= MAX_ELEMENTS:
+        return None
+    return _Bilinear.apply(x, (out_h, out_w), (ratio_h, ratio_w))
+
+
+class _Bilinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, out_size: tuple[int, int], ratios: tuple[float, float]) -> torch.Tensor:
+        fmt = _memory_format(x)
+        n, c, in_h, in_w = x.shape
+        out = torch.empty((n, c, *out_size), dtype=x.dtype, device=x.device, memory_format=fmt)
+        total = out.numel()
+        _kernels().bilinear_forward[(triton_cdiv(total),)](
+            x, out, total, c, in_h, in_w, *out_size, *x.stride(), *ratios,
+            CHANNELS_LAST=fmt == torch.channels_last, BLOCK=BLOCK)
+        ctx.in_shape, ctx.fmt, ctx.out_size, ctx.ratios = tuple(x.shape), fmt, out_size, ratios
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        _, c, in_h, in_w = ctx.in_shape
+        ratio_h, ratio_w = ctx.ratios
+        grad_in = torch.empty(ctx.in_shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.fmt)
+        total = grad_in.numel()
+        _kernels().bilinear_backward[(triton_cdiv(total),)](
+            grad, grad_in, total, c, in_h, in_w, *ctx.out_size, *grad.stride(), ratio_h, ratio_w,
+            1.0 / ratio_h, 1.0 / ratio_w, CHANNELS_LAST=ctx.fmt == torch.channels_last,
+            TAPS_H=gather_taps(ratio_h), TAPS_W=gather_taps(ratio_w), BLOCK=BLOCK)
+        return grad_in, None, None
+
+
+def gather_taps(ratio: float) -> int:
+    """Output pixels the backward visits per input pixel along an axis: those that sampled it lie in an
+    interval 2 / ratio long (ratio = input size / output size); one more for where the interval starts."""
+    return math.ceil(2.0 / ratio) + 1
+
+
+def triton_cdiv(total: int, block: int = BLOCK) -> int:
+    return -(-total // block)
+
+
+# ---- per-image weighted sums ---------------------------------------------------------------------------------
+
+def scaled_sum(x1: torch.Tensor, w1: torch.Tensor, x2: torch.Tensor | None = None,
+               w2: torch.Tensor | None = None) -> torch.Tensor:
+    """``w1 * x1`` (``+ w2 * x2``) for maps [B, ...] and per-image weights [B, 1, 1, 1]: a path's weighting, and the
+    cell's keep path with its pass-through. The fused kernel where it applies, else the aten operations (those
+    the cells always ran, so CPU results are unchanged)."""
+    if _fusable(x1, w1, x2, w2):
+        return _ScaledSum.apply(x1, w1, x2, w2)
+    if x2 is None:
+        return w1 * x1
+    return torch.addcmul(w1 * x1, w2, x2)
+
+
+def _fusable(x1: torch.Tensor, w1: torch.Tensor, x2: torch.Tensor | None, w2: torch.Tensor | None) -> bool:
+    if not _applies(x1) or not _dense_images(x1) or not _per_image(w1, x1):
+        return False
+    if x2 is None:
+        return True
+    return (w2 is not None and x2.shape == x1.shape and _order(x2) == _order(x1) and x2.dtype == x1.dtype
+            and x2.device == x1.device and _per_image(w2, x1))
+
+
+def _dense_images(x: torch.Tensor) -> bool:
+    # every image one dense block of numel / B elements at b * numel / B: contiguous or channels_last
+    return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def _order(x: torch.Tensor) -> tuple[int, ...]:
+    # the order of the elements in memory: the strides of the dimensions longer than 1
+    return tuple(stride for stride, size in zip(x.stride(), x.shape, strict=True) if size != 1)
+
+
+def _per_image(w: torch.Tensor, x: torch.Tensor) -> bool:
+    return (w.dim() >= 1 and w.shape[0] == x.shape[0] and w.numel() == x.shape[0] and w.dtype == x.dtype
+            and w.device == x.device)
+
+
+class _ScaledSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x1: torch.Tensor, w1: torch.Tensor, x2: torch.Tensor | None,
+                w2: torch.Tensor | None) -> torch.Tensor:
+        batch = x1.shape[0]
+        per_image = x1.numel() // batch
+        out = torch.empty_like(x1)
+        two = x2 is not None
+        _kernels().scaled_sum_forward[(triton_cdiv(per_image), batch)](
+            x1, w1, x2 if two else x1, w2 if two else w1, out, per_image, w1.stride(0),
+            (w2 if two else w1).stride(0), TWO=two, BLOCK=BLOCK)
+        ctx.two = two
+        ctx.save_for_backward(x1, w1, x2, w2)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x1, w1, x2, w2 = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        if _order(grad) != _order(x1):  # the kernel reads the gradient in the maps' layout
+            grad = grad.contiguous(memory_format=_memory_format(x1))
+        batch = x1.shape[0]
+        per_image = x1.numel() // batch
+        blocks = triton_cdiv(per_image)
+
+        def buffers(x: torch.Tensor | None, map_grad: bool, weight_grad: bool):
+            grad_x = torch.empty_like(x) if map_grad else None
+            partial = torch.empty((batch, blocks), dtype=torch.float32, device=grad.device) if weight_grad else None
+            return grad_x, partial
+
+        grad_x1, partial1 = buffers(x1, needs[0], needs[1])
+        grad_x2, partial2 = buffers(x2, ctx.two and needs[2], ctx.two and needs[3])
+        unused = grad  # a pointer for the arguments a flag leaves unread
+        _kernels().scaled_sum_backward[(blocks, batch)](
+            grad, x1, w1, _or(grad_x1, unused), _or(partial1, unused),
+            _or(x2, unused), _or(w2, w1), _or(grad_x2, unused), _or(partial2, unused),
+            per_image, w1.stride(0), _or(w2, w1).stride(0), blocks,
+            MAP_GRAD1=grad_x1 is not None, WEIGHT_GRAD1=partial1 is not None,
+            MAP_GRAD2=grad_x2 is not None, WEIGHT_GRAD2=partial2 is not None, BLOCK=BLOCK)
+        grad_w1 = None if partial1 is None else partial1.sum(1).to(w1.dtype).reshape(w1.shape)
+        grad_w2 = None if partial2 is None else partial2.sum(1).to(w2.dtype).reshape(w2.shape)
+        return grad_x1, grad_w1, grad_x2, grad_w2
+
+
+def _or(tensor: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
+    return fallback if tensor is None else tensor
