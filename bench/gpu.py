@@ -126,13 +126,14 @@ class Step:
 
     def __init__(self, model_size: str, preset: str, crop: tuple[int, int], batch: int, device: str,
                  precision: str = "fp32", channels_last: bool = False, compile_backend: str | None = None,
-                 scale_streams: bool = False) -> None:
+                 scale_streams: bool = False, fused_kernels: bool = False) -> None:
         import torch
 
         from divdr.backbone import set_scale_streams
         from divdr.cells import compile_cells
         from divdr.config import get_model_config, get_preset
         from divdr.flops import cost_table, table_for
+        from divdr.fused import set_fused_kernels
         from divdr.heads import DynamicRoutingSegmenter
 
         torch.manual_seed(0)
@@ -148,6 +149,7 @@ class Step:
         if compile_backend:
             compile_cells(self.net, backend=compile_backend)
         set_scale_streams(self.net, scale_streams)
+        set_fused_kernels(fused_kernels)  # for the process, as train.fused_kernels: the last Step built decides
         self.optimizer = torch.optim.SGD(self.net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4,
                                          fused=True if device.startswith("cuda") else None)
         dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -392,6 +394,7 @@ def _trainer_ready(args, settings: list[str], workers: int = 1) -> tuple[Any, di
 
     from divdr.backbone import set_scale_streams
     from divdr.cells import compile_cells
+    from divdr.fused import set_fused_kernels
     from divdr.heads import DynamicRoutingSegmenter
     from pipeline.config import resolve
     from pipeline.cuda_graph import WARMUP_STEPS
@@ -404,6 +407,7 @@ def _trainer_ready(args, settings: list[str], workers: int = 1) -> tuple[Any, di
     if cfg.train.compile:  # as pipeline.tasks.as_configured does (that module needs pycocotools)
         compile_cells(net, backend=args.compile_backend)
     set_scale_streams(net, cfg.train.scale_streams)
+    set_fused_kernels(cfg.train.fused_kernels)
     world = dataclasses.replace(SingleProcess(), size=workers)  # its collectives do nothing
     trainer = Trainer(cfg, _SegmentationForward(cfg), net, world=world)
     centres = np.random.default_rng(0).random((cfg.clustering.k, cfg.model.a_dim), dtype=np.float32)
@@ -573,10 +577,13 @@ def section_profile(args, deadline: float) -> dict[str, Any]:
     step launched (device time by kernel and by aten operation, both kinds of row: ``top``; where its copies,
     products and fills come from: ``sources``) and, on a GPU, of
     the step captured in a CUDA graph (kernels only: a replay launches no aten operation) - the library's step
-    (``captured``), with ``train.scale_streams`` (``captured_streams``) and the pipeline's
-    ``Trainer.run_step`` (``pipeline_captured``) - each with the step's time, how many kernels it runs and their
+    (``captured``), with ``train.scale_streams`` (``captured_streams``), the pipeline's
+    ``Trainer.run_step`` (``pipeline_captured``) and the library's with ``train.fused_kernels``
+    (``captured_fused_kernels``) - each with the step's time, how many kernels it runs and their
     summed time (over every stream: more than the step's time where streams overlap; less where the GPU idles
     between kernels), that time by kind of kernel, and every kernel (``kernels``, for diffs between rows)."""
+    from divdr.fused import set_fused_kernels
+
     step = Step(args.model, "DivDR-A", (args.crop, args.crop), args.batch, args.device, precision="bf16",
                 channels_last=True)
     out: dict[str, Any] = {"top": _profiled(step, args.device)["top"], "sources": operation_sources(step, args.device)}
@@ -584,9 +591,9 @@ def section_profile(args, deadline: float) -> dict[str, Any]:
     if not args.device.startswith("cuda"):
         return out
 
-    def captured(streams: bool) -> dict[str, Any]:
+    def captured(streams: bool, fused_kernels: bool = False) -> dict[str, Any]:
         step = Step(args.model, "DivDR-A", (args.crop, args.crop), args.batch, args.device, precision="bf16",
-                    channels_last=True, scale_streams=streams)
+                    channels_last=True, scale_streams=streams, fused_kernels=fused_kernels)
         replay = graphed_step(step)
         return {"step_ms": 1000 * timed(replay, args.device, args.repeats),
                 **_profiled(replay, args.device, kernels_only=True)}
@@ -600,6 +607,10 @@ def section_profile(args, deadline: float) -> dict[str, Any]:
     measured_row(out, "captured", lambda: captured(False), deadline, True)
     measured_row(out, "captured_streams", lambda: captured(True), deadline, True)
     measured_row(out, "pipeline_captured", pipeline_captured, deadline, True)
+    try:
+        measured_row(out, "captured_fused_kernels", lambda: captured(False, fused_kernels=True), deadline, True)
+    finally:
+        set_fused_kernels(False)  # a switch of the process: the sections after this one run without
     return out
 
 
@@ -632,7 +643,8 @@ def operation_sources(fn: Callable[[], Any], device: str, rows: int = 40,
 
 # Kinds of CUDA kernel, by a fragment of their names (the first that matches; lower case)
 KERNEL_KINDS = (("batch_norm", ("batch_norm", "bn_fw", "bn_bw")),
-                ("upsample", ("upsample",)),
+                ("upsample", ("upsample", "bilinear_")),  # aten's, and divdr.fused's Triton kernels
+                ("fused_weighting", ("scaled_sum",)),
                 ("layout_transform", ("nchwtonhwc", "nhwctonchw", "transpose")),
                 ("convolution", ("conv", "wgrad", "dgrad", "fprop", "xmma", "implicit")),
                 ("matmul", ("gemm", "cutlass", "cublas", "sm90", "sm80")),

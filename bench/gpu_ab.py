@@ -19,6 +19,14 @@ bench/gpu.py's ``Step`` (bf16 autocast + channels_last, DivDR-A with eq. 2), cap
   Layer16's up paths and the x4 of the logits: ``F.interpolate`` in the input's dtype, in float32, on an NCHW copy.
 - ``per_image_product``: a per-image weight times a channels_last map ([B, 1, 1, 1] broadcast) against an add of
   two maps of the same size: the broadcast runs a slower, non-vectorised kernel.
+
+And ``train.fused_kernels`` (divdr.fused, Triton; 2026-11-28, later), off / on:
+
+- ``upsample`` and ``per_image_product`` get a ``fused`` variant (the small gates' down-sampling by 4 is a row of
+  ``upsample`` too; ``per_image_product`` also times the keep path's two-term sum and the backward);
+- ``fused``: the gradients of one bf16 + channels_last step with and without the kernels, each against the float32
+  step (aten), from the same weights and batch; the library's captured step, with and without
+  ``train.scale_streams``, and the pipeline's, each off / on in interleaved rounds.
 """
 
 from __future__ import annotations
@@ -93,14 +101,14 @@ def before_contexts() -> dict[str, Callable[[], contextlib.AbstractContextManage
             "up_weight": lambda: replaced(divdr.ops.UpTransform, "project", up_projection_as_before)}
 
 
-def library_step_ms(args) -> float:
-    """Milliseconds of the library's captured step (launched on a CPU), built afresh."""
+def library_step_ms(args, **options: Any) -> float:
+    """Milliseconds of the library's captured step (launched on a CPU), built afresh; ``options``: ``Step``'s."""
     import torch
 
     from bench import gpu
 
     step = gpu.Step(args.model, "DivDR-A", (args.crop, args.crop), args.batch, args.device, precision="bf16",
-                    channels_last=True)
+                    channels_last=True, **options)
     run = gpu.graphed_step(step) if args.device.startswith("cuda") else step
     seconds = gpu.timed(run, args.device, args.repeats)
     del step, run
@@ -109,10 +117,10 @@ def library_step_ms(args) -> float:
     return 1000 * seconds
 
 
-def trainer_step_ms(args) -> float:
+def trainer_step_ms(args, *options: str) -> float:
     from bench import gpu
 
-    return gpu._trainer_row(args, gpu.fastest_trainer_settings(args))["step_ms"]
+    return gpu._trainer_row(args, gpu.fastest_trainer_settings(args, *options))["step_ms"]
 
 
 def section_changes(args, deadline: float) -> dict[str, Any]:
@@ -163,23 +171,36 @@ def section_upsample(args) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
+    from divdr import fused
+
     def resize(x, factor):
         return F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
 
     def nchw(x, factor):
         return resize(x.contiguous(), factor).contiguous(memory_format=torch.channels_last)
 
+    def fused_resize(x, factor):
+        out = fused.resize(x, None, factor)
+        if out is None:
+            raise RuntimeError("the fused kernels do not apply here")
+        return out
+
     variants = {"interpolate": resize, "interpolate_float32": lambda x, f: resize(x.float(), f).to(x.dtype),
                 "interpolate_nchw": nchw}
+    if fused.fused_kernels_enabled() and args.device.startswith("cuda"):
+        variants["fused"] = fused_resize
     # the up paths' inputs (scales 1-3: C x (crop/8)^2 .. 4C x (crop/32)^2; Layer16 at 768: 64 x 96^2 .. 256 x 24^2)
     c, size = _channels(args), args.crop // 8
     shapes = [((args.batch, c * 2**k, size // 2**k, size // 2**k), 2, torch.bfloat16) for k in range(3)]
     shapes.append(((args.batch, 19, 2 * size, 2 * size), 4, torch.float32))  # the logits at 1/4
+    shapes.append(((args.batch, c, 2 * size, 2 * size), 0.25, torch.bfloat16))  # a small gate's input at 1/4
     out: dict[str, Any] = {}
     for shape, factor, dtype in shapes:
         x = torch.randn(shape, device=args.device, dtype=dtype).contiguous(memory_format=torch.channels_last)
         x.requires_grad_()
         grad = torch.randn_like(resize(x.detach(), factor))
+        if "fused" in variants:  # the same values as aten's, to bf16 rounding
+            row_check = _max_relative_difference(fused_resize(x.detach(), factor), resize(x.detach(), factor))
         row = {}
         for name, fn in variants.items():
             def forward(fn=fn, x=x, factor=factor):
@@ -190,6 +211,8 @@ def section_upsample(args) -> dict[str, Any]:
 
             row[name] = {"forward_us": kernel_us(forward, args.device),
                          "forward_backward_us": kernel_us(both, args.device)}
+        if "fused" in variants:
+            row["fused"]["max_relative_difference"] = row_check
         out[f"{'x'.join(map(str, shape))}_x{factor}_{str(dtype).removeprefix('torch.')}"] = row
         print(f"  {shape} x{factor}: {row}", flush=True)
     return out
@@ -198,12 +221,94 @@ def section_upsample(args) -> dict[str, Any]:
 def section_per_image_product(args) -> dict[str, Any]:
     import torch
 
+    from divdr import fused
+
     c, size = _channels(args), args.crop // 4  # a map at 1/4, the finest scale
-    maps = torch.randn(args.batch, c, size, size, device=args.device, dtype=torch.bfloat16)
-    maps = maps.contiguous(memory_format=torch.channels_last)
-    weights = torch.rand(args.batch, 1, 1, 1, device=args.device, dtype=torch.bfloat16)
-    return {"per_image_weight_times_map_us": kernel_us(lambda: weights * maps, args.device),
-            "map_plus_map_us": kernel_us(lambda: maps + maps, args.device)}
+    g = torch.Generator(device=args.device).manual_seed(0)
+    maps, others = (torch.randn(args.batch, c, size, size, device=args.device, dtype=torch.bfloat16, generator=g)
+                    .contiguous(memory_format=torch.channels_last) for _ in range(2))
+    weights, passthrough = (torch.rand(args.batch, 1, 1, 1, device=args.device, dtype=torch.bfloat16, generator=g)
+                            for _ in range(2))
+    out = {"per_image_weight_times_map_us": kernel_us(lambda: weights * maps, args.device),
+           "map_plus_map_us": kernel_us(lambda: maps + maps, args.device)}
+    if not (fused.fused_kernels_enabled() and args.device.startswith("cuda")):
+        return out
+    assert fused._fusable(maps, weights, others, passthrough), "the kernels should apply to these maps"
+
+    def aten_sum(x, w, x2, w2):  # what the cells ran before (and run without the kernels)
+        return w * x if x2 is None else torch.addcmul(w * x, w2, x2)
+
+    def fused_sum(x, w, x2, w2):
+        return fused._ScaledSum.apply(x, w, x2, w2)
+
+    def forward_backward(fn, second):
+        x, w = maps.detach().requires_grad_(), weights.detach().requires_grad_()
+        y = fn(x, w, *second)
+        return torch.autograd.grad(y, (x, w), torch.ones_like(y))
+
+    for name, second in (("one_term", (None, None)), ("keep_two_terms", (others, passthrough))):
+        out[name] = {
+            "aten_forward_us": kernel_us(lambda s=second: aten_sum(maps, weights, *s), args.device),
+            "fused_forward_us": kernel_us(lambda s=second: fused_sum(maps, weights, *s), args.device),
+            "aten_forward_backward_us": kernel_us(lambda s=second: forward_backward(aten_sum, s), args.device),
+            "fused_forward_backward_us": kernel_us(lambda s=second: forward_backward(fused_sum, s), args.device),
+            "max_relative_difference": _max_relative_difference(fused_sum(maps, weights, *second),
+                                                                aten_sum(maps, weights, *second))}
+    return out
+
+
+def _max_relative_difference(a, b) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+
+
+def fused_gradients(args) -> dict[str, Any]:
+    """One forward + backward of the bf16 + channels_last step with aten's operations and with the fused kernels,
+    each against the float32 step (aten's), from the same weights and batch: the kernels should be no further from
+    float32 than aten's bf16 step is."""
+    import torch
+
+    from bench import gpu
+
+    def gradients(fused_kernels: bool, precision: str = "bf16") -> tuple[float, list[Any]]:
+        step = gpu.Step(args.model, "DivDR-A", (args.crop, args.crop), args.batch, args.device, precision=precision,
+                        channels_last=precision != "fp32", fused_kernels=fused_kernels)
+        result = gpu.gradients_after_one_step(step)
+        del step
+        return result
+
+    (loss_ref, ref), (loss_aten, aten), (_, aten_again), (loss_fused, kernels) = (
+        gradients(False, "fp32"), gradients(False), gradients(False), gradients(True))
+
+    def difference(grads: list[Any], reference: list[Any]) -> float:
+        norm = torch.sqrt(sum((a ** 2).sum() for a in reference))
+        return float(torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(grads, reference, strict=True))) / norm)
+
+    # bf16 against float32 can differ by more than the gradients' norm where BatchNorm sees few values (a small
+    # net on a small crop); the bf16 steps against each other (aten's up-sampling backward adds with atomics, so
+    # two aten steps differ too) are the comparison that counts
+    return {"loss_fp32": loss_ref, "loss_bf16_aten": loss_aten, "loss_bf16_fused": loss_fused,
+            "gradient_error_bf16_aten": difference(aten, ref), "gradient_error_bf16_fused": difference(kernels, ref),
+            "gradient_difference_aten_vs_aten": difference(aten_again, aten),
+            "gradient_difference_fused_vs_aten": difference(kernels, aten)}
+
+
+def section_fused(args, deadline: float) -> dict[str, Any]:
+    """train.fused_kernels: gradients against float32, then each step off / on in interleaved rounds."""
+    out: dict[str, Any] = {"gradients": fused_gradients(args)}
+    print(f"  gradients: {out['gradients']}", flush=True)
+    pairs = {"library": lambda on: library_step_ms(args, fused_kernels=on),
+             "library_streams": lambda on: library_step_ms(args, fused_kernels=on, scale_streams=True),
+             "pipeline": lambda on: trainer_step_ms(args, f"train.fused_kernels={str(on).lower()}"),
+             "pipeline_streams": lambda on: trainer_step_ms(args, "train.scale_streams=true",
+                                                             f"train.fused_kernels={str(on).lower()}")}
+    for name, measure in pairs.items():
+        if time.perf_counter() > deadline:
+            out[name] = {"skipped": "time budget spent"}
+            continue
+        rows = interleaved({"off_ms": lambda m=measure: m(False), "on_ms": lambda m=measure: m(True)}, args.rounds)
+        out[name] = {**{k: median(v) for k, v in rows.items()}, "rounds": rows}
+        print(f"  {name}: {out[name]}", flush=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -215,6 +320,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--model", default="layer16")
     p.add_argument("--crop", type=int, default=768)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--sections", nargs="+", default=["fused", "changes"], choices=["fused", "changes"],
+                   help="besides the micro-benchmarks: train.fused_kernels off / on, the changes before / after")
     args = p.parse_args(argv)
     started = time.perf_counter()
     import torch
@@ -228,10 +335,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {"benchmark": "gpu_ab", "torch": torch.__version__, "device": args.device,
                               "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda")
                               else "cpu", "model": args.model, "crop": args.crop, "batch": args.batch}
+    from divdr.fused import set_fused_kernels
+
+    if args.device.startswith("cuda"):
+        set_fused_kernels(True)  # the micro-benchmarks' fused variants
     result["upsample"] = section_upsample(args)
     result["per_image_product"] = section_per_image_product(args)
     print(f"per_image_product: {result['per_image_product']}", flush=True)
-    result["changes"] = section_changes(args, started + args.budget)
+    set_fused_kernels(False)
+    if "fused" in args.sections:
+        result["fused"] = section_fused(args, started + args.budget)
+    if "changes" in args.sections:
+        result["changes"] = section_changes(args, started + args.budget)
     return finish(result, args.json, started)
 
 

@@ -46,7 +46,7 @@ def test_gpu(tmp_path):
 
 def test_gpu_ab_puts_the_code_before_each_change_back():
     """bench/gpu_ab.py's "before" functions give what the current code gives (float32, the same network), so
-    its rows differ in speed only; its sections run (tiny sizes, one round)."""
+    its rows differ in speed only; its sections run (tiny sizes, one round), train.fused_kernels' too."""
     import torch
 
     from bench import gpu_ab
@@ -63,7 +63,13 @@ def test_gpu_ab_puts_the_code_before_each_change_back():
     out = gpu_ab.main(["--tiny", "--device", "cpu", "--rounds", "1"])
     assert set(out["changes"]) == {"gate_resize", "logits", "up_weight", "trainer_host"}
     assert all(row["before_ms"] > 0 and row["after_ms"] > 0 for row in out["changes"].values())
-    assert len(out["upsample"]) == 4 and out["per_image_product"]["map_plus_map_us"] > 0
+    assert len(out["upsample"]) == 5 and out["per_image_product"]["map_plus_map_us"] > 0
+    # train.fused_kernels on a CPU: the kernels never apply, so the gradients are aten's exactly
+    fused = out["fused"]
+    assert fused["gradients"]["gradient_difference_fused_vs_aten"] == 0.0
+    assert fused["gradients"]["loss_bf16_fused"] == fused["gradients"]["loss_bf16_aten"]
+    assert set(fused) == {"gradients", "library", "library_streams", "pipeline", "pipeline_streams"}
+    assert all(fused[name]["off_ms"] > 0 and fused[name]["on_ms"] > 0 for name in fused if name != "gradients")
 
 
 def test_gpu_streams_section():

@@ -89,6 +89,21 @@ def test_scale_streams_are_set_on_the_network_and_train_as_without_on_a_cpu():
     assert streamed == plain
 
 
+def test_fused_kernels_are_switched_on_for_the_process_and_train_as_without_on_a_cpu():
+    """train.fused_kernels switches divdr.fused on (off again for a run without it); on a CPU nothing changes."""
+    from divdr import fused
+
+    base = ["model_size=micro", "train.crop=[64,64]"]
+    try:
+        _, with_kernels = _steps(resolve("DivDR-A", None, [*base, "train.fused_kernels=true"]))
+        assert fused.fused_kernels_enabled()
+        _, plain = _steps(resolve("DivDR-A", None, base))
+        assert not fused.fused_kernels_enabled()
+    finally:
+        fused.set_fused_kernels(False)
+    assert with_kernels == plain
+
+
 @pytest.mark.parametrize("kind", ["soft", "gumbel"])
 def test_a_step_walks_the_modules_only_after_an_evaluation(monkeypatch, kind):
     """Host work before a step is what a replayed CUDA graph waits on: ``model.train()`` and the temperature's
