@@ -52,3 +52,25 @@ def test_switching_on_without_triton_names_what_is_missing(monkeypatch):
     with pytest.raises(RuntimeError, match=r"train.fused_kernels.*triton"):
         fused.set_fused_kernels(True)
     assert not fused.fused_kernels_enabled()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels need a GPU (bench/gpu_ab.py checks them)")
+def test_kernels_on_a_gpu_match_aten():
+    """Compiled for a GPU (not interpreted), where float32 rounds to the nearest bf16: the x2 resize within half a
+    bf16 step of aten's float32 result, its gradient and the weighted sum's likewise."""
+    import torch.nn.functional as F
+
+    pytest.importorskip("triton")
+    fused.set_fused_kernels(True)
+    try:
+        x = torch.randn(4, 64, 48, 40, device="cuda").contiguous(memory_format=torch.channels_last)
+        exact = F.interpolate(x.bfloat16().float(), scale_factor=2, mode="bilinear", align_corners=False)
+        resized = fused.resize(x.bfloat16(), None, 2)
+        assert resized is not None
+        torch.testing.assert_close(resized.float(), exact, rtol=2**-8, atol=0)
+        x, w = x.bfloat16(), torch.rand(4, 1, 1, 1, device="cuda").bfloat16()
+        summed = fused.scaled_sum(x, w, x.flip(0), w.flip(0))
+        exact = w.float() * x.float() + w.flip(0).float() * x.flip(0).float()
+        torch.testing.assert_close(summed.float(), exact, rtol=2**-8, atol=1e-6)
+    finally:
+        fused.set_fused_kernels(False)
