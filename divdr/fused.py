@@ -24,7 +24,7 @@ _enabled = False
 
 BLOCK = 1024  # elements per program: 4 warps, 8 per thread
 MAX_ELEMENTS = 2**31  # the kernels index in int32
-MAX_UP_FACTOR = 4  # beyond, the backward's gather window (ceil(2 * factor) + 1 taps per axis) grows too large
+MAX_UP_FACTOR = 4  # beyond, the backward's gather window (2 * factor taps per axis and more) grows too large
 
 
 def set_fused_kernels(enabled: bool = True) -> None:
@@ -126,9 +126,14 @@ class _Bilinear(torch.autograd.Function):
 
 
 def gather_taps(ratio: float) -> int:
-    """Output pixels the backward visits per input pixel along an axis: those that sampled it lie in an
-    interval 2 / ratio long (ratio = input size / output size); one more for where the interval starts."""
-    return math.ceil(2.0 / ratio) + 1
+    """Output pixels the backward visits per input pixel along an axis (ratio = input size / output size): those
+    that sampled it are the integers of an interval 2 / ratio long, so at most ceil(2 / ratio) from its first -
+    for a power-of-two ratio (x2, x4, /4: the network's), whose interval starts half-way between whole numbers.
+    Otherwise the start may be rounded down by one (``bilinear_backward``'s slack): one more. x2 visits 4 x 4
+    output pixels per input pixel, /4 one."""
+    # a power of two up to 256: the start is at least 1/512 from a whole number, past the slack (1e-3)
+    exact = math.log2(ratio).is_integer() and ratio <= 256
+    return math.ceil(2.0 / ratio) + (0 if exact else 1)
 
 
 def triton_cdiv(total: int, block: int = BLOCK) -> int:

@@ -85,19 +85,24 @@ def _tap_weight(in_index, out_index, out_size, ratio, in_size):
     return tl.where((out_index >= 0) & (out_index < out_size), tap, 0.0)
 
 
+START_SLACK = tl.constexpr(1e-3)  # an annotated global is refused when compiling (the interpreter takes it)
+
+
 @triton.jit
 def bilinear_backward(grad_ptr, grad_in_ptr, total, C, in_h, in_w, out_h, out_w,
                       stride_n, stride_c, stride_h, stride_w, ratio_h, ratio_w, inverse_h, inverse_w,
                       CHANNELS_LAST: tl.constexpr, TAPS_H: tl.constexpr, TAPS_W: tl.constexpr,
                       BLOCK: tl.constexpr):
     """``grad_in`` (dense, in the given memory format) from ``grad`` (any strides). The output pixels that sample
-    input pixel i along an axis lie in [(i - 0.5) / ratio - 0.5, (i + 1.5) / ratio - 0.5): at most TAPS of them
-    from the floor of the start (the caller's ceil(2 / ratio) + 1)."""
+    input pixel i along an axis are the integers of [(i - 0.5) / ratio - 0.5, (i + 1.5) / ratio - 0.5): TAPS of
+    them from the first (``divdr.fused.gather_taps``). The start is rounded up from a hair below it, so that a
+    start the float arithmetic puts just above a whole number still includes that output; a tap outside the
+    interval has weight 0."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < total
     n, c, iy, ix = _output_coordinates(offs, C, in_h, in_w, CHANNELS_LAST)
-    first_y = tl.floor((iy.to(tl.float32) - 0.5) * inverse_h - 0.5).to(tl.int32)
-    first_x = tl.floor((ix.to(tl.float32) - 0.5) * inverse_w - 0.5).to(tl.int32)
+    first_y = tl.ceil((iy.to(tl.float32) - 0.5) * inverse_h - 0.5 - START_SLACK).to(tl.int32)
+    first_x = tl.ceil((ix.to(tl.float32) - 0.5) * inverse_w - 0.5 - START_SLACK).to(tl.int32)
     base = grad_ptr + n * stride_n + c * stride_c
     total_grad = tl.zeros([BLOCK], dtype=tl.float32)
     for ty in tl.static_range(TAPS_H):

@@ -53,6 +53,13 @@ RESIZES = [  # (input shape, size, scale_factor): the cells' x2, the logits' x4,
     ((1, 2, 3, 5), (6, 10), None),  # the decoder's x2 given as a size
     ((1, 2, 3, 5), (5, 9), None),  # Layer17's ceil sizes: not a whole factor
     ((2, 4, 1, 1), None, 2),  # a 1x1 map
+    # the backward's window at other ratios: /2, /3 and 7/3 (not powers of two), x3, x3.5-x3.7, the same size
+    ((1, 2, 8, 8), (4, 4), None),
+    ((1, 2, 9, 12), (3, 4), None),
+    ((1, 2, 7, 9), (3, 4), None),
+    ((1, 2, 4, 6), None, 3),
+    ((1, 2, 2, 3), (7, 11), None),
+    ((1, 2, 5, 5), (5, 5), None),
 ]
 
 

@@ -74,3 +74,74 @@ def test_kernels_on_a_gpu_match_aten():
         torch.testing.assert_close(summed.float(), exact, rtol=2**-8, atol=1e-6)
     finally:
         fused.set_fused_kernels(False)
+
+
+@pytest.mark.parametrize(("in_size", "out_size", "scale_factor"),
+                         [(96, 192, 2.0), (192, 768, 4.0), (192, 48, None), (64, 32, None), (5, 9, None),
+                          (9, 3, None), (7, 3, None), (4, 12, 3.0), (2, 7, None), (100, 100, None), (1024, 4, None)])
+def test_the_backward_window_holds_every_output_that_sampled_an_input(in_size, out_size, scale_factor):
+    """bilinear_backward visits, per input pixel, ``gather_taps`` output pixels from the start it computes (in
+    float32, rounded up from a hair below): every output pixel whose forward weight on that input is not 0 must be
+    among them. The forward's taps computed as the kernel does (aten's float32 formula)."""
+    ratio = 1.0 / scale_factor if scale_factor else in_size / out_size
+    ratio32 = torch.tensor(ratio, dtype=torch.float32)
+    out_index = torch.arange(out_size, dtype=torch.float32)
+    source = torch.clamp(ratio32 * (out_index + 0.5) - 0.5, min=0.0)
+    first = source.to(torch.int32)
+    weight = source - first.float()
+    second = first + (first < in_size - 1).int()
+    inverse = torch.tensor(1.0 / ratio, dtype=torch.float32)
+    taps = fused.gather_taps(ratio)
+    slack = pytest.importorskip("divdr.triton_kernels").START_SLACK.value
+    for i in range(in_size):
+        sampled = {o for o in range(out_size)
+                   if (first[o] == i and weight[o] < 1) or (second[o] == i and weight[o] > 0)}
+        start = int(torch.ceil((torch.tensor(i, dtype=torch.float32) - 0.5) * inverse - 0.5 - slack))
+        assert sampled <= set(range(start, start + taps)), (i, sorted(sampled), start, taps)
+    assert fused.gather_taps(0.5) == 4 and fused.gather_taps(4.0) == 1  # x2: 4 x 4 outputs per input; /4: one
+
+
+def _compile_for(kernel, target, pointers: dict[str, str], constexprs: dict[str, object]):
+    """``kernel`` compiled ahead of time for ``target`` (no GPU needed: triton's own compiler and ptxas), its
+    integer arguments as int32 and its float ones as float32, as the launches pass them."""
+    import inspect
+
+    from triton.compiler import ASTSource
+
+    names = list(inspect.signature(kernel.fn).parameters)
+    signature = {name: "constexpr" if name in constexprs else pointers.get(name, "fp32" if name.startswith(
+        ("ratio", "inverse")) else "i32") for name in names}
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(names.index(name),): value for name, value in constexprs.items()})
+    return pytest.importorskip("triton").compile(source, target=target)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [80, 90])  # A100; H100 / H200
+def test_the_kernels_compile_for_a_gpu(arch):
+    """The interpreter runs what the compiler may refuse (an annotated constexpr global, for one): every variant
+    the network launches, compiled to machine code for the GPUs it is meant for, here on a CPU."""
+    from triton.backends.compiler import GPUTarget
+
+    kernels = pytest.importorskip("divdr.triton_kernels")
+    target = GPUTarget("cuda", arch, 32)
+    compiled = []
+    for dtype in ("bf16", "fp32"):
+        for channels_last in (False, True):
+            maps = {"x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}", "grad_in_ptr": f"*{dtype}"}
+            compiled.append(_compile_for(kernels.bilinear_forward, target, maps,
+                                         {"CHANNELS_LAST": channels_last, "BLOCK": fused.BLOCK}))
+            for taps in ((4, 4), (1, 1), (8, 8), (3, 4)):  # x2, /4, x4 (the logits), a non-power-of-two ratio
+                compiled.append(_compile_for(kernels.bilinear_backward, target, maps, {
+                    "CHANNELS_LAST": channels_last, "TAPS_H": taps[0], "TAPS_W": taps[1], "BLOCK": fused.BLOCK}))
+        pointers = {name: f"*{dtype}" for name in ("x1_ptr", "w1_ptr", "x2_ptr", "w2_ptr", "out_ptr", "grad_ptr",
+                                                   "grad_x1_ptr", "grad_x2_ptr")}
+        pointers |= {"partial1_ptr": "*fp32", "partial2_ptr": "*fp32"}
+        for two in (False, True):
+            compiled.append(_compile_for(kernels.scaled_sum_forward, target, pointers,
+                                         {"TWO": two, "BLOCK": fused.BLOCK}))
+        for flags in ((True, True, True, False), (True, True, False, False), (True, False, True, True)):
+            compiled.append(_compile_for(kernels.scaled_sum_backward, target, pointers, {
+                **dict(zip(("MAP_GRAD1", "WEIGHT_GRAD1", "MAP_GRAD2", "WEIGHT_GRAD2"), flags, strict=True)),
+                "BLOCK": fused.BLOCK}))
+    assert all("cubin" in c.asm for c in compiled) and len(compiled) == 30
