@@ -196,7 +196,9 @@ def section_upsample(args) -> dict[str, Any]:
     shapes.append(((args.batch, c, 2 * size, 2 * size), 0.25, torch.bfloat16))  # a small gate's input at 1/4
     out: dict[str, Any] = {}
     for shape, factor, dtype in shapes:
-        x = torch.randn(shape, device=args.device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        # channels_last as the network's maps are, except the logits: resized from a contiguous map (divdr.heads)
+        layout = torch.contiguous_format if factor == 4 else torch.channels_last
+        x = torch.randn(shape, device=args.device, dtype=dtype).contiguous(memory_format=layout)
         x.requires_grad_()
         grad = torch.randn_like(resize(x.detach(), factor))
         if "fused" in variants:  # the same values as aten's, to bf16 rounding

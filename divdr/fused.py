@@ -105,24 +105,47 @@ class _Bilinear(torch.autograd.Function):
         fmt = _memory_format(x)
         n, c, in_h, in_w = x.shape
         out = torch.empty((n, c, *out_size), dtype=x.dtype, device=x.device, memory_format=fmt)
-        total = out.numel()
-        _kernels().bilinear_forward[(triton_cdiv(total),)](
-            x, out, total, c, in_h, in_w, *out_size, *x.stride(), *ratios,
-            CHANNELS_LAST=fmt == torch.channels_last, BLOCK=BLOCK)
+        kernels = _kernels()
+        if fmt == torch.channels_last:  # x strictly channels_last: its channels adjacent
+            pixels, (block_p, block_c) = n * out_size[0] * out_size[1], _tile(c)
+            kernels.bilinear_forward_nhwc[(triton_cdiv(pixels, block_p), triton_cdiv(c, block_c))](
+                x, out, pixels, c, in_h, in_w, *out_size, x.stride(0), x.stride(2), x.stride(3), *ratios,
+                BLOCK_P=block_p, BLOCK_C=block_c)
+        else:
+            total = out.numel()
+            kernels.bilinear_forward[(triton_cdiv(total),)](
+                x, out, total, c, in_h, in_w, *out_size, *x.stride(), *ratios, CHANNELS_LAST=False, BLOCK=BLOCK)
         ctx.in_shape, ctx.fmt, ctx.out_size, ctx.ratios = tuple(x.shape), fmt, out_size, ratios
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        _, c, in_h, in_w = ctx.in_shape
+        n, c, in_h, in_w = ctx.in_shape
         ratio_h, ratio_w = ctx.ratios
         grad_in = torch.empty(ctx.in_shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.fmt)
-        total = grad_in.numel()
-        _kernels().bilinear_backward[(triton_cdiv(total),)](
-            grad, grad_in, total, c, in_h, in_w, *ctx.out_size, *grad.stride(), ratio_h, ratio_w,
-            1.0 / ratio_h, 1.0 / ratio_w, CHANNELS_LAST=ctx.fmt == torch.channels_last,
-            TAPS_H=gather_taps(ratio_h), TAPS_W=gather_taps(ratio_w), BLOCK=BLOCK)
+        windows = {"TAPS_H": gather_taps(ratio_h), "TAPS_W": gather_taps(ratio_w)}
+        kernels = _kernels()
+        if ctx.fmt == torch.channels_last and grad.stride(1) == 1:
+            pixels, (block_p, block_c) = n * in_h * in_w, _tile(c)
+            kernels.bilinear_backward_nhwc[(triton_cdiv(pixels, block_p), triton_cdiv(c, block_c))](
+                grad, grad_in, pixels, c, in_h, in_w, *ctx.out_size, grad.stride(0), grad.stride(2), grad.stride(3),
+                ratio_h, ratio_w, 1.0 / ratio_h, 1.0 / ratio_w, **windows, BLOCK_P=block_p, BLOCK_C=block_c)
+        else:  # any layout of the incoming gradient
+            total = grad_in.numel()
+            kernels.bilinear_backward[(triton_cdiv(total),)](
+                grad, grad_in, total, c, in_h, in_w, *ctx.out_size, *grad.stride(), ratio_h, ratio_w,
+                1.0 / ratio_h, 1.0 / ratio_w, CHANNELS_LAST=ctx.fmt == torch.channels_last, **windows, BLOCK=BLOCK)
         return grad_in, None, None
+
+
+def _tile(channels: int) -> tuple[int, int]:
+    """(pixels, channels) of a channels_last kernel's tile: up to 128 channels (a power of two), BLOCK elements."""
+    block_c = min(128, triton_next_power_of_2(channels))
+    return max(1, BLOCK // block_c), block_c
+
+
+def triton_next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def gather_taps(ratio: float) -> int:

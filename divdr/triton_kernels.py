@@ -10,7 +10,8 @@ along the batch, so aten runs its non-vectorised kernel (49 us against 20 us for
 - ``bilinear_forward`` / ``bilinear_backward``: ``F.interpolate(mode="bilinear", align_corners=False)`` and its
   gradient for any sizes, in NCHW or channels_last, in float32 arithmetic. The backward gathers: each input pixel
   sums the few output pixels that sampled it (recomputing their weights as the forward does), so it writes every
-  element once, needs no zero fill and no atomics, and is deterministic.
+  element once, needs no zero fill and no atomics, and is deterministic. ``*_nhwc``: the same for channels_last
+  maps in tiles of pixels x channels (what the network's bf16 maps are on a GPU).
 - ``scaled_sum_forward`` / ``scaled_sum_backward``: ``w1[b] * x1 (+ w2[b] * x2)`` over maps whose images are each
   one dense block (NCHW or channels_last), and its gradients: the maps' (``w * g``) and the weights'
   (per-image sums of ``g * x``, reduced per block here and summed by the caller: deterministic, no atomics).
@@ -115,6 +116,66 @@ def bilinear_backward(grad_ptr, grad_in_ptr, total, C, in_h, in_w, out_h, out_w,
             value = tl.load(base + oy * stride_h + ox * stride_w, mask=used, other=0.0).to(tl.float32)
             total_grad += weight * value
     tl.store(grad_in_ptr + offs, total_grad.to(grad_in_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _pixel_coordinates(pixels, H, W):
+    """(n, y, x) of flat pixel indices over [N, H, W]."""
+    x = pixels % W
+    rest = pixels // W
+    return rest // H, rest % H, x
+
+
+@triton.jit
+def bilinear_forward_nhwc(x_ptr, out_ptr, pixels, C, in_h, in_w, out_h, out_w, stride_n, stride_h, stride_w,
+                          ratio_h, ratio_w, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``bilinear_forward`` for a channels_last input whose channels are adjacent (stride 1), in tiles of BLOCK_P
+    output pixels x BLOCK_C channels: a pixel's taps and weights are computed once for all its channels, and a
+    row of channels is one contiguous (vectorised) load per tap."""
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    inside = (p < pixels)[:, None] & (c < C)[None, :]
+    n, oy, ox = _pixel_coordinates(p, out_h, out_w)
+    y0, y1, wy = _source_index(oy, ratio_h, in_h)
+    x0, x1, wx = _source_index(ox, ratio_w, in_w)
+    base = x_ptr + n * stride_n
+    channels = c[None, :]
+    v00 = tl.load((base + y0 * stride_h + x0 * stride_w)[:, None] + channels, mask=inside, other=0.0).to(tl.float32)
+    v01 = tl.load((base + y0 * stride_h + x1 * stride_w)[:, None] + channels, mask=inside, other=0.0).to(tl.float32)
+    v10 = tl.load((base + y1 * stride_h + x0 * stride_w)[:, None] + channels, mask=inside, other=0.0).to(tl.float32)
+    v11 = tl.load((base + y1 * stride_h + x1 * stride_w)[:, None] + channels, mask=inside, other=0.0).to(tl.float32)
+    wy, wx = wy[:, None], wx[:, None]
+    value = (1.0 - wy) * ((1.0 - wx) * v00 + wx * v01) + wy * ((1.0 - wx) * v10 + wx * v11)
+    tl.store(out_ptr + p[:, None] * C + channels, value.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def bilinear_backward_nhwc(grad_ptr, grad_in_ptr, pixels, C, in_h, in_w, out_h, out_w, stride_n, stride_h,
+                           stride_w, ratio_h, ratio_w, inverse_h, inverse_w, TAPS_H: tl.constexpr,
+                           TAPS_W: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``bilinear_backward`` for a gradient whose channels are adjacent (stride 1), in tiles of BLOCK_P input
+    pixels x BLOCK_C channels: each tap's weight once per pixel, its row of channels one contiguous load."""
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pixel_inside = p < pixels
+    channel_inside = (c < C)[None, :]
+    n, iy, ix = _pixel_coordinates(p, in_h, in_w)
+    first_y = tl.ceil((iy.to(tl.float32) - 0.5) * inverse_h - 0.5 - START_SLACK).to(tl.int32)
+    first_x = tl.ceil((ix.to(tl.float32) - 0.5) * inverse_w - 0.5 - START_SLACK).to(tl.int32)
+    base = grad_ptr + n * stride_n
+    channels = c[None, :]
+    total_grad = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for ty in tl.static_range(TAPS_H):
+        oy = first_y + ty
+        wy = _tap_weight(iy, oy, out_h, ratio_h, in_h)
+        for tx in tl.static_range(TAPS_W):
+            ox = first_x + tx
+            weight = wy * _tap_weight(ix, ox, out_w, ratio_w, in_w)
+            used = (pixel_inside & (weight != 0.0))[:, None] & channel_inside
+            value = tl.load((base + oy * stride_h + ox * stride_w)[:, None] + channels, mask=used, other=0.0)
+            total_grad += weight[:, None] * value.to(tl.float32)
+    inside = pixel_inside[:, None] & channel_inside
+    tl.store(grad_in_ptr + p[:, None] * C + channels, total_grad.to(grad_in_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit

@@ -32,14 +32,19 @@ def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def _resized_both_ways(x, size=None, scale_factor=None):
-    """(fused output, aten output, fused input gradient, aten input gradient) for one random output gradient."""
+def _resized_both_ways(x, size=None, scale_factor=None, grad_channels_last=None):
+    """(fused output, aten output, fused input gradient, aten input gradient) for one random output gradient, in
+    the output's layout unless ``grad_channels_last`` says which."""
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
     out = fused.resize(a, size, scale_factor)
     assert out is not None, "the fused kernel should apply here"
     ref = F.interpolate(b, size=size, scale_factor=scale_factor, mode="bilinear", align_corners=False)
     # bf16-exact values: the same gradient whether ``x`` is bf16 or float32
     grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).bfloat16().to(x.dtype)
+    if grad_channels_last is None:
+        grad = grad.contiguous(memory_format=torch.channels_last) if _strictly_channels_last(ref) else grad
+    else:
+        grad = _layout(grad, grad_channels_last)
     out.backward(grad)
     ref.backward(grad)
     return out, ref, a.grad, b.grad
@@ -63,14 +68,41 @@ RESIZES = [  # (input shape, size, scale_factor): the cells' x2, the logits' x4,
 ]
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
+def _strictly_channels_last(x: torch.Tensor) -> bool:
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize(("channels_last", "grad_channels_last"), [(False, None), (True, None), (True, False)])
 @pytest.mark.parametrize(("shape", "size", "scale_factor"), RESIZES)
-def test_resize_gives_aten_values_gradients_and_layout(interpreted, shape, size, scale_factor, channels_last):
+def test_resize_gives_aten_values_gradients_and_layout(interpreted, shape, size, scale_factor, channels_last,
+                                                       grad_channels_last):
+    """NCHW maps take the flat kernels; channels_last ones the tiled kernels, their backward too when the incoming
+    gradient is channels_last (the flat one otherwise)."""
     x = _layout(torch.randn(shape, generator=torch.Generator().manual_seed(0)), channels_last)
-    out, ref, grad, ref_grad = _resized_both_ways(x, size, scale_factor)
+    out, ref, grad, ref_grad = _resized_both_ways(x, size, scale_factor, grad_channels_last)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     assert out.stride() == ref.stride(), "the output keeps F.interpolate's memory format"
     assert grad.stride() == ref_grad.stride()
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=5e-6)
+
+
+class _Refused:
+    """Stands for a triton kernel (``kernel[grid](...)``) that must not run."""
+
+    def __getitem__(self, grid):
+        raise AssertionError("the other layout's kernel ran")
+
+
+@pytest.mark.parametrize(("channels_last", "refused"), [(True, ("bilinear_forward", "bilinear_backward")),
+                                                        (False, ("bilinear_forward_nhwc", "bilinear_backward_nhwc"))])
+def test_each_layout_takes_its_own_kernels(interpreted, monkeypatch, channels_last, refused):
+    import divdr.triton_kernels as kernels
+
+    for name in refused:
+        monkeypatch.setattr(kernels, name, _Refused())
+    x = _layout(torch.randn(2, 8, 4, 6, generator=torch.Generator().manual_seed(0)), channels_last)
+    out, ref, grad, ref_grad = _resized_both_ways(x, scale_factor=2, grad_channels_last=channels_last)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
     torch.testing.assert_close(grad, ref_grad, rtol=0, atol=5e-6)
 

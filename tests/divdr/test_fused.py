@@ -134,6 +134,13 @@ def test_the_kernels_compile_for_a_gpu(arch):
             for taps in ((4, 4), (1, 1), (8, 8), (3, 4)):  # x2, /4, x4 (the logits), a non-power-of-two ratio
                 compiled.append(_compile_for(kernels.bilinear_backward, target, maps, {
                     "CHANNELS_LAST": channels_last, "TAPS_H": taps[0], "TAPS_W": taps[1], "BLOCK": fused.BLOCK}))
+        for channels in (32, 64, 512):  # the tiles of Layer16's widths
+            block_p, block_c = fused._tile(channels)
+            tile = {"BLOCK_P": block_p, "BLOCK_C": block_c}
+            compiled.append(_compile_for(kernels.bilinear_forward_nhwc, target, maps, tile))
+            for taps in ((4, 4), (1, 1)):  # x2 (up paths, decoder), /4 (small gates)
+                compiled.append(_compile_for(kernels.bilinear_backward_nhwc, target, maps,
+                                             {"TAPS_H": taps[0], "TAPS_W": taps[1], **tile}))
         pointers = {name: f"*{dtype}" for name in ("x1_ptr", "w1_ptr", "x2_ptr", "w2_ptr", "out_ptr", "grad_ptr",
                                                    "grad_x1_ptr", "grad_x2_ptr")}
         pointers |= {"partial1_ptr": "*fp32", "partial2_ptr": "*fp32"}
@@ -144,4 +151,4 @@ def test_the_kernels_compile_for_a_gpu(arch):
             compiled.append(_compile_for(kernels.scaled_sum_backward, target, pointers, {
                 **dict(zip(("MAP_GRAD1", "WEIGHT_GRAD1", "MAP_GRAD2", "WEIGHT_GRAD2"), flags, strict=True)),
                 "BLOCK": fused.BLOCK}))
-    assert all("cubin" in c.asm for c in compiled) and len(compiled) == 30
+    assert all("cubin" in c.asm for c in compiled) and len(compiled) == 48
