@@ -171,6 +171,7 @@ def section_upsample(args) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
+    from bench import gpu
     from divdr import fused
 
     def resize(x, factor):
@@ -201,8 +202,6 @@ def section_upsample(args) -> dict[str, Any]:
         x = torch.randn(shape, device=args.device, dtype=dtype).contiguous(memory_format=layout)
         x.requires_grad_()
         grad = torch.randn_like(resize(x.detach(), factor))
-        if "fused" in variants:  # the same values as aten's, to bf16 rounding
-            row_check = _max_relative_difference(fused_resize(x.detach(), factor), resize(x.detach(), factor))
         row = {}
         for name, fn in variants.items():
             def forward(fn=fn, x=x, factor=factor):
@@ -211,10 +210,16 @@ def section_upsample(args) -> dict[str, Any]:
             def both(fn=fn, x=x, factor=factor, grad=grad):
                 return torch.autograd.grad(fn(x, factor), x, grad)
 
-            row[name] = {"forward_us": kernel_us(forward, args.device),
-                         "forward_backward_us": kernel_us(both, args.device)}
-        if "fused" in variants:
-            row["fused"]["max_relative_difference"] = row_check
+            try:  # a kernel that fails (to compile, say) must not lose the other rows
+                row[name] = {"forward_us": kernel_us(forward, args.device),
+                             "forward_backward_us": kernel_us(both, args.device)}
+                if name == "fused":  # the same values as aten's, to bf16 rounding (its backward adds with atomics)
+                    row[name]["max_relative_difference"] = _max_relative_difference(forward(), resize(x.detach(),
+                                                                                                      factor))
+                    row[name]["max_relative_difference_backward"] = _max_relative_difference(
+                        both()[0], torch.autograd.grad(resize(x, factor), x, grad)[0])
+            except Exception as error:
+                row[name] = gpu._failure(error)
         out[f"{'x'.join(map(str, shape))}_x{factor}_{str(dtype).removeprefix('torch.')}"] = row
         print(f"  {shape} x{factor}: {row}", flush=True)
     return out
@@ -296,7 +301,12 @@ def fused_gradients(args) -> dict[str, Any]:
 
 def section_fused(args, deadline: float) -> dict[str, Any]:
     """train.fused_kernels: gradients against float32, then each step off / on in interleaved rounds."""
-    out: dict[str, Any] = {"gradients": fused_gradients(args)}
+    from bench import gpu
+
+    try:
+        out: dict[str, Any] = {"gradients": fused_gradients(args)}
+    except Exception as error:
+        out = {"gradients": gpu._failure(error)}
     print(f"  gradients: {out['gradients']}", flush=True)
     pairs = {"library": lambda on: library_step_ms(args, fused_kernels=on),
              "library_streams": lambda on: library_step_ms(args, fused_kernels=on, scale_streams=True),
@@ -307,8 +317,12 @@ def section_fused(args, deadline: float) -> dict[str, Any]:
         if time.perf_counter() > deadline:
             out[name] = {"skipped": "time budget spent"}
             continue
-        rows = interleaved({"off_ms": lambda m=measure: m(False), "on_ms": lambda m=measure: m(True)}, args.rounds)
-        out[name] = {**{k: median(v) for k, v in rows.items()}, "rounds": rows}
+        try:
+            rows = interleaved({"off_ms": lambda m=measure: m(False), "on_ms": lambda m=measure: m(True)},
+                               args.rounds)
+            out[name] = {**{k: median(v) for k, v in rows.items()}, "rounds": rows}
+        except Exception as error:
+            out[name] = gpu._failure(error)
         print(f"  {name}: {out[name]}", flush=True)
     return out
 
@@ -337,18 +351,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {"benchmark": "gpu_ab", "torch": torch.__version__, "device": args.device,
                               "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda")
                               else "cpu", "model": args.model, "crop": args.crop, "batch": args.batch}
+    from bench import gpu
     from divdr.fused import set_fused_kernels
+
+    def section(name: str, measure: Callable[[], dict[str, Any]]) -> None:
+        try:  # one failed section (a kernel that does not compile, say) must not lose the others
+            result[name] = measure()
+        except Exception as error:
+            result[name] = gpu._failure(error)
 
     if args.device.startswith("cuda"):
         set_fused_kernels(True)  # the micro-benchmarks' fused variants
-    result["upsample"] = section_upsample(args)
-    result["per_image_product"] = section_per_image_product(args)
+    section("upsample", lambda: section_upsample(args))
+    section("per_image_product", lambda: section_per_image_product(args))
     print(f"per_image_product: {result['per_image_product']}", flush=True)
     set_fused_kernels(False)
     if "fused" in args.sections:
-        result["fused"] = section_fused(args, started + args.budget)
+        section("fused", lambda: section_fused(args, started + args.budget))
     if "changes" in args.sections:
-        result["changes"] = section_changes(args, started + args.budget)
+        section("changes", lambda: section_changes(args, started + args.budget))
     return finish(result, args.json, started)
 
 

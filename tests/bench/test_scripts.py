@@ -72,6 +72,22 @@ def test_gpu_ab_puts_the_code_before_each_change_back():
     assert all(fused[name]["off_ms"] > 0 and fused[name]["on_ms"] > 0 for name in fused if name != "gradients")
 
 
+def test_gpu_ab_keeps_the_other_sections_when_one_fails(monkeypatch):
+    """One GPU call a session: a kernel that fails there (to compile, say) is recorded, and the rest still runs."""
+    from bench import gpu_ab
+
+    def broken(args):
+        raise RuntimeError("no such kernel")
+
+    monkeypatch.setattr(gpu_ab, "section_upsample", broken)
+    monkeypatch.setattr(gpu_ab, "library_step_ms", lambda args, **options: 1.0)
+    monkeypatch.setattr(gpu_ab, "trainer_step_ms", lambda args, *options: 1.0)
+    out = gpu_ab.main(["--tiny", "--device", "cpu", "--rounds", "1", "--sections", "fused"])
+    assert out["upsample"] == {"error": "RuntimeError: no such kernel"}
+    assert out["per_image_product"]["map_plus_map_us"] > 0
+    assert out["fused"]["library"]["on_ms"] == 1.0 and "changes" not in out
+
+
 def test_gpu_streams_section():
     """train.scale_streams changes nothing on a CPU: the gradients of both steps are equal; 150 s of budget leave
     out the compiled row (it asks for 200)."""
