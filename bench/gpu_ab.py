@@ -23,7 +23,8 @@ bench/gpu.py's ``Step`` (bf16 autocast + channels_last, DivDR-A with eq. 2), cap
 And ``train.fused_kernels`` (divdr.fused, Triton; 2026-11-28, later), off / on:
 
 - ``upsample`` and ``per_image_product`` get a ``fused`` variant (the small gates' down-sampling by 4 is a row of
-  ``upsample`` too; ``per_image_product`` also times the keep path's two-term sum and the backward);
+  ``upsample`` too; ``per_image_product`` also times the keep path's two-term sum, a cell's ReLU(h + x) with its
+  keep path, and the backward);
 - ``fused``: the gradients of one bf16 + channels_last step with and without the kernels, each against the float32
   step (aten), from the same weights and batch; the library's captured step, with and without
   ``train.scale_streams``, and the pipeline's, each off / on in interleaved rounds.
@@ -261,6 +262,25 @@ def section_per_image_product(args) -> dict[str, Any]:
             "fused_forward_backward_us": kernel_us(lambda s=second: forward_backward(fused_sum, s), args.device),
             "max_relative_difference": _max_relative_difference(fused_sum(maps, weights, *second),
                                                                 aten_sum(maps, weights, *second))}
+
+    def cell_keep(fn):  # a cell's ReLU(h + x) and keep path, forward + backward as a cell uses them (both read)
+        h, x = maps.detach().requires_grad_(), others.detach().requires_grad_()
+        activated, keep = fn(h, x)
+        return torch.autograd.grad((activated, keep), (h, x), (torch.ones_like(keep), torch.ones_like(keep)))
+
+    def aten_keep(h, x):
+        activated = torch.relu(h + x)
+        return activated, aten_sum(activated, weights, x, passthrough)
+
+    def fused_keep(h, x):
+        return fused._ResidualKeep.apply(h, x, weights, passthrough)
+
+    out["cell_relu_and_keep"] = {
+        "aten_forward_us": kernel_us(lambda: aten_keep(maps, others), args.device),
+        "fused_forward_us": kernel_us(lambda: fused_keep(maps, others), args.device),
+        "aten_forward_backward_us": kernel_us(lambda: cell_keep(aten_keep), args.device),
+        "fused_forward_backward_us": kernel_us(lambda: cell_keep(fused_keep), args.device),
+        "max_relative_difference": _max_relative_difference(fused_keep(maps, others)[1], aten_keep(maps, others)[1])}
     return out
 
 

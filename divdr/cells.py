@@ -138,14 +138,16 @@ class Cell(nn.Module):
         split in one ``unbind``, and no branch on a tensor's value, so the step can be compiled."""
         if self._route_closed:
             return self._forward_skipping(x, weights, skip)  # closed by the route: passes x through
-        activated = self.keep(self.op(x) + x)
+        h = self.op(x)
         first, last = self.slots[0], self.slots[-1]
         own = weights[:, first:last + 1] if (first, last) != (0, 2) else weights
         # Under autocast a gate can give float32 weights while the features are bf16/fp16 (the gumbel
         # family's softmax and log run in float32 there): a float32 weight times a bf16 map would promote
         # the path, the cell's sum and every residual after it to float32. The weights are cast to the
-        # features' dtype for the products; the soft gate's are bf16 already, and in fp32 it is a no-op.
-        per_path = dict(zip(self.slots, own.to(activated.dtype).reshape(-1, len(self.slots), 1, 1, 1).unbind(1),
+        # features' dtype (that of ReLU(h + x)) for the products; the soft gate's are bf16 already, and in fp32 it
+        # is a no-op.
+        features = torch.promote_types(h.dtype, x.dtype)
+        per_path = dict(zip(self.slots, own.to(features).reshape(-1, len(self.slots), 1, 1, 1).unbind(1),
                             strict=True))
         # A cell whose gates are all closed passes its input through (official drop-cell residual);
         # a fast-forward branch passes it through with its own weight.
@@ -153,8 +155,9 @@ class Cell(nn.Module):
             passthrough = (own.sum(dim=-1) <= ACTIVE_THRESHOLD).to(x.dtype)
         else:
             passthrough = skip
-        # one kernel for both terms on a GPU with divdr.fused's kernels on (else the aten products)
-        keep = fused.scaled_sum(activated, per_path[KEEP], x, passthrough.view(-1, 1, 1, 1))
+        # ReLU(h + x) for every path, and the keep path with the pass-through: one kernel on a GPU with divdr.fused's
+        # kernels on (else the aten operations)
+        activated, keep = fused.residual_keep(h, x, per_path[KEEP], passthrough.view(-1, 1, 1, 1), self.keep)
         up, down = None, None
         if self.up is not None:
             up = self.up.project(activated, per_path[UP]) if self._route_open[UP] else None

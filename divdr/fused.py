@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -243,6 +244,61 @@ class _ScaledSum(torch.autograd.Function):
         grad_w1 = None if partial1 is None else partial1.sum(1).to(w1.dtype).reshape(w1.shape)
         grad_w2 = None if partial2 is None else partial2.sum(1).to(w2.dtype).reshape(w2.shape)
         return grad_x1, grad_w1, grad_x2, grad_w2
+
+
+# ---- a cell's shared ReLU and its keep path ----------------------------------------------------------------------
+
+def residual_keep(h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, passthrough: torch.Tensor,
+                  relu: Callable[[torch.Tensor], torch.Tensor] = torch.relu) -> tuple[torch.Tensor, torch.Tensor]:
+    """(activated, keep) = (ReLU(h + x), w * activated + passthrough * x) for a cell's operation output ``h``, its
+    input ``x`` and per-image weights [B, 1, 1, 1]: one kernel each way where they apply, else ``relu(h + x)`` and
+    ``scaled_sum`` (what the cells always ran: CPU results are unchanged)."""
+    if (_applies(h) and _dense_images(h) and x.shape == h.shape and x.dtype == h.dtype and x.device == h.device
+            and _order(x) == _order(h) and _per_image(w, h) and _per_image(passthrough, h)):
+        return _ResidualKeep.apply(h, x, w, passthrough)
+    activated = relu(h + x)
+    return activated, scaled_sum(activated, w, x, passthrough)
+
+
+class _ResidualKeep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
+                passthrough: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = h.shape[0]
+        per_image = h.numel() // batch
+        activated, keep = torch.empty_like(h), torch.empty_like(h)
+        _kernels().residual_keep_forward[(triton_cdiv(per_image), batch)](
+            h, x, w, passthrough, activated, keep, per_image, w.stride(0), passthrough.stride(0), BLOCK=BLOCK)
+        ctx.set_materialize_grads(False)  # no gradient for ``activated`` where no path read it: no zeros made
+        ctx.save_for_backward(activated, x, w, passthrough)
+        return activated, keep
+
+    @staticmethod
+    def backward(ctx, grad_activated: torch.Tensor | None, grad_keep: torch.Tensor | None):
+        activated, x, w, passthrough = ctx.saved_tensors
+        if grad_keep is None:  # only ``activated`` was used: the ReLU's own backward
+            grad_h = None if grad_activated is None else grad_activated.masked_fill(activated <= 0, 0)
+            return grad_h, grad_h, None, None
+        needs = ctx.needs_input_grad
+        layout = _memory_format(activated)
+        if _order(grad_keep) != _order(activated):
+            grad_keep = grad_keep.contiguous(memory_format=layout)
+        if grad_activated is not None and _order(grad_activated) != _order(activated):
+            grad_activated = grad_activated.contiguous(memory_format=layout)
+        batch = activated.shape[0]
+        per_image = activated.numel() // batch
+        blocks = triton_cdiv(per_image)
+        grad_h, grad_x = torch.empty_like(activated), torch.empty_like(activated)
+        partial_w = torch.empty((batch, blocks), dtype=torch.float32, device=x.device) if needs[2] else None
+        partial_p = torch.empty((batch, blocks), dtype=torch.float32, device=x.device) if needs[3] else None
+        _kernels().residual_keep_backward[(blocks, batch)](
+            _or(grad_activated, grad_keep), grad_keep, activated, x, w, passthrough, grad_h, grad_x,
+            _or(partial_w, grad_h), _or(partial_p, grad_h), per_image, w.stride(0), passthrough.stride(0), blocks,
+            ACTIVATED_GRAD=grad_activated is not None, WEIGHT_GRAD=partial_w is not None,
+            PASSTHROUGH_GRAD=partial_p is not None, BLOCK=BLOCK)
+        grad_w = None if partial_w is None else partial_w.sum(1).to(w.dtype).reshape(w.shape)
+        grad_p = None if partial_p is None else partial_p.sum(1).to(passthrough.dtype).reshape(passthrough.shape)
+        return grad_h, grad_x, grad_w, grad_p
 
 
 def _or(tensor: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:

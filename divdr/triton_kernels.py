@@ -15,6 +15,9 @@ along the batch, so aten runs its non-vectorised kernel (49 us against 20 us for
 - ``scaled_sum_forward`` / ``scaled_sum_backward``: ``w1[b] * x1 (+ w2[b] * x2)`` over maps whose images are each
   one dense block (NCHW or channels_last), and its gradients: the maps' (``w * g``) and the weights'
   (per-image sums of ``g * x``, reduced per block here and summed by the caller: deterministic, no atomics).
+- ``residual_keep_forward`` / ``residual_keep_backward``: a cell's ReLU(op(x) + x), which all its paths read, and
+  its keep path with the pass-through, in one kernel each way (aten: an add, a ReLU, two products and an
+  ``addcmul`` forward; their backward five more).
 
 Only ``divdr.fused`` calls these (it checks shapes, layouts and sizes, and allocates the outputs); this module
 imports triton, which torch's CUDA builds bring along. With ``TRITON_INTERPRET=1`` set before it is imported, the
@@ -222,3 +225,53 @@ def scaled_sum_backward(grad_ptr, x1_ptr, w1_ptr, grad_x1_ptr, partial1_ptr, x2_
                    MAP_GRAD1, WEIGHT_GRAD1)
     _term_backward(grad, image, block, at, inside, x2_ptr, w2_ptr, grad_x2_ptr, partial2_ptr, w2_stride, blocks,
                    MAP_GRAD2, WEIGHT_GRAD2)
+
+
+@triton.jit
+def residual_keep_forward(h_ptr, x_ptr, w_ptr, p_ptr, activated_ptr, keep_ptr, per_image, w_stride, p_stride,
+                          BLOCK: tl.constexpr):
+    """activated = ReLU(h + x) and keep = w[b] * activated + p[b] * x (a cell's shared ReLU and its keep path with
+    the pass-through); keep from the rounded ``activated`` that the other paths read. Grid (blocks, images)."""
+    image = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < per_image
+    at = image * per_image + offs
+    x = tl.load(x_ptr + at, mask=inside).to(tl.float32)
+    summed = tl.load(h_ptr + at, mask=inside).to(tl.float32) + x
+    # aten rounds h + x to the maps' dtype before its ReLU: the same rounding here
+    activated = tl.maximum(summed.to(activated_ptr.dtype.element_ty), 0.0, propagate_nan=tl.PropagateNan.ALL)
+    tl.store(activated_ptr + at, activated, mask=inside)
+    w = tl.load(w_ptr + image * w_stride).to(tl.float32)
+    passthrough = tl.load(p_ptr + image * p_stride).to(tl.float32)
+    keep = w * activated.to(tl.float32) + passthrough * x
+    tl.store(keep_ptr + at, keep.to(keep_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def residual_keep_backward(grad_activated_ptr, grad_keep_ptr, activated_ptr, x_ptr, w_ptr, p_ptr, grad_h_ptr,
+                           grad_x_ptr, partial_w_ptr, partial_p_ptr, per_image, w_stride, p_stride, blocks,
+                           ACTIVATED_GRAD: tl.constexpr, WEIGHT_GRAD: tl.constexpr, PASSTHROUGH_GRAD: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    """The gradients of ``residual_keep_forward``: with g = grad_activated + w[b] * grad_keep where activated > 0
+    (else 0), grad_h = g and grad_x = g + p[b] * grad_keep; per block the partial sums of grad_keep * activated (w's
+    gradient) and grad_keep * x (p's). ACTIVATED_GRAD: the other paths used ``activated`` (else its gradient is 0)."""
+    image = tl.program_id(1).to(tl.int64)
+    block = tl.program_id(0)
+    offs = block * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < per_image
+    at = image * per_image + offs
+    grad_keep = tl.load(grad_keep_ptr + at, mask=inside, other=0.0).to(tl.float32)
+    activated = tl.load(activated_ptr + at, mask=inside, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + image * w_stride).to(tl.float32)
+    total = w * grad_keep
+    if ACTIVATED_GRAD:
+        total += tl.load(grad_activated_ptr + at, mask=inside, other=0.0).to(tl.float32)
+    grad_h = tl.where(activated <= 0.0, 0.0, total)  # aten's threshold_backward (a NaN passes its gradient)
+    tl.store(grad_h_ptr + at, grad_h.to(grad_h_ptr.dtype.element_ty), mask=inside)
+    passthrough = tl.load(p_ptr + image * p_stride).to(tl.float32)
+    tl.store(grad_x_ptr + at, (grad_h + passthrough * grad_keep).to(grad_x_ptr.dtype.element_ty), mask=inside)
+    if WEIGHT_GRAD:
+        tl.store(partial_w_ptr + image * blocks + block, tl.sum(grad_keep * activated, axis=0))
+    if PASSTHROUGH_GRAD:
+        x = tl.load(x_ptr + at, mask=inside, other=0.0).to(tl.float32)
+        tl.store(partial_p_ptr + image * blocks + block, tl.sum(grad_keep * x, axis=0))

@@ -213,3 +213,51 @@ def test_a_training_step_with_the_kernels_is_as_close_to_float64_as_without(inte
         aten_error = (aten[name] - ref).norm().item() / scale
         kernel_error = (kernels[name] - ref).norm().item() / scale
         assert kernel_error <= 2 * aten_error + 1e-5, (name, kernel_error, aten_error)
+
+
+def _residual_keeps(h, x, w, passthrough, use_activated: bool):
+    """residual_keep with the kernels and with aten's operations: (activated, keep) and the gradients of h, x, w and
+    the pass-through, from a loss that reads keep and (``use_activated``) activated as the other paths do."""
+    results = []
+    for enabled in (True, False):
+        fused.set_fused_kernels(enabled)
+        leaves = [t.clone().requires_grad_() for t in (h, x, w, passthrough)]
+        activated, keep = fused.residual_keep(*leaves)
+        g = torch.Generator().manual_seed(3)
+        loss = (keep * torch.randn(keep.shape, generator=g).to(keep.dtype)).sum()
+        if use_activated:
+            loss = loss + (activated * torch.randn(keep.shape, generator=g).to(keep.dtype)).sum()
+        loss.backward()
+        results.append((activated, keep, *(leaf.grad for leaf in leaves)))
+    fused.set_fused_kernels(True)
+    return results
+
+
+@pytest.mark.parametrize("use_activated", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_residual_keep_gives_aten_values_and_gradients(interpreted, channels_last, use_activated):
+    g = torch.Generator().manual_seed(0)
+    h, x = (_layout(torch.randn(3, 4, 5, 6, generator=g), channels_last) for _ in range(2))
+    w, passthrough = torch.rand(3, 1, 1, 1, generator=g), torch.tensor([0.0, 1.0, 0.5]).view(3, 1, 1, 1)
+    fused_rows, aten_rows = _residual_keeps(h, x, w, passthrough, use_activated)
+    assert fused_rows[0].stride() == aten_rows[0].stride() and fused_rows[1].stride() == aten_rows[1].stride()
+    for name, a, b in zip(("activated", "keep", "h", "x", "w", "passthrough"), fused_rows, aten_rows, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_residual_keep_in_bf16_and_with_a_nan(interpreted):
+    """bf16 maps round h + x before the ReLU as aten does; a NaN goes through the ReLU (the trainer's finite check
+    must still see it) and its gradient through the ReLU's backward, as aten's."""
+    g = torch.Generator().manual_seed(0)
+    h, x = (_layout(torch.randn(2, 8, 4, 4, generator=g), True).bfloat16() for _ in range(2))
+    w, passthrough = torch.rand(2, 1, 1, 1, generator=g).bfloat16(), torch.ones(2, 1, 1, 1).bfloat16()
+    fused_rows, aten_rows = _residual_keeps(h, x, w, passthrough, True)
+    # activated: one bf16 rounding of h + x, then the ReLU (equal on a GPU; the interpreter truncates: one step)
+    torch.testing.assert_close(fused_rows[0].float(), aten_rows[0].float(), rtol=BF16_STEP, atol=0)
+    for a, b in zip(fused_rows[1:4], aten_rows[1:4], strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2 * BF16_STEP, atol=2 * BF16_STEP)
+    h = h.float()
+    h[0, 0, 0, 0] = float("nan")
+    fused_rows, aten_rows = _residual_keeps(h, x.float(), w.float(), passthrough.float(), True)
+    for a, b in zip(fused_rows[:4], aten_rows[:4], strict=True):
+        assert torch.equal(a.isnan(), b.isnan())

@@ -151,4 +151,12 @@ def test_the_kernels_compile_for_a_gpu(arch):
             compiled.append(_compile_for(kernels.scaled_sum_backward, target, pointers, {
                 **dict(zip(("MAP_GRAD1", "WEIGHT_GRAD1", "MAP_GRAD2", "WEIGHT_GRAD2"), flags, strict=True)),
                 "BLOCK": fused.BLOCK}))
-    assert all("cubin" in c.asm for c in compiled) and len(compiled) == 48
+        cell = {name: f"*{dtype}" for name in ("h_ptr", "x_ptr", "w_ptr", "p_ptr", "activated_ptr", "keep_ptr",
+                                                "grad_activated_ptr", "grad_keep_ptr", "grad_h_ptr", "grad_x_ptr")}
+        cell |= {"partial_w_ptr": "*fp32", "partial_p_ptr": "*fp32"}
+        compiled.append(_compile_for(kernels.residual_keep_forward, target, cell, {"BLOCK": fused.BLOCK}))
+        for flags in ((True, True, False), (False, True, True)):  # the soft gate's; a skip weight, no other path
+            compiled.append(_compile_for(kernels.residual_keep_backward, target, cell, {
+                **dict(zip(("ACTIVATED_GRAD", "WEIGHT_GRAD", "PASSTHROUGH_GRAD"), flags, strict=True)),
+                "BLOCK": fused.BLOCK}))
+    assert all("cubin" in c.asm for c in compiled) and len(compiled) == 54
