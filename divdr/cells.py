@@ -146,7 +146,8 @@ class Cell(nn.Module):
         # the path, the cell's sum and every residual after it to float32. The weights are cast to the
         # features' dtype (that of ReLU(h + x)) for the products; the soft gate's are bf16 already, and in fp32 it
         # is a no-op.
-        features = torch.promote_types(h.dtype, x.dtype)
+        # (torch.promote_types is an operation the dispatcher counts, 62 a step: only where the dtypes differ)
+        features = h.dtype if h.dtype == x.dtype else torch.promote_types(h.dtype, x.dtype)
         per_path = dict(zip(self.slots, own.to(features).reshape(-1, len(self.slots), 1, 1, 1).unbind(1),
                             strict=True))
         # A cell whose gates are all closed passes its input through (official drop-cell residual);
