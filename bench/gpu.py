@@ -25,6 +25,8 @@ skipped and say so), and keeps going when a section fails (its error is recorded
   (``divdr.export``: no gates), eager and (GPU) captured in a CUDA graph; the network at initialisation (its
   own gates), Network-Fix; batch 8 per image. Ratios are to ``all_open``. ``inference_compile``: the static
   exports compiled whole (and captured), a section of its own because each compile takes seconds to a minute.
+- ``ops_fused`` (not in the default list; on a CPU with TRITON_INTERPRET=1): the operation count of a step with
+  ``train.fused_kernels``, with the kernels launching ones and the Triton launches, against the default step.
 - ``profile`` (not in the default list): torch.profiler of the bf16 + channels_last step, device time by kernel.
 - ``compile_cache`` (not in the default list): what ``train.compile_cache`` saves - the compiling first step in
   three processes, each standing for a machine (its own inductor and Triton cache directories): cold (which also
@@ -236,6 +238,64 @@ def section_ops(args) -> dict[str, Any]:
             "total": sum(total.values()), "by_operation": dict(total.most_common()),
             "graphs": explained.graph_count, "graph_breaks": explained.graph_break_count,
             "break_reasons": [str(b.reason)[:200] for b in explained.break_reasons]}
+
+
+# Operations that launch no kernel: views, allocations, metadata (what the kernel counts leave out)
+NO_KERNEL = frozenset({"aten.detach", "aten.view", "aten.empty", "aten.empty_like", "aten.empty_strided",
+                       "aten.new_empty", "aten.expand", "aten.unbind", "aten.select", "aten.slice", "aten.unsqueeze",
+                       "aten.squeeze", "aten.alias", "aten.promote_types", "aten._unsafe_view", "aten.as_strided",
+                       "aten.t", "aten.reshape", "aten.permute"})
+TRITON_KERNELS = ("bilinear_forward", "bilinear_backward", "bilinear_forward_nhwc", "bilinear_backward_nhwc",
+                  "scaled_sum_forward", "scaled_sum_backward", "residual_keep_forward", "residual_keep_backward")
+
+
+def section_ops_fused(args) -> dict[str, Any]:
+    """``train.fused_kernels``' step counted on a CPU: aten operations, those that launch a kernel (``NO_KERNEL``
+    left out) and the Triton launches, with the kernels run in triton's interpreter (TRITON_INTERPRET=1 must be
+    set before this process starts; the interpreter's own copies are left out of the count), against the default
+    step counted alike. Channels_last, as on a GPU (the tiled resize kernels)."""
+    import os
+
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("ops_fused runs the kernels in triton's interpreter: set TRITON_INTERPRET=1 when starting")
+    import divdr.triton_kernels as kernels
+
+    launches: collections.Counter = collections.Counter()
+
+    class Counted:  # a kernel whose launches are counted and whose interpreter's tensor work is not
+        def __init__(self, name: str, kernel: Any) -> None:
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid: Any) -> Callable[..., Any]:
+            def launch(*a: Any, **k: Any) -> Any:
+                launches[self.name] += 1
+                with _disable_current_modes():
+                    return self.kernel[grid](*a, **k)
+            return launch
+
+    originals = {name: getattr(kernels, name) for name in TRITON_KERNELS}
+    out: dict[str, Any] = {"model": args.ops_model}
+    try:
+        for name, kernel in originals.items():
+            setattr(kernels, name, Counted(name, kernel))
+        for fused_kernels in (False, True):
+            step = Step(args.ops_model, "DivDR-A", (64, 64), 2, "cpu", channels_last=True, fused_kernels=fused_kernels)
+            step.loss().backward()  # lazy initialisations (and the interpreter's first calls) out of the count
+            launches.clear()
+            counted = count_ops(lambda step=step: step.loss().backward())
+            out["fused" if fused_kernels else "default"] = {
+                "aten": sum(counted.values()), "launching": sum(v for k, v in counted.items() if k not in NO_KERNEL),
+                "triton": dict(launches), "kernels": sum(v for k, v in counted.items() if k not in NO_KERNEL)
+                + sum(launches.values())}
+    finally:
+        for name, kernel in originals.items():
+            setattr(kernels, name, kernel)
+        from divdr.fused import set_fused_kernels
+
+        set_fused_kernels(False)
+    return out
 
 
 def section_train(args, deadline: float, compiled: bool = False) -> dict[str, Any]:
@@ -819,7 +879,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--sections", nargs="+",
                    default=["trainer", "train", "inference", "compile", "inference_compile", "ops"],
                    choices=["trainer", "train", "inference", "compile", "inference_compile", "ops", "profile",
-                            "compile_cache", "streams"])
+                            "compile_cache", "streams", "ops_fused"])
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (--tiny: aot_eager)")
     args = p.parse_args(argv)
     started = time.perf_counter()
@@ -837,7 +897,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {"benchmark": "gpu", "torch": torch.__version__, "device": args.device,
                               "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda")
                               else "cpu"}
-    sections = {"ops": lambda: section_ops(args), "train": lambda: section_train(args, deadline),
+    sections = {"ops": lambda: section_ops(args), "ops_fused": lambda: section_ops_fused(args),
+                "train": lambda: section_train(args, deadline),
                 "trainer": lambda: section_trainer(args, deadline),
                 "compile": lambda: section_train(args, deadline, compiled=True),
                 "inference": lambda: section_inference(args, deadline),

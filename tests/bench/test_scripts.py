@@ -88,6 +88,32 @@ def test_gpu_ab_keeps_the_other_sections_when_one_fails(monkeypatch):
     assert out["fused"]["library"]["on_ms"] == 1.0 and "changes" not in out
 
 
+def test_gpu_ops_fused_section_counts_the_kernels_launched(tmp_path):
+    """``ops_fused`` (triton's interpreter, set before the process starts): with train.fused_kernels fewer kernels
+    per step, every Triton kernel launched as many times forward as backward; refused without the interpreter."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    root = Path(gpu.__file__).resolve().parents[1]
+    out_file = tmp_path / "ops.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, str(root / "bench" / "gpu.py"), "--tiny", "--device", "cpu", "--sections",
+                           "ops_fused", "--json", str(out_file)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = json.loads(out_file.read_text())["ops_fused"]
+    default, fused = out["default"], out["fused"]
+    assert default["triton"] == {} and default["kernels"] == default["launching"] > 0
+    launched = fused["triton"]
+    assert launched["residual_keep_forward"] == launched["residual_keep_backward"] > 0
+    assert launched["bilinear_forward_nhwc"] > 0 and launched["scaled_sum_forward"] > 0
+    assert fused["kernels"] < default["kernels"]
+    refused = gpu.main(["--tiny", "--device", "cpu", "--sections", "ops_fused"])["ops_fused"]
+    assert "TRITON_INTERPRET" in refused["error"]
+
+
 def test_gpu_streams_section():
     """train.scale_streams changes nothing on a CPU: the gradients of both steps are equal; 150 s of budget leave
     out the compiled row (it asks for 200)."""
