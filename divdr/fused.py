@@ -1,4 +1,5 @@
-"""Fused GPU kernels for the bilinear resizes and the per-image path weighting (``train.fused_kernels``).
+"""Fused GPU kernels for the bilinear resizes, the per-image path weighting and each cell's ReLU with its keep path
+(``train.fused_kernels``).
 
 Off by default. When on (``set_fused_kernels(True)``), ``divdr.ops.bilinear`` and the cells' weighted paths run
 the Triton kernels of ``divdr.triton_kernels`` for CUDA tensors, with autograd functions of their own; everything

@@ -80,8 +80,9 @@ class TrainConfig:
     # Each layer's cells (one per scale) on CUDA streams side by side, forward and backward
     # (divdr.backbone.set_scale_streams); nothing on a CPU. Detection and instance tasks too.
     scale_streams: bool = False
-    # Triton kernels for the bilinear resizes and the per-image weighting of the paths, forward and backward
-    # (divdr.fused); CUDA tensors only, nothing on a CPU. The same values up to float32 rounding.
+    # Triton kernels for the bilinear resizes, the per-image weighting of the paths and each cell's ReLU with its keep
+    # path, forward and backward (divdr.fused); CUDA tensors only, nothing on a CPU. The same values up to float32
+    # rounding. Use it with train.cuda_graph: a Triton launch costs more host time than an aten one.
     fused_kernels: bool = False
     # A model file (<run>/artifacts/model.pt) whose weights start the network, e.g. fine-tuning a network
     # trained on every image on one subset (pipeline/oracle.py --set train.init_from=...). "" = random initialisation.
