@@ -285,10 +285,10 @@ def section_ops_fused(args) -> dict[str, Any]:
             step.loss().backward()  # lazy initialisations (and the interpreter's first calls) out of the count
             launches.clear()
             counted = count_ops(lambda step=step: step.loss().backward())
+            launching = sum(v for k, v in counted.items() if k not in NO_KERNEL)
             out["fused" if fused_kernels else "default"] = {
-                "aten": sum(counted.values()), "launching": sum(v for k, v in counted.items() if k not in NO_KERNEL),
-                "triton": dict(launches), "kernels": sum(v for k, v in counted.items() if k not in NO_KERNEL)
-                + sum(launches.values())}
+                "aten": sum(counted.values()), "launching": launching, "triton": dict(launches),
+                "kernels": launching + sum(launches.values())}
     finally:
         for name, kernel in originals.items():
             setattr(kernels, name, kernel)
@@ -491,20 +491,26 @@ def gradients_after_one_step(step: Step) -> tuple[float, list[Any]]:
     return float(loss.detach()), [p.grad.float().clone() for p in step.net.parameters() if p.grad is not None]
 
 
+def gradient_difference(grads: list[Any], reference: list[Any]) -> float:
+    """The norm of the difference of two lists of gradients over the reference's norm (all parameters as one)."""
+    import torch
+
+    difference = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(grads, reference, strict=True)))
+    return float(difference / torch.sqrt(sum((a ** 2).sum() for a in reference)))
+
+
 def compare_streams(args, precision: str, channels_last: bool) -> dict[str, Any]:
     """One forward + backward with each layer's cells on one stream and on streams side by side, from the same
     weights and batch: the loss and gradients should agree up to the order autograd adds them in."""
-    import torch
 
     steps = [Step(args.model, "DivDR-A", (args.crop, args.crop), args.batch, args.device, precision=precision,
                   channels_last=channels_last, scale_streams=streams) for streams in (False, True)]
     (loss_one, grads_one), (loss_side, grads_side) = (gradients_after_one_step(step) for step in steps)
-    difference = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(grads_one, grads_side, strict=True)))
-    norm = torch.sqrt(sum((a ** 2).sum() for a in grads_one))
     worst = max(float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
                 for a, b in zip(grads_one, grads_side, strict=True))
     return {"loss_one_stream": loss_one, "loss_side_by_side": loss_side,
-            "gradient_relative_difference": float(difference / norm), "worst_parameter_relative_max": worst,
+            "gradient_relative_difference": gradient_difference(grads_side, grads_one),
+            "worst_parameter_relative_max": worst,
             "gradients": len(grads_one)}
 
 

@@ -292,7 +292,6 @@ def fused_gradients(args) -> dict[str, Any]:
     """One forward + backward of the bf16 + channels_last step with aten's operations and with the fused kernels,
     each against the float32 step (aten's), from the same weights and batch: the kernels should be no further from
     float32 than aten's bf16 step is."""
-    import torch
 
     from bench import gpu
 
@@ -305,10 +304,7 @@ def fused_gradients(args) -> dict[str, Any]:
 
     (loss_ref, ref), (loss_aten, aten), (_, aten_again), (loss_fused, kernels) = (
         gradients(False, "fp32"), gradients(False), gradients(False), gradients(True))
-
-    def difference(grads: list[Any], reference: list[Any]) -> float:
-        norm = torch.sqrt(sum((a ** 2).sum() for a in reference))
-        return float(torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(grads, reference, strict=True))) / norm)
+    difference = gpu.gradient_difference  # the norm of the difference over the reference's norm
 
     # bf16 against float32 can differ by more than the gradients' norm where BatchNorm sees few values (a small
     # net on a small crop); the bf16 steps against each other (aten's up-sampling backward adds with atomics, so

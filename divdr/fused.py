@@ -54,7 +54,7 @@ def unavailable() -> str | None:
 
 
 def _interpreting() -> bool:
-    # triton's interpreter runs the kernels on CPU tensors (the tests); read when the kernels module is imported
+    # triton's interpreter runs the kernels on CPU tensors (the tests); it must be on before triton is imported
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -110,12 +110,12 @@ class _Bilinear(torch.autograd.Function):
         kernels = _kernels()
         if fmt == torch.channels_last:  # x strictly channels_last: its channels adjacent
             pixels, (block_p, block_c) = n * out_size[0] * out_size[1], _tile(c)
-            kernels.bilinear_forward_nhwc[(triton_cdiv(pixels, block_p), triton_cdiv(c, block_c))](
+            kernels.bilinear_forward_nhwc[(_blocks(pixels, block_p), _blocks(c, block_c))](
                 x, out, pixels, c, in_h, in_w, *out_size, x.stride(0), x.stride(2), x.stride(3), *ratios,
                 BLOCK_P=block_p, BLOCK_C=block_c)
         else:
             total = out.numel()
-            kernels.bilinear_forward[(triton_cdiv(total),)](
+            kernels.bilinear_forward[(_blocks(total),)](
                 x, out, total, c, in_h, in_w, *out_size, *x.stride(), *ratios, CHANNELS_LAST=False, BLOCK=BLOCK)
         ctx.in_shape, ctx.fmt, ctx.out_size, ctx.ratios = tuple(x.shape), fmt, out_size, ratios
         return out
@@ -129,12 +129,12 @@ class _Bilinear(torch.autograd.Function):
         kernels = _kernels()
         if ctx.fmt == torch.channels_last and grad.stride(1) == 1:
             pixels, (block_p, block_c) = n * in_h * in_w, _tile(c)
-            kernels.bilinear_backward_nhwc[(triton_cdiv(pixels, block_p), triton_cdiv(c, block_c))](
+            kernels.bilinear_backward_nhwc[(_blocks(pixels, block_p), _blocks(c, block_c))](
                 grad, grad_in, pixels, c, in_h, in_w, *ctx.out_size, grad.stride(0), grad.stride(2), grad.stride(3),
                 ratio_h, ratio_w, 1.0 / ratio_h, 1.0 / ratio_w, **windows, BLOCK_P=block_p, BLOCK_C=block_c)
         else:  # any layout of the incoming gradient
             total = grad_in.numel()
-            kernels.bilinear_backward[(triton_cdiv(total),)](
+            kernels.bilinear_backward[(_blocks(total),)](
                 grad, grad_in, total, c, in_h, in_w, *ctx.out_size, *grad.stride(), ratio_h, ratio_w,
                 1.0 / ratio_h, 1.0 / ratio_w, CHANNELS_LAST=ctx.fmt == torch.channels_last, **windows, BLOCK=BLOCK)
         return grad_in, None, None
@@ -142,12 +142,10 @@ class _Bilinear(torch.autograd.Function):
 
 def _tile(channels: int) -> tuple[int, int]:
     """(pixels, channels) of a channels_last kernel's tile: up to 128 channels (a power of two), BLOCK elements."""
-    block_c = min(128, triton_next_power_of_2(channels))
+    from triton import next_power_of_2
+
+    block_c = min(128, next_power_of_2(channels))
     return max(1, BLOCK // block_c), block_c
-
-
-def triton_next_power_of_2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
 
 
 def gather_taps(ratio: float) -> int:
@@ -161,8 +159,10 @@ def gather_taps(ratio: float) -> int:
     return math.ceil(2.0 / ratio) + (0 if exact else 1)
 
 
-def triton_cdiv(total: int, block: int = BLOCK) -> int:
-    return -(-total // block)
+def _blocks(total: int, block: int = BLOCK) -> int:
+    from triton import cdiv  # triton's own; imported here, as this module must import without triton
+
+    return cdiv(total, block)
 
 
 # ---- per-image weighted sums ---------------------------------------------------------------------------------
@@ -182,10 +182,12 @@ def scaled_sum(x1: torch.Tensor, w1: torch.Tensor, x2: torch.Tensor | None = Non
 def _fusable(x1: torch.Tensor, w1: torch.Tensor, x2: torch.Tensor | None, w2: torch.Tensor | None) -> bool:
     if not _applies(x1) or not _dense_images(x1) or not _per_image(w1, x1):
         return False
-    if x2 is None:
-        return True
-    return (w2 is not None and x2.shape == x1.shape and _order(x2) == _order(x1) and x2.dtype == x1.dtype
-            and x2.device == x1.device and _per_image(w2, x1))
+    return x2 is None or (w2 is not None and _alike(x2, x1) and _per_image(w2, x1))
+
+
+def _alike(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same shape, dtype, device and order in memory: one offset addresses both."""
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and _order(a) == _order(b)
 
 
 def _dense_images(x: torch.Tensor) -> bool:
@@ -211,7 +213,7 @@ class _ScaledSum(torch.autograd.Function):
         per_image = x1.numel() // batch
         out = torch.empty_like(x1)
         two = x2 is not None
-        _kernels().scaled_sum_forward[(triton_cdiv(per_image), batch)](
+        _kernels().scaled_sum_forward[(_blocks(per_image), batch)](
             x1, w1, x2 if two else x1, w2 if two else w1, out, per_image, w1.stride(0),
             (w2 if two else w1).stride(0), TWO=two, BLOCK=BLOCK)
         ctx.two = two
@@ -226,15 +228,12 @@ class _ScaledSum(torch.autograd.Function):
             grad = grad.contiguous(memory_format=_memory_format(x1))
         batch = x1.shape[0]
         per_image = x1.numel() // batch
-        blocks = triton_cdiv(per_image)
+        blocks = _blocks(per_image)
 
-        def buffers(x: torch.Tensor | None, map_grad: bool, weight_grad: bool):
-            grad_x = torch.empty_like(x) if map_grad else None
-            partial = torch.empty((batch, blocks), dtype=torch.float32, device=grad.device) if weight_grad else None
-            return grad_x, partial
-
-        grad_x1, partial1 = buffers(x1, needs[0], needs[1])
-        grad_x2, partial2 = buffers(x2, ctx.two and needs[2], ctx.two and needs[3])
+        grad_x1 = torch.empty_like(x1) if needs[0] else None
+        grad_x2 = torch.empty_like(x2) if ctx.two and needs[2] else None
+        partial1 = _partials(needs[1], batch, blocks, grad.device)
+        partial2 = _partials(ctx.two and needs[3], batch, blocks, grad.device)
         unused = grad  # a pointer for the arguments a flag leaves unread
         _kernels().scaled_sum_backward[(blocks, batch)](
             grad, x1, w1, _or(grad_x1, unused), _or(partial1, unused),
@@ -242,9 +241,7 @@ class _ScaledSum(torch.autograd.Function):
             per_image, w1.stride(0), _or(w2, w1).stride(0), blocks,
             MAP_GRAD1=grad_x1 is not None, WEIGHT_GRAD1=partial1 is not None,
             MAP_GRAD2=grad_x2 is not None, WEIGHT_GRAD2=partial2 is not None, BLOCK=BLOCK)
-        grad_w1 = None if partial1 is None else partial1.sum(1).to(w1.dtype).reshape(w1.shape)
-        grad_w2 = None if partial2 is None else partial2.sum(1).to(w2.dtype).reshape(w2.shape)
-        return grad_x1, grad_w1, grad_x2, grad_w2
+        return grad_x1, _weight_grad(partial1, w1), grad_x2, _weight_grad(partial2, w2)
 
 
 # ---- a cell's shared ReLU and its keep path ----------------------------------------------------------------------
@@ -254,8 +251,8 @@ def residual_keep(h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, passthrough
     """(activated, keep) = (ReLU(h + x), w * activated + passthrough * x) for a cell's operation output ``h``, its
     input ``x`` and per-image weights [B, 1, 1, 1]: one kernel each way where they apply, else ``relu(h + x)`` and
     ``scaled_sum`` (what the cells always ran: CPU results are unchanged)."""
-    if (_applies(h) and _dense_images(h) and x.shape == h.shape and x.dtype == h.dtype and x.device == h.device
-            and _order(x) == _order(h) and _per_image(w, h) and _per_image(passthrough, h)):
+    if (_applies(h) and _dense_images(h) and _alike(x, h) and _per_image(w, h)
+            and _per_image(passthrough, h)):
         return _ResidualKeep.apply(h, x, w, passthrough)
     activated = relu(h + x)
     return activated, scaled_sum(activated, w, x, passthrough)
@@ -268,7 +265,7 @@ class _ResidualKeep(torch.autograd.Function):
         batch = h.shape[0]
         per_image = h.numel() // batch
         activated, keep = torch.empty_like(h), torch.empty_like(h)
-        _kernels().residual_keep_forward[(triton_cdiv(per_image), batch)](
+        _kernels().residual_keep_forward[(_blocks(per_image), batch)](
             h, x, w, passthrough, activated, keep, per_image, w.stride(0), passthrough.stride(0), BLOCK=BLOCK)
         ctx.set_materialize_grads(False)  # no gradient for ``activated`` where no path read it: no zeros made
         ctx.save_for_backward(activated, x, w, passthrough)
@@ -288,18 +285,26 @@ class _ResidualKeep(torch.autograd.Function):
             grad_activated = grad_activated.contiguous(memory_format=layout)
         batch = activated.shape[0]
         per_image = activated.numel() // batch
-        blocks = triton_cdiv(per_image)
+        blocks = _blocks(per_image)
         grad_h, grad_x = torch.empty_like(activated), torch.empty_like(activated)
-        partial_w = torch.empty((batch, blocks), dtype=torch.float32, device=x.device) if needs[2] else None
-        partial_p = torch.empty((batch, blocks), dtype=torch.float32, device=x.device) if needs[3] else None
+        partial_w = _partials(needs[2], batch, blocks, x.device)
+        partial_p = _partials(needs[3], batch, blocks, x.device)
         _kernels().residual_keep_backward[(blocks, batch)](
             _or(grad_activated, grad_keep), grad_keep, activated, x, w, passthrough, grad_h, grad_x,
             _or(partial_w, grad_h), _or(partial_p, grad_h), per_image, w.stride(0), passthrough.stride(0), blocks,
             ACTIVATED_GRAD=grad_activated is not None, WEIGHT_GRAD=partial_w is not None,
             PASSTHROUGH_GRAD=partial_p is not None, BLOCK=BLOCK)
-        grad_w = None if partial_w is None else partial_w.sum(1).to(w.dtype).reshape(w.shape)
-        grad_p = None if partial_p is None else partial_p.sum(1).to(passthrough.dtype).reshape(passthrough.shape)
-        return grad_h, grad_x, grad_w, grad_p
+        return grad_h, grad_x, _weight_grad(partial_w, w), _weight_grad(partial_p, passthrough)
+
+
+def _partials(needed: bool, batch: int, blocks: int, device: torch.device) -> torch.Tensor | None:
+    """Where a kernel writes a per-image weight's gradient as one float32 partial sum per block (None: not needed)."""
+    return torch.empty((batch, blocks), dtype=torch.float32, device=device) if needed else None
+
+
+def _weight_grad(partial: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor | None:
+    """The weight's gradient from its partial sums, in its dtype and shape."""
+    return None if partial is None else partial.sum(1).to(weight.dtype).reshape(weight.shape)
 
 
 def _or(tensor: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
